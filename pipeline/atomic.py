@@ -1,0 +1,48 @@
+"""Write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def replace_on_success(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz readable by `np.load`, byte-identical for identical arrays.
+
+    `np.savez` stamps each member with the current time, which would make every run's artifact
+    differ and defeat DVC's caching; we write the same zip layout with a fixed timestamp.
+    """
+    with replace_on_success(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def write_text(path: Path, text: str) -> None:
+    with replace_on_success(path) as tmp:
+        tmp.write_text(text)

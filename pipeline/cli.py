@@ -1,0 +1,178 @@
+"""`kip`: distil a dataset with Kernel Inducing Points and score the result.
+
+User errors (bad parameters, missing files, unreachable registries) print one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline import config as cfg
+from pipeline.errors import UserError
+
+DESCRIPTION = """\
+Distil a small synthetic training set with Kernel Inducing Points (KIP; Nguyen, Chen & Lee,
+ICLR 2021): the support images are learned so that kernel ridge regression on them predicts the
+real training set well.
+
+examples:
+  kip distill -o out/mnist-100.npz                      # 100 images of MNIST, FC NTK kernel
+  kip distill --source embedded --dataset digits --steps 200 -o out/digits.npz
+  kip evaluate out/mnist-100.npz                        # KRR test accuracy vs random real images
+  kip data --source registry --dataset fashion_mnist    # fetch and describe a dataset
+"""
+
+
+def default_cache_dir() -> Path:
+    """$KIP_CACHE_DIR, else ~/.cache/kip-pipeline: where registry downloads are kept."""
+    return Path(os.environ.get("KIP_CACHE_DIR") or Path.home() / ".cache" / "kip-pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kip", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    distill = commands.add_parser(
+        "distill", help="learn a support set and write it as .npz",
+        description="Learn a support set with KIP and write it (images, labels, preprocessing, lineage) as .npz.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_args(distill)
+    prep = distill.add_argument_group("preprocessing")
+    prep.add_argument("--preprocess", dest="method", default="standardize", help="|".join(cfg.PREPROCESS_METHODS))
+    prep.add_argument("--zca-reg", type=float, default=0.1, help="ZCA ridge, relative to the mean eigenvalue")
+    kernel = distill.add_argument_group("kernel")
+    kernel.add_argument("--kernel", dest="architecture", default="fc", help="|".join(cfg.ARCHITECTURES))
+    kernel.add_argument("--kernel-kind", dest="kind", default="ntk", help="|".join(cfg.KERNEL_KINDS))
+    kernel.add_argument("--depth", type=int, default=1, help="hidden layers of the fc/conv network")
+    kernel.add_argument("--w-std", type=float, default=math.sqrt(2.0), help="weight standard deviation")
+    kernel.add_argument("--b-std", type=float, default=0.1, help="bias standard deviation")
+    kernel.add_argument("--parameterization", default="ntk", help="|".join(cfg.PARAMETERIZATIONS))
+    kernel.add_argument("--activation", default="relu", help="|".join(cfg.ACTIVATIONS))
+    kernel.add_argument("--conv-readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
+    kernel.add_argument("--gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
+    kip = distill.add_argument_group("KIP")
+    kip.add_argument("--support-per-class", type=int, default=10, help="support images per class")
+    kip.add_argument("--steps", type=int, default=1000, help="Adam steps")
+    kip.add_argument("--lr", dest="learning_rate", type=float, default=0.04, help="Adam learning rate")
+    kip.add_argument("--target-batch", type=int, default=5000, help="class-balanced target images per step")
+    kip.add_argument("--learn-labels", action="store_true", help="learn the support labels too")
+    kip.add_argument("--init", default="real", help="|".join(cfg.INITS))
+    kip.add_argument("--reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
+    kip.add_argument("--float64", action="store_true", help="compute in double precision")
+    kip.add_argument("--seed", type=int, default=0)
+    kip.add_argument("--eval-every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
+    kip.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file to save to and resume from")
+    kip.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    kip.add_argument("--history", type=Path, default=None, help="write the per-step loss history here (JSON)")
+    kip.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    distill.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="KRR test accuracy of a support set, against random real images",
+        description="Score a distilled .npz with KRR on the full test split, beside class-balanced random "
+        "real subsets of the same size. Prints JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("support", type=Path, help="a .npz written by `kip distill`")
+    evaluate.add_argument("--reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
+    evaluate.add_argument("--baseline-repeats", type=int, default=3, help="random subsets to average")
+    evaluate.add_argument("--batch-size", type=int, default=1000, help="kernel block size (bounds memory)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
+
+    data = commands.add_parser(
+        "data", help="fetch a dataset (if needed) and describe it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_args(data)
+    return parser
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--source", default="registry", help="|".join(cfg.SOURCES))
+    group.add_argument("--dataset", dest="name", default="mnist",
+                       help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
+    group.add_argument("--data-dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
+    group.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
+
+
+def _pick(args: argparse.Namespace, record: type) -> dict:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(record)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from pipeline import artifacts, atomic, workflow
+
+    data = cfg.DataConfig(**_pick(args, cfg.DataConfig))
+    prep = cfg.PreprocessConfig(**_pick(args, cfg.PreprocessConfig))
+    kernel = cfg.KernelConfig(**_pick(args, cfg.KernelConfig))
+    distill = cfg.DistillConfig(**_pick(args, cfg.DistillConfig))
+    distilled, history = workflow.distill(
+        data, prep, kernel, distill,
+        cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.checkpoint, progress=not args.quiet,
+    )
+    artifacts.save_npz(args.out, distilled)
+    if args.history:
+        atomic.write_text(args.history, json.dumps(history) + "\n")
+    print(f"wrote {args.out}: {len(distilled.images)} images, final loss {distilled.metadata['final_loss']:.4g}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline import artifacts, atomic, workflow
+
+    config = cfg.EvaluateConfig(
+        reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
+    )
+    distilled = artifacts.load_npz(args.support)
+    metrics = workflow.evaluate(distilled, config, cache_dir=args.cache_dir or default_cache_dir())
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    if args.json:
+        atomic.write_text(args.json, text + "\n")
+    print(text)
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from pipeline.data import load_dataset
+
+    dataset = load_dataset(cfg.DataConfig(**_pick(args, cfg.DataConfig)), args.cache_dir or default_cache_dir())
+    print(json.dumps(dataset.describe(), indent=2))
+
+
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "data": _cmd_data}[args.command]
+    try:
+        handler(args)
+    except UserError as err:
+        print(f"kip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

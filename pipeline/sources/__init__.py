@@ -1,0 +1,1 @@
+"""Data sources: each module turns one kind of origin into `pipeline.data.RawSplits`."""
