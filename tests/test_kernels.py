@@ -1,0 +1,171 @@
+"""Kernels against references that do not use our code: closed forms and wide random networks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics.pairwise import rbf_kernel
+
+from pipeline import kernels
+from pipeline.config import KernelConfig
+
+W_STD, B_STD = math.sqrt(2.0), 0.1
+
+
+def relu_one_layer_closed_form(x: np.ndarray, w_std: float, b_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """NNGP and NTK of a one-hidden-layer ReLU net, NTK parameterisation (Cho & Saul 2009; Jacot et al. 2018).
+
+    K0 = w^2 x.x'/d + b^2;  E[relu relu] = sqrt(K11 K22)/(2 pi) (sin t + (pi - t) cos t);
+    E[relu' relu'] = (pi - t)/(2 pi);  NNGP = w^2 E[relu relu] + b^2;  NTK = NNGP + w^2 E[relu' relu'] K0.
+    """
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    k0 = w_std**2 * flat @ flat.T / flat.shape[1] + b_std**2
+    diag = np.sqrt(np.diag(k0))
+    cos = np.clip(k0 / np.outer(diag, diag), -1.0, 1.0)
+    theta = np.arccos(cos)
+    e_relu = np.outer(diag, diag) / (2 * np.pi) * (np.sin(theta) + (np.pi - theta) * cos)
+    e_step = (np.pi - theta) / (2 * np.pi)
+    nngp = w_std**2 * e_relu + b_std**2
+    ntk = nngp + w_std**2 * e_step * k0
+    return nngp, ntk
+
+
+def erf_one_layer_nngp(x: np.ndarray, w_std: float, b_std: float) -> np.ndarray:
+    """Williams (1997): E[erf(u) erf(v)] = 2/pi arcsin(2 K12 / sqrt((1 + 2 K11)(1 + 2 K22)))."""
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    k0 = w_std**2 * flat @ flat.T / flat.shape[1] + b_std**2
+    d = 1 + 2 * np.diag(k0)
+    return w_std**2 * (2 / np.pi) * np.arcsin(2 * k0 / np.sqrt(np.outer(d, d))) + b_std**2
+
+
+def wide_relu_network_kernels(x: np.ndarray, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical NNGP and NTK of one random width-`width` ReLU network, in plain NumPy.
+
+    f(x) = w/sqrt(n) v.relu(w/sqrt(d) W x + b b1) + b b2 with standard-normal parameters.
+    NNGP_hat = w^2/n sum_j h_j h_j' + b^2 (expectation over the readout only); the NTK is the exact
+    inner product of parameter gradients of this one network.
+    """
+    rng = np.random.default_rng(seed)
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    d = flat.shape[1]
+    weights = rng.standard_normal((d, width))
+    bias = rng.standard_normal(width)
+    readout = rng.standard_normal(width)
+    pre = W_STD / np.sqrt(d) * flat @ weights + B_STD * bias
+    hidden = np.maximum(pre, 0.0)
+    step = (pre > 0).astype(np.float64)
+    nngp = W_STD**2 / width * hidden @ hidden.T + B_STD**2
+    k0 = W_STD**2 * flat @ flat.T / d + B_STD**2
+    first_layer = W_STD**2 / width * (step * readout**2) @ step.T * k0
+    return nngp, nngp + first_layer
+
+
+@pytest.fixture
+def images(rng):
+    return rng.standard_normal((7, 4, 4, 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_fc_relu_matches_arccos_closed_form(images, kind):
+    nngp, ntk = relu_one_layer_closed_form(images, W_STD, B_STD)
+    expected = nngp if kind == "nngp" else ntk
+    kernel_fn = kernels.make(KernelConfig(kind=kind, depth=1, w_std=W_STD, b_std=B_STD))
+    np.testing.assert_allclose(np.asarray(kernel_fn(images, images)), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_fc_relu_depth_two_composes_the_closed_form(images):
+    """Depth 2 = the arc-cosine map applied twice (NNGP); checks that depth is wired through."""
+    nngp1, _ = relu_one_layer_closed_form(images, W_STD, B_STD)
+    diag = np.sqrt(np.diag(nngp1))
+    cos = np.clip(nngp1 / np.outer(diag, diag), -1, 1)
+    theta = np.arccos(cos)
+    nngp2 = W_STD**2 * np.outer(diag, diag) / (2 * np.pi) * (np.sin(theta) + (np.pi - theta) * cos) + B_STD**2
+    kernel_fn = kernels.make(KernelConfig(kind="nngp", depth=2))
+    np.testing.assert_allclose(np.asarray(kernel_fn(images, images)), nngp2, rtol=2e-5, atol=1e-6)
+
+
+def test_fc_erf_matches_williams_closed_form(images):
+    kernel_fn = kernels.make(KernelConfig(kind="nngp", activation="erf", w_std=1.3, b_std=0.2))
+    expected = erf_one_layer_nngp(images, 1.3, 0.2)
+    np.testing.assert_allclose(np.asarray(kernel_fn(images, images)), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_standard_parameterization_has_the_same_nngp(images):
+    """NNGP does not depend on the parameterisation; the NTK does (that is the point of it)."""
+    ntk_param = KernelConfig(kind="nngp", parameterization="ntk")
+    standard = KernelConfig(kind="nngp", parameterization="standard")
+    np.testing.assert_allclose(
+        np.asarray(kernels.make(standard)(images, images)),
+        np.asarray(kernels.make(ntk_param)(images, images)), rtol=1e-5,
+    )
+    assert not np.allclose(
+        kernels.make(KernelConfig(kind="ntk", parameterization="standard"))(images, images),
+        kernels.make(KernelConfig(kind="ntk"))(images, images),
+    )
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_fc_relu_matches_a_wide_random_network(images, kind):
+    """Monte-Carlo: the kernel of one width-100k network is within ~1% of the infinite one."""
+    nngp_hat, ntk_hat = wide_relu_network_kernels(images, width=100_000, seed=0)
+    empirical = nngp_hat if kind == "nngp" else ntk_hat
+    kernel_fn = kernels.make(KernelConfig(kind=kind))
+    exact = np.asarray(kernel_fn(images, images), np.float64)
+    scale = np.abs(exact).max()
+    assert np.abs(empirical - exact).max() / scale < 0.03
+
+
+def test_rbf_matches_sklearn(images):
+    gamma = 0.7
+    flat = images.reshape(len(images), -1)
+    expected = rbf_kernel(flat, flat, gamma=gamma / flat.shape[1])
+    kernel_fn = kernels.make(KernelConfig(architecture="rbf", gamma=gamma))
+    np.testing.assert_allclose(np.asarray(kernel_fn(images, images)), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [
+    KernelConfig(),
+    KernelConfig(architecture="rbf"),
+    KernelConfig(architecture="conv", depth=1),
+], ids=["fc", "rbf", "conv"])
+def test_blocked_kernel_matrix_equals_one_shot(rng, spec):
+    x1 = rng.standard_normal((23, 5, 5, 1)).astype(np.float32)
+    x2 = rng.standard_normal((9, 5, 5, 1)).astype(np.float32)
+    kernel_fn = kernels.make(spec)
+    blocked = kernels.kernel_matrix(kernel_fn, x1, x2, block_size=4)
+    np.testing.assert_allclose(blocked, np.asarray(kernel_fn(x1, x2)), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_kernel_is_symmetric_positive_semidefinite(rng):
+    x = rng.standard_normal((6, 6, 6, 1)).astype(np.float32)
+    for readout in ("flatten", "gap"):
+        k = np.asarray(kernels.make(KernelConfig(architecture="conv", conv_readout=readout))(x, x), np.float64)
+        np.testing.assert_allclose(k, k.T, rtol=1e-5)
+        assert np.linalg.eigvalsh(k).min() > -1e-4 * np.abs(k).max()
+
+
+def conv_relu_flatten_nngp(x: np.ndarray, w_std: float, b_std: float) -> np.ndarray:
+    """NNGP of conv(3x3, SAME) -> ReLU -> flatten -> dense, written out: for each pixel p the
+    pre-activation covariance is w^2/(9 C) sum over the zero-padded 3x3 patch of x.x' + b^2; the
+    readout averages the arc-cosine map of it over pixels (Novak et al. 2019, Garriga-Alonso et al. 2019)."""
+    n, h, w, c = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = np.stack(
+        [padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+    ).reshape(n, h * w, -1)
+    k0 = w_std**2 / (9 * c) * np.einsum("apk,bpk->abp", patches, patches) + b_std**2
+    diag = np.sqrt(np.einsum("aap->ap", k0))
+    norms = diag[:, None, :] * diag[None, :, :]
+    cos = np.clip(k0 / norms, -1, 1)
+    theta = np.arccos(cos)
+    e_relu = norms / (2 * np.pi) * (np.sin(theta) + (np.pi - theta) * cos)
+    return w_std**2 * e_relu.mean(axis=-1) + b_std**2
+
+
+def test_conv_relu_flatten_matches_closed_form(rng):
+    x = rng.standard_normal((5, 4, 5, 2)).astype(np.float32)
+    kernel_fn = kernels.make(KernelConfig(architecture="conv", kind="nngp", conv_readout="flatten"))
+    np.testing.assert_allclose(
+        np.asarray(kernel_fn(x, x)), conv_relu_flatten_nngp(x, W_STD, B_STD), rtol=2e-5, atol=1e-6
+    )

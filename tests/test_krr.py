@@ -1,0 +1,75 @@
+"""KRR and Label Solve against scikit-learn and NumPy's least squares."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.kernel_ridge import KernelRidge
+
+from pipeline import krr
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Compare in double precision: the references are float64, and near-singular systems are the point."""
+    from jax.experimental import enable_x64
+
+    with enable_x64():
+        yield
+
+
+def random_psd(rng, n, rank=None):
+    a = rng.standard_normal((n, rank or n))
+    return a @ a.T
+
+
+@pytest.mark.parametrize("reg", [1e-6, 1e-2, 1.0])
+def test_fit_predict_matches_sklearn_kernel_ridge(rng, reg):
+    features = rng.standard_normal((40, 12))
+    test = rng.standard_normal((15, 12))
+    k_ss = features @ features.T + 0.5
+    k_ts = test @ features.T + 0.5
+    y = rng.standard_normal((40, 3))
+    ridge = reg * np.trace(k_ss) / len(k_ss)
+    reference = KernelRidge(alpha=ridge, kernel="precomputed").fit(k_ss, y).predict(k_ts)
+    ours = np.asarray(krr.predict(k_ts, krr.fit(k_ss, y, reg)))
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_label_solve_matches_lstsq(rng):
+    """With a tiny ridge, y_s* = (K_ss + ridge I) z*, z* = lstsq(K_ts, y_t)."""
+    n_s, n_t = 8, 60
+    features = rng.standard_normal((n_s + n_t, 20))
+    k = features @ features.T
+    k_ss, k_ts = k[:n_s, :n_s], k[n_s:, :n_s]
+    y_t = rng.standard_normal((n_t, 4))
+    reg = 1e-10
+    z, *_ = np.linalg.lstsq(k_ts, y_t, rcond=None)
+    expected = (k_ss + reg * np.trace(k_ss) / n_s * np.eye(n_s)) @ z
+    ours = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_label_solve_labels_are_optimal(rng):
+    """The KIP loss at the solved labels is no larger than at perturbed labels."""
+    features = rng.standard_normal((50, 10))
+    k = features @ features.T + 1.0
+    k_ss, k_ts = k[:6, :6], k[6:, :6]
+    y_t = rng.standard_normal((44, 3))
+    reg = 1e-4
+
+    def loss(y_s):
+        return np.sum((y_t - np.asarray(krr.predict(k_ts, krr.fit(k_ss, y_s, reg)))) ** 2)
+
+    solved = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
+    for _ in range(5):
+        assert loss(solved) <= loss(solved + 1e-2 * rng.standard_normal(solved.shape)) + 1e-9
+
+
+def test_accuracy_and_mse_by_hand():
+    predictions = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    assert krr.accuracy(predictions, labels) == pytest.approx(2 / 3)
+    targets = krr.centered_one_hot(labels, 2)
+    np.testing.assert_allclose(targets, [[0.5, -0.5], [-0.5, 0.5], [-0.5, 0.5]])
+    expected = np.mean([(0.4**2 + 0.6**2), (0.7**2 + 0.3**2), (1.1**2 + 0.1**2)])
+    assert krr.mse(predictions, targets) == pytest.approx(expected)
