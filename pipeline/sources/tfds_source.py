@@ -38,16 +38,15 @@ def load(name: str, data_dir: str | None) -> RawSplits:
             raise UserError(f"data.name={name!r} has splits {sorted(splits)}; expected train and test")
     try:
         train, test = tfds.load(
-            name, split=["train", "test"], data_dir=data_dir, download=False,
-            as_supervised=True, batch_size=-1,
+            name, split=["train", "test"], data_dir=data_dir, download=False, as_supervised=True
         )
     except AssertionError as err:  # TFDS's way of saying "not prepared in data_dir"
         raise UserError(
             f"TFDS dataset {name!r} is not prepared in data.data_dir={data_dir!r} ({str(err).splitlines()[0]}); "
             f"build it there first, e.g. `tfds build {name} --data_dir DIR`"
         ) from None
-    x_train, y_train = (np.asarray(a) for a in tfds.as_numpy(train))
-    x_test, y_test = (np.asarray(a) for a in tfds.as_numpy(test))
+    x_train, y_train = _to_arrays(tfds, train)
+    x_test, y_test = _to_arrays(tfds, test)
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
     pixel_max = 255.0 if x_train.dtype == np.uint8 else 1.0
@@ -61,3 +60,18 @@ def load(name: str, data_dir: str | None) -> RawSplits:
         class_names=names,
         origin=f"tfds:{builder.info.full_name} (data_dir {data_dir or 'default'})",
     )
+
+
+def _to_arrays(tfds, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Materialise a (image, label) tf.data pipeline in chunks.
+
+    `batch_size=-1` would be shorter, but TF 2.21 aborts the process on it for generator-backed
+    datasets (seen with tfds.testing.mock_data); fixed-size batches work everywhere.
+    """
+    images, labels = [], []
+    for x, y in tfds.as_numpy(dataset.batch(4096)):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise UserError("the TFDS split is empty; expected images in train and test")
+    return np.concatenate(images), np.concatenate(labels)

