@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--conv-readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
     kernel.add_argument("--gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
     kip = distill.add_argument_group("KIP")
+    kip.add_argument("--method", default="kip", help="kip|label_solve (closed-form labels for the initial images)")
     kip.add_argument("--support-per-class", type=int, default=10, help="support images per class")
     kip.add_argument("--steps", type=int, default=1000, help="Adam steps")
     kip.add_argument("--lr", dest="learning_rate", type=float, default=0.04, help="Adam learning rate")
@@ -129,7 +130,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     artifacts.save_npz(args.out, distilled)
     if args.history:
         atomic.write_text(args.history, json.dumps(history) + "\n")
-    print(f"wrote {args.out}: {len(distilled.images)} images, final loss {distilled.metadata['final_loss']:.4g}")
+    loss = distilled.metadata["final_loss"]
+    print(f"wrote {args.out}: {len(distilled.images)} images" + (f", final loss {loss:.4g}" if loss is not None else ""))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ PARAMETERIZATIONS = ("ntk", "standard")
 ACTIVATIONS = ("relu", "erf")
 CONV_READOUTS = ("flatten", "gap")
 INITS = ("real", "noise")
+METHODS = ("kip", "label_solve")
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,13 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The KIP loop. Defaults follow the paper's code (lr 0.04 is its default for FC kernels)."""
+    """The KIP loop. Defaults follow the paper's code (lr 0.04 is its default for FC kernels).
 
+    method=label_solve keeps the initial images and solves their labels in closed form against
+    the whole training set (the paper's Label Solve baseline); the KIP-only keys are then unused.
+    """
+
+    method: str = "kip"
     support_per_class: int = 10
     steps: int = 1000
     learning_rate: float = 0.04
@@ -110,6 +116,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("distill.method", self.method, METHODS)
         check_positive("distill.support_per_class", self.support_per_class, integer=True)
         check_positive("distill.steps", self.steps, integer=True)
         check_positive("distill.learning_rate", self.learning_rate)

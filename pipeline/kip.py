@@ -200,6 +200,27 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     )
 
 
+def label_solve(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    num_classes: int,
+    kernel_fn: KernelFn,
+    config: DistillConfig,
+    block_size: int = 1000,
+) -> KipResult:
+    """Label Solve (KIP paper, Sec. 3): keep the initial support images, solve for the labels
+    that make KRR on them fit the *whole* training set best. One kernel pass, no iterations."""
+    from pipeline.kernels import kernel_matrix
+
+    images, classes = init_support(x_train, y_train, num_classes, config)
+    with enable_x64():
+        k_ss = jnp.asarray(kernel_matrix(kernel_fn, images, images, block_size), jnp.float64)
+        k_ts = jnp.asarray(kernel_matrix(kernel_fn, x_train, images, block_size), jnp.float64)
+        y_t = jnp.asarray(krr.centered_one_hot(y_train, num_classes), jnp.float64)
+        labels = np.asarray(krr.label_solve(k_ss, k_ts, y_t, config.reg), np.float32)
+    return KipResult(images=images, labels=labels, classes=np.asarray(classes), initial_images=images, history=[])
+
+
 def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
     leaves = jax.tree_util.tree_leaves((support, opt_state))
     arrays = {f"leaf_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}

@@ -52,10 +52,13 @@ def distill(
 
     configs = {"data": asdict(data), "preprocess": asdict(prep), "kernel": asdict(kernel), "distill": asdict(config)}
     key = hashlib.sha256(json.dumps({**configs, "fingerprint": dataset.fingerprint}, sort_keys=True).encode()).hexdigest()
-    result = kip.distill(
-        x_train, dataset.y_train, dataset.num_classes, kernel_fn, config,
-        checkpoint=checkpoint, checkpoint_key=key, monitor=monitor, progress=progress,
-    )
+    if config.method == "label_solve":
+        result = kip.label_solve(x_train, dataset.y_train, dataset.num_classes, kernel_fn, config)
+    else:
+        result = kip.distill(
+            x_train, dataset.y_train, dataset.num_classes, kernel_fn, config,
+            checkpoint=checkpoint, checkpoint_key=key, monitor=monitor, progress=progress,
+        )
     metadata: dict[str, Any] = {
         **configs,
         "dataset": dataset.describe(),

@@ -130,3 +130,16 @@ def test_float64_option_computes_in_double(digits_standardized):
     single = run(digits_standardized, dataclasses.replace(config, float64=False))
     assert not np.array_equal(result.images, single.images)  # different arithmetic, same algorithm
     np.testing.assert_allclose(result.images, single.images, atol=1e-3)
+
+
+def test_label_solve_fits_the_training_set_better_than_one_hot_labels(digits_standardized):
+    x_train, y_train, x_test, y_test = digits_standardized
+    kernel_fn = kernels.make(KernelConfig())
+    config = DistillConfig(method="label_solve", support_per_class=3)
+    solved = kip.label_solve(x_train, y_train, 10, kernel_fn, config)
+    one_hot = krr.centered_one_hot(solved.classes, 10)
+    assert solved.images.shape == (30, 8, 8, 1) and solved.labels.shape == (30, 10)
+    scores_solved = evaluate.krr_scores(kernel_fn, solved.images, solved.labels, x_train, y_train, 10, 1e-6)
+    scores_one_hot = evaluate.krr_scores(kernel_fn, solved.images, one_hot, x_train, y_train, 10, 1e-6)
+    assert scores_solved["mse"] < scores_one_hot["mse"]
+    assert scores_solved["accuracy"] > scores_one_hot["accuracy"]

@@ -1,0 +1,65 @@
+"""The distilled .npz: round trip, reproducible bytes, atomic writes, and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts, atomic, preprocess
+from pipeline.config import PreprocessConfig
+from pipeline.errors import UserError
+
+
+@pytest.fixture
+def distilled(rng):
+    images = rng.standard_normal((20, 4, 4, 1)).astype(np.float32)
+    transform = preprocess.fit(PreprocessConfig("zca"), rng.random((50, 4, 4, 1)).astype(np.float32))
+    return artifacts.DistilledSet(
+        images=images,
+        labels=rng.standard_normal((20, 10)).astype(np.float32),
+        classes=np.repeat(np.arange(10), 2).astype(np.int32),
+        transform=transform,
+        metadata={"kernel": {"architecture": "fc"}, "seed": 0},
+    )
+
+
+def test_round_trip_keeps_everything(distilled, tmp_path):
+    path = tmp_path / "d.npz"
+    artifacts.save_npz(path, distilled)
+    loaded = artifacts.load_npz(path)
+    np.testing.assert_array_equal(loaded.images, distilled.images)
+    np.testing.assert_array_equal(loaded.labels, distilled.labels)
+    np.testing.assert_array_equal(loaded.classes, distilled.classes)
+    np.testing.assert_array_equal(loaded.transform.zca_matrix, distilled.transform.zca_matrix)
+    assert loaded.metadata["kernel"] == {"architecture": "fc"}
+    assert loaded.metadata["format_version"] == artifacts.FORMAT_VERSION
+
+
+def test_same_content_same_bytes(distilled, tmp_path):
+    artifacts.save_npz(tmp_path / "a.npz", distilled)
+    artifacts.save_npz(tmp_path / "b.npz", distilled)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_truncated_file_is_reported(distilled, tmp_path):
+    path = tmp_path / "d.npz"
+    artifacts.save_npz(path, distilled)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(UserError, match="corrupted or truncated"):
+        artifacts.load_npz(path)
+
+
+def test_inconsistent_file_is_reported(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((3, 2, 2, 1)), labels=np.zeros((2, 10)), classes=np.zeros(3), metadata=np.array("{}"))
+    with pytest.raises(UserError, match="3 images but labels"):
+        artifacts.load_npz(path)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "out.npz"
+    with pytest.raises(RuntimeError):
+        with atomic.replace_on_success(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
