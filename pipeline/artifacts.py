@@ -57,11 +57,17 @@ def load_npz(path: Path) -> DistilledSet:
     missing = [k for k in ("images", "labels", "classes", "metadata") if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; expected a distilled .npz written by `kip distill`")
-    metadata = json.loads(str(arrays["metadata"]))
-    transform = Transform.from_arrays(
-        {k[len(_TRANSFORM_PREFIX):]: v for k, v in arrays.items() if k.startswith(_TRANSFORM_PREFIX)}
+    try:
+        metadata = json.loads(str(arrays["metadata"]))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: metadata is not valid JSON ({err})") from None
+    stored = {k[len(_TRANSFORM_PREFIX):]: v for k, v in arrays.items() if k.startswith(_TRANSFORM_PREFIX)}
+    missing = sorted(set(Transform.ARRAY_KEYS) - set(stored))
+    if missing:
+        raise UserError(f"{path} lacks {_TRANSFORM_PREFIX}{missing[0]}; expected the preprocessing stored by `kip distill`")
+    distilled = DistilledSet(
+        arrays["images"], arrays["labels"], arrays["classes"], Transform.from_arrays(stored), metadata
     )
-    distilled = DistilledSet(arrays["images"], arrays["labels"], arrays["classes"], transform, metadata)
     _check_consistent(path, distilled)
     return distilled
 

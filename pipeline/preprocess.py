@@ -26,6 +26,8 @@ class Transform:
     zca_matrix: np.ndarray  # (d, d) used by zca; (0, 0) otherwise
     zca_reg: float
 
+    ARRAY_KEYS = ("method", "channel_mean", "channel_std", "zca_matrix", "zca_reg")
+
     def apply(self, images: np.ndarray) -> np.ndarray:
         """Map NHWC float images into the space the kernel sees; float32 out."""
         images = np.asarray(images, dtype=np.float32)

@@ -48,10 +48,21 @@ def test_truncated_file_is_reported(distilled, tmp_path):
         artifacts.load_npz(path)
 
 
-def test_inconsistent_file_is_reported(tmp_path):
+def test_inconsistent_file_is_reported(distilled, tmp_path):
     path = tmp_path / "d.npz"
-    np.savez(path, images=np.zeros((3, 2, 2, 1)), labels=np.zeros((2, 10)), classes=np.zeros(3), metadata=np.array("{}"))
-    with pytest.raises(UserError, match="3 images but labels"):
+    artifacts.save_npz(path, distilled)
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["labels"] = arrays["labels"][:-1]
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match="20 images but labels"):
+        artifacts.load_npz(path)
+
+
+def test_foreign_npz_is_reported(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((3, 2, 2, 1)), labels=np.zeros((3, 10)), classes=np.zeros(3), metadata=np.array("{}"))
+    with pytest.raises(UserError, match="lacks transform/"):
         artifacts.load_npz(path)
 
 
