@@ -48,32 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(distill)
     prep = distill.add_argument_group("preprocessing")
-    prep.add_argument("--preprocess", dest="method", default="standardize", help="|".join(cfg.PREPROCESS_METHODS))
-    prep.add_argument("--zca-reg", type=float, default=0.1, help="ZCA ridge, relative to the mean eigenvalue")
+    prep.add_argument("--preprocess", dest="preprocess.method", default="standardize", help="|".join(cfg.PREPROCESS_METHODS))
+    prep.add_argument("--zca-reg", dest="preprocess.zca_reg", type=float, default=0.1, help="ZCA ridge, relative to the mean eigenvalue")
     kernel = distill.add_argument_group("kernel")
-    kernel.add_argument("--kernel", dest="architecture", default="fc", help="|".join(cfg.ARCHITECTURES))
-    kernel.add_argument("--kernel-kind", dest="kind", default="ntk", help="|".join(cfg.KERNEL_KINDS))
-    kernel.add_argument("--depth", type=int, default=1, help="hidden layers of the fc/conv network")
-    kernel.add_argument("--w-std", type=float, default=math.sqrt(2.0), help="weight standard deviation")
-    kernel.add_argument("--b-std", type=float, default=0.1, help="bias standard deviation")
-    kernel.add_argument("--parameterization", default="ntk", help="|".join(cfg.PARAMETERIZATIONS))
-    kernel.add_argument("--activation", default="relu", help="|".join(cfg.ACTIVATIONS))
-    kernel.add_argument("--conv-readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
-    kernel.add_argument("--gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
+    kernel.add_argument("--kernel", dest="kernel.architecture", default="fc", help="|".join(cfg.ARCHITECTURES))
+    kernel.add_argument("--kernel-kind", dest="kernel.kind", default="ntk", help="|".join(cfg.KERNEL_KINDS))
+    kernel.add_argument("--depth", dest="kernel.depth", type=int, default=1, help="hidden layers of the fc/conv network")
+    kernel.add_argument("--w-std", dest="kernel.w_std", type=float, default=math.sqrt(2.0), help="weight standard deviation")
+    kernel.add_argument("--b-std", dest="kernel.b_std", type=float, default=0.1, help="bias standard deviation")
+    kernel.add_argument("--parameterization", dest="kernel.parameterization", default="ntk", help="|".join(cfg.PARAMETERIZATIONS))
+    kernel.add_argument("--activation", dest="kernel.activation", default="relu", help="|".join(cfg.ACTIVATIONS))
+    kernel.add_argument("--conv-readout", dest="kernel.conv_readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
+    kernel.add_argument("--gamma", dest="kernel.gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
     kip = distill.add_argument_group("KIP")
-    kip.add_argument("--method", default="kip", help="kip|label_solve (closed-form labels for the initial images)")
-    kip.add_argument("--support-per-class", type=int, default=10, help="support images per class")
-    kip.add_argument("--steps", type=int, default=1000, help="Adam steps")
-    kip.add_argument("--lr", dest="learning_rate", type=float, default=0.04, help="Adam learning rate")
-    kip.add_argument("--target-batch", type=int, default=5000, help="class-balanced target images per step")
-    kip.add_argument("--learn-labels", action="store_true", help="learn the support labels too")
-    kip.add_argument("--init", default="real", help="|".join(cfg.INITS))
-    kip.add_argument("--reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
-    kip.add_argument("--float64", action="store_true", help="compute in double precision")
-    kip.add_argument("--seed", type=int, default=0)
-    kip.add_argument("--eval-every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
+    kip.add_argument("--method", dest="distill.method", default="kip", help="kip|label_solve (closed-form labels for the initial images)")
+    kip.add_argument("--support-per-class", dest="distill.support_per_class", type=int, default=10, help="support images per class")
+    kip.add_argument("--steps", dest="distill.steps", type=int, default=1000, help="Adam steps")
+    kip.add_argument("--lr", dest="distill.learning_rate", type=float, default=0.04, help="Adam learning rate")
+    kip.add_argument("--target-batch", dest="distill.target_batch", type=int, default=5000, help="class-balanced target images per step")
+    kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
+    kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
+    kip.add_argument("--reg", dest="distill.reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
+    kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
+    kip.add_argument("--seed", dest="distill.seed", type=int, default=0)
+    kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
     kip.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file to save to and resume from")
-    kip.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    kip.add_argument("--checkpoint-every", dest="distill.checkpoint_every", type=int, default=100, help="steps between checkpoints")
     kip.add_argument("--history", type=Path, default=None, help="write the per-step loss history here (JSON)")
     kip.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     distill.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
@@ -102,27 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--source", default="registry", help="|".join(cfg.SOURCES))
-    group.add_argument("--dataset", dest="name", default="mnist",
+    group.add_argument("--source", dest="data.source", default="registry", help="|".join(cfg.SOURCES))
+    group.add_argument("--dataset", dest="data.name", default="mnist",
                        help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
-    group.add_argument("--data-dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
+    group.add_argument("--data-dir", dest="data.data_dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
     group.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
 
 
-def _pick(args: argparse.Namespace, record: type) -> dict:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(record)}
-    return {k: v for k, v in vars(args).items() if k in names}
+def _section(args: argparse.Namespace, section: str) -> dict:
+    """The options whose dest is `section.field`, as {field: value} for that section's record."""
+    prefix = f"{section}."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, workflow
 
-    data = cfg.DataConfig(**_pick(args, cfg.DataConfig))
-    prep = cfg.PreprocessConfig(**_pick(args, cfg.PreprocessConfig))
-    kernel = cfg.KernelConfig(**_pick(args, cfg.KernelConfig))
-    distill = cfg.DistillConfig(**_pick(args, cfg.DistillConfig))
+    data = cfg.DataConfig(**_section(args, "data"))
+    prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
+    kernel = cfg.KernelConfig(**_section(args, "kernel"))
+    distill = cfg.DistillConfig(**_section(args, "distill"))
     distilled, history = workflow.distill(
         data, prep, kernel, distill,
         cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.checkpoint, progress=not args.quiet,
@@ -151,7 +150,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_data(args: argparse.Namespace) -> None:
     from pipeline.data import load_dataset
 
-    dataset = load_dataset(cfg.DataConfig(**_pick(args, cfg.DataConfig)), args.cache_dir or default_cache_dir())
+    dataset = load_dataset(cfg.DataConfig(**_section(args, "data")), args.cache_dir or default_cache_dir())
     print(json.dumps(dataset.describe(), indent=2))
 
 

@@ -111,3 +111,14 @@ def test_npz_is_readable_without_our_code(tmp_path, capsys):
         assert data["images"].shape == (10, 8, 8, 1)
         assert data["labels"].shape == (10, 10)
         assert json.loads(str(data["metadata"]))["kernel"]["architecture"] == "fc"
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """One source of truth: `kip distill` with no options builds the default config records."""
+    from pipeline import cli, config
+
+    args = cli.build_parser().parse_args(["distill", "-o", "x.npz"])
+    assert config.DataConfig(**cli._section(args, "data")) == config.DataConfig()
+    assert config.PreprocessConfig(**cli._section(args, "preprocess")) == config.PreprocessConfig()
+    assert config.KernelConfig(**cli._section(args, "kernel")) == config.KernelConfig()
+    assert config.DistillConfig(**cli._section(args, "distill")) == config.DistillConfig()
