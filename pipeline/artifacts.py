@@ -68,11 +68,11 @@ def load_npz(path: Path) -> DistilledSet:
     distilled = DistilledSet(
         arrays["images"], arrays["labels"], arrays["classes"], Transform.from_arrays(stored), metadata
     )
-    _check_consistent(path, distilled)
+    check_consistent(path, distilled)
     return distilled
 
 
-def _check_consistent(path: Path, distilled: DistilledSet) -> None:
+def check_consistent(path: Path, distilled: DistilledSet) -> None:
     n = len(distilled.images)
     if distilled.images.ndim != 4:
         raise UserError(f"{path}: images have shape {distilled.images.shape}; expected (n, H, W, C)")

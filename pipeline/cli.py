@@ -25,6 +25,7 @@ examples:
   kip distill -o out/mnist-100.npz                      # 100 images of MNIST, FC NTK kernel
   kip distill --source embedded --dataset digits --steps 200 -o out/digits.npz
   kip evaluate out/mnist-100.npz                        # KRR test accuracy vs random real images
+  kip inspect artifacts/distilled.parquet               # validate an artifact, print its lineage
   kip data --source registry --dataset fashion_mnist    # fetch and describe a dataset
 """
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--support-per-class", dest="distill.support_per_class", type=int, default=10, help="support images per class")
     kip.add_argument("--steps", dest="distill.steps", type=int, default=1000, help="Adam steps")
     kip.add_argument("--lr", dest="distill.learning_rate", type=float, default=0.04, help="Adam learning rate")
+    kip.add_argument("--lr-schedule", dest="distill.lr_schedule", default="constant", help="constant|cosine (decay to 0)")
     kip.add_argument("--target-batch", dest="distill.target_batch", type=int, default=5000, help="class-balanced target images per step")
     kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
@@ -92,12 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
 
+    inspect = commands.add_parser(
+        "inspect", aliases=["show"], help="validate a distilled .parquet or .npz and print its metadata",
+        description="Check a distilled artifact (schema, shapes, checksum, stored preprocessing) and print "
+        "its lineage as JSON. Exit 2 if it is damaged.",
+    )
+    inspect.add_argument("artifact", type=Path, help="artifacts/distilled.parquet or a .npz")
+
     data = commands.add_parser(
         "data", help="fetch a dataset (if needed) and describe it",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_data_args(data)
+    for sub in (distill, evaluate, inspect, data):
+        _short_metavars(sub)
     return parser
+
+
+def _short_metavars(parser: argparse.ArgumentParser) -> None:
+    """Show `--lr LEARNING_RATE`, not the internal `section.field` dest, in usage lines."""
+    for action in parser._actions:
+        if action.metavar is None and "." in (action.dest or "") and action.nargs != 0:
+            action.metavar = action.dest.split(".", 1)[1].upper()
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -117,15 +135,14 @@ def _section(args: argparse.Namespace, section: str) -> dict:
 
 def _cmd_distill(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, workflow
+    from pipeline.prepared import prepare
 
     data = cfg.DataConfig(**_section(args, "data"))
     prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
     kernel = cfg.KernelConfig(**_section(args, "kernel"))
     distill = cfg.DistillConfig(**_section(args, "distill"))
-    distilled, history = workflow.distill(
-        data, prep, kernel, distill,
-        cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.checkpoint, progress=not args.quiet,
-    )
+    prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
+    distilled, history = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
     artifacts.save_npz(args.out, distilled)
     if args.history:
         atomic.write_text(args.history, json.dumps(history) + "\n")
@@ -135,16 +152,24 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, workflow
+    from pipeline.prepared import reprepare
 
     config = cfg.EvaluateConfig(
         reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
     )
     distilled = artifacts.load_npz(args.support)
-    metrics = workflow.evaluate(distilled, config, cache_dir=args.cache_dir or default_cache_dir())
+    prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
+    metrics = workflow.evaluate(distilled, prepared, config)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.json:
         atomic.write_text(args.json, text + "\n")
     print(text)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from pipeline.inspection import inspect_artifact
+
+    print(json.dumps(inspect_artifact(args.artifact), indent=2))
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -163,7 +188,10 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "data": _cmd_data}[args.command]
+    handler = {
+        "distill": _cmd_distill, "evaluate": _cmd_evaluate, "inspect": _cmd_inspect, "show": _cmd_inspect,
+        "data": _cmd_data,
+    }[args.command]
     try:
         handler(args)
     except UserError as err:

@@ -26,6 +26,7 @@ ACTIVATIONS = ("relu", "erf")
 CONV_READOUTS = ("flatten", "gap")
 INITS = ("real", "noise")
 METHODS = ("kip", "label_solve")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class DistillConfig:
     support_per_class: int = 10
     steps: int = 1000
     learning_rate: float = 0.04
+    lr_schedule: str = "constant"
     target_batch: int = 5000
     learn_labels: bool = False
     init: str = "real"
@@ -120,6 +122,7 @@ class DistillConfig:
         check_positive("distill.support_per_class", self.support_per_class, integer=True)
         check_positive("distill.steps", self.steps, integer=True)
         check_positive("distill.learning_rate", self.learning_rate)
+        check_choice("distill.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_positive("distill.target_batch", self.target_batch, integer=True)
         check_choice("distill.init", self.init, INITS)
         check_non_negative("distill.reg", self.reg)

@@ -106,6 +106,13 @@ def target_indices(labels: np.ndarray, num_classes: int, batch: int, seed: int, 
     return class_balanced_indices(labels, per_class, num_classes, rng).astype(np.int32)
 
 
+def learning_rate_schedule(config: DistillConfig) -> optax.ScalarOrSchedule:
+    """Constant, or cosine decay to zero over the run (settles the support at the end)."""
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=config.steps)
+    return config.learning_rate
+
+
 def init_support(
     x_train: np.ndarray, y_train: np.ndarray, num_classes: int, config: DistillConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +159,7 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     dtype = jnp.float64 if config.float64 else jnp.float32
     init_images, classes = init_support(x_train, y_train, num_classes, config)
     init_labels = krr.centered_one_hot(classes, num_classes)
-    optimizer = optax.adam(config.learning_rate)
+    optimizer = optax.adam(learning_rate_schedule(config))
     support = Support(jnp.asarray(init_images, dtype), jnp.asarray(init_labels, dtype))
     opt_state = optimizer.init(support)
     history: list[dict[str, float]] = []

@@ -1,7 +1,9 @@
-"""Whole runs: data -> preprocessing -> kernel -> KIP -> DistilledSet, and scoring one.
+"""Whole runs after `pipeline.prepared.prepare`; the DVC stages and the CLI share them:
 
-These are the functions the CLI and the DVC stages call; they take config records and paths they
-are given, and never read params files themselves.
+    distill(prepared, kernel, distill) -> set    KIP (or Label Solve) on the prepared training split
+    evaluate(set, prepared, evaluate) -> metrics KRR on the prepared test split, beside random subsets
+
+These take config records and values; reading params files and choosing paths is the caller's job.
 """
 from __future__ import annotations
 
@@ -15,84 +17,74 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import kernels, kip, preprocess
+from pipeline import kernels, kip
 from pipeline.artifacts import DistilledSet
-from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
-from pipeline.data import Dataset, load_dataset
+from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig
 from pipeline.errors import UserError
+from pipeline.prepared import Prepared
 
 MONITOR_TEST_IMAGES = 2000
 
 
 def distill(
-    data: DataConfig,
-    prep: PreprocessConfig,
+    prepared: Prepared,
     kernel: KernelConfig,
     config: DistillConfig,
     *,
-    cache_dir: Path,
     checkpoint: Path | None = None,
     progress: bool = True,
 ) -> tuple[DistilledSet, list[dict[str, float]]]:
     """Distil a support set; returns it with the per-step history (loss, monitored accuracy)."""
-    dataset = load_dataset(data, cache_dir)
-    transform = preprocess.fit(prep, dataset.x_train)
-    x_train = transform.apply(dataset.x_train)
     kernel_fn = kernels.make(kernel)
-
     monitor = None
     if config.eval_every:
         # Monitoring only: the result is the last step's support, never one picked on test data.
-        x_mon = transform.apply(dataset.x_test[:MONITOR_TEST_IMAGES])
-        y_mon = dataset.y_test[:MONITOR_TEST_IMAGES]
+        x_mon = prepared.x_test[:MONITOR_TEST_IMAGES]
+        y_mon = prepared.y_test[:MONITOR_TEST_IMAGES]
 
         def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-            scores = scoring.krr_scores(kernel_fn, images, labels, x_mon, y_mon, dataset.num_classes, config.reg)
+            scores = scoring.krr_scores(kernel_fn, images, labels, x_mon, y_mon, prepared.num_classes, config.reg)
             return {"monitor_accuracy": scores["accuracy"]}
 
-    configs = {"data": asdict(data), "preprocess": asdict(prep), "kernel": asdict(kernel), "distill": asdict(config)}
-    key = hashlib.sha256(json.dumps({**configs, "fingerprint": dataset.fingerprint}, sort_keys=True).encode()).hexdigest()
+    configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
+    params_hash = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
     if config.method == "label_solve":
-        result = kip.label_solve(x_train, dataset.y_train, dataset.num_classes, kernel_fn, config)
+        result = kip.label_solve(prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config)
     else:
         result = kip.distill(
-            x_train, dataset.y_train, dataset.num_classes, kernel_fn, config,
-            checkpoint=checkpoint, checkpoint_key=key, monitor=monitor, progress=progress,
+            prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
+            checkpoint=checkpoint, checkpoint_key=params_hash, monitor=monitor, progress=progress,
         )
     metadata: dict[str, Any] = {
         **configs,
-        "dataset": dataset.describe(),
-        "params_hash": key,
+        "params_hash": params_hash,
+        "seed": config.seed,
+        "steps": config.steps if config.method == "kip" else 0,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "code_version": pipeline.__version__,
         "versions": _library_versions(),
     }
-    distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), transform, metadata)
+    distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
     return distilled, result.history
 
 
-def evaluate(distilled: DistilledSet, config: EvaluateConfig, *, cache_dir: Path) -> dict[str, float]:
+def evaluate(distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig) -> dict[str, float]:
     """KRR test accuracy/MSE of the support set and of random real subsets of the same size."""
-    data = DataConfig(**distilled.metadata["data"])
-    kernel = KernelConfig(**distilled.metadata["kernel"])
-    dataset = load_dataset(data, cache_dir)
-    expected = distilled.metadata["dataset"]["fingerprint"]
-    if dataset.fingerprint != expected:
+    if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
         raise UserError(
-            f"dataset {data.source}:{data.name} has fingerprint {dataset.fingerprint[:12]}, but the support set was "
-            f"distilled from {expected[:12]}; expected the same data"
+            f"support images have shape {tuple(distilled.images.shape[1:])}; "
+            f"the test images are {tuple(prepared.x_test.shape[1:])}"
         )
-    _check_shape(distilled, dataset)
-    x_test = distilled.transform.apply(dataset.x_test)
-    kernel_fn = kernels.make(kernel)
+    kernel_fn = kernels.make(KernelConfig(**distilled.metadata["kernel"]))
+    reg = config.reg
     scores = scoring.krr_scores(
-        kernel_fn, distilled.images, distilled.labels, x_test, dataset.y_test,
-        dataset.num_classes, config.reg, config.batch_size,
+        kernel_fn, distilled.images, distilled.labels, prepared.x_test, prepared.y_test,
+        prepared.num_classes, reg, config.batch_size,
     )
-    per_class = len(distilled.images) // dataset.num_classes
+    per_class = max(1, len(distilled.images) // prepared.num_classes)
     baseline = scoring.random_subset_baseline(
-        kernel_fn, distilled.transform.apply(dataset.x_train), dataset.y_train, x_test, dataset.y_test,
-        dataset.num_classes, per_class, config.reg, config.baseline_repeats, config.seed, config.batch_size,
+        kernel_fn, prepared.x_train, prepared.y_train, prepared.x_test, prepared.y_test,
+        prepared.num_classes, per_class, reg, config.baseline_repeats, config.seed, config.batch_size,
     )
     return {
         "krr_test_accuracy": scores["accuracy"],
@@ -101,15 +93,8 @@ def evaluate(distilled: DistilledSet, config: EvaluateConfig, *, cache_dir: Path
         "baseline_test_accuracy_std": baseline["accuracy_std"],
         "baseline_test_mse": baseline["mse"],
         "support_size": int(len(distilled.images)),
-        "test_size": int(len(dataset.y_test)),
+        "test_size": int(len(prepared.y_test)),
     }
-
-
-def _check_shape(distilled: DistilledSet, dataset: Dataset) -> None:
-    if tuple(distilled.images.shape[1:]) != dataset.image_shape:
-        raise UserError(
-            f"support images have shape {tuple(distilled.images.shape[1:])}; the dataset's are {dataset.image_shape}"
-        )
 
 
 def _library_versions() -> dict[str, str]:

@@ -1,0 +1,105 @@
+"""The prepare step: a dataset mapped into the space the kernel sees, with its transform.
+
+`prepare` loads a dataset and fits the preprocessing on its training split; `reprepare` rebuilds
+the same view for a distilled set from the transform stored in it. `save`/`load` keep a Prepared
+as one .npz (the prepare stage's output), written atomically and byte-reproducibly.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import atomic, preprocess
+from pipeline.artifacts import DistilledSet
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.data import load_dataset
+from pipeline.errors import UserError
+from pipeline.preprocess import Transform
+
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset in the space the kernel sees, with the transform that put it there."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    transform: Transform
+    provenance: dict[str, Any]  # {"data": ..., "preprocess": ..., "dataset": Dataset.describe()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.provenance["dataset"]["class_names"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.provenance["dataset"]["class_names"])
+
+
+def prepare(data: DataConfig, prep: PreprocessConfig, *, cache_dir: Path) -> Prepared:
+    dataset = load_dataset(data, cache_dir)
+    transform = preprocess.fit(prep, dataset.x_train)
+    return Prepared(
+        x_train=transform.apply(dataset.x_train),
+        y_train=dataset.y_train,
+        x_test=transform.apply(dataset.x_test),
+        y_test=dataset.y_test,
+        transform=transform,
+        provenance={"data": asdict(data), "preprocess": asdict(prep), "dataset": dataset.describe()},
+    )
+
+
+def reprepare(distilled: DistilledSet, *, cache_dir: Path) -> Prepared:
+    """The data a support set was distilled from, mapped through the transform stored with it."""
+    data = DataConfig(**distilled.metadata["data"])
+    dataset = load_dataset(data, cache_dir)
+    expected = distilled.metadata["dataset"]["fingerprint"]
+    if dataset.fingerprint != expected:
+        raise UserError(
+            f"dataset {data.source}:{data.name} has fingerprint {dataset.fingerprint[:12]}, but the support set was "
+            f"distilled from {expected[:12]}; expected the same data"
+        )
+    transform = distilled.transform
+    return Prepared(
+        x_train=transform.apply(dataset.x_train),
+        y_train=dataset.y_train,
+        x_test=transform.apply(dataset.x_test),
+        y_test=dataset.y_test,
+        transform=transform,
+        provenance={k: distilled.metadata[k] for k in ("data", "preprocess", "dataset")},
+    )
+
+
+def save(path: Path, prepared: Prepared) -> None:
+    arrays = {key: getattr(prepared, key) for key in _ARRAYS}
+    arrays.update({f"transform/{k}": v for k, v in prepared.transform.to_arrays().items()})
+    arrays["provenance"] = np.array(json.dumps(prepared.provenance, sort_keys=True))
+    atomic.save_npz(Path(path), arrays)
+
+
+def load(path: Path) -> Prepared:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; run the prepare stage first (dvc repro prepare)") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise UserError(f"{path} is not a readable .npz file (corrupted or truncated: {err})") from None
+    missing = [k for k in (*_ARRAYS, "provenance") if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {missing[0]}; expected the output of the prepare stage")
+    transform = Transform.from_arrays({k[len("transform/"):]: v for k, v in arrays.items() if k.startswith("transform/")})
+    return Prepared(
+        **{key: arrays[key] for key in _ARRAYS},
+        transform=transform,
+        provenance=json.loads(str(arrays["provenance"])),
+    )
