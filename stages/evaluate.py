@@ -1,0 +1,38 @@
+"""DVC stage `evaluate`: KRR test accuracy of the distilled set beside random real subsets.
+
+Reads params: seed, evaluate.*   Reads: the distilled .npz and the prepared .npz.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _stage import run_stage
+
+from pipeline import artifacts, atomic, workflow
+from pipeline import prepared as prep_io
+from pipeline.config import EvaluateConfig
+from pipeline.params import read_params, section, seed
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    config = section(params, "evaluate", EvaluateConfig, seed=seed(params))
+    distilled = artifacts.load_npz(args.distilled)
+    prepared = prep_io.load(args.prepared)
+    metrics = workflow.evaluate(distilled, prepared, config)
+    atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(
+        f"evaluate: KRR test accuracy {metrics['krr_test_accuracy']:.4f} with {metrics['support_size']} images "
+        f"(random real images: {metrics['baseline_test_accuracy']:.4f})"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("distilled", type=Path)
+    parser.add_argument("prepared", type=Path)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    run_stage("evaluate", main, parser)

@@ -1,0 +1,170 @@
+"""The pipeline as users run it: `dvc repro`, `dvc push`/`pull`, `dvc exp run`, through DVC itself.
+
+The project's dvc.yaml, stages/, pipeline/ and DVC config are copied into a scratch git repo; only
+params.yaml is shrunk (embedded digits, a few dozen KIP steps) so the whole story runs in about a
+minute. HOME points into the scratch dir, so the out-of-the-box remote (~/.cache/...) is exercised
+as configured, without touching the real one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "data": {"source": "embedded", "name": "digits"},
+    "distill": {"support_per_class": 2, "steps": 30, "target_batch": 400, "eval_every": 10, "checkpoint_every": 10},
+    "evaluate": {"baseline_repeats": 2, "batch_size": 500},
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+    })
+    return env
+
+
+def _run(cwd: Path, env: dict[str, str], *cmd: str) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _dvc(cwd: Path, env: dict[str, str], *args: str) -> str:
+    return _run(cwd, env, sys.executable, "-m", "dvc", *args)
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def _bytes(root: Path) -> dict[str, bytes]:
+    return {name: (root / "artifacts" / name).read_bytes() for name in ("distilled.npz", "distilled.parquet")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A scratch clone of the project with small params, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    home = root.parent / "home"
+    home.mkdir()
+    env = _env(home)
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root, env, "git", "init", "-q", "-b", "main")
+    _dvc(root, env, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    first = _dvc(root, env, "repro")
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "first run")
+    return root, env, first
+
+
+def test_repro_runs_every_stage_and_writes_metrics_artifacts_and_plots(project):
+    root, env, first = project
+    assert _ran(first) == {"prepare", "distill", "evaluate"}
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    for key in ("krr_test_accuracy", "krr_test_mse", "baseline_test_accuracy", "support_size"):
+        assert key in metrics
+    assert metrics["support_size"] == 20
+    assert metrics["krr_test_accuracy"] > metrics["baseline_test_accuracy"]
+    curve = (root / "plots" / "distill_accuracy.csv").read_text().splitlines()
+    assert curve[0] == "step,monitor_accuracy" and [row.split(",")[0] for row in curve[1:]] == ["10", "20", "30"]
+    html = _dvc(root, env, "plots", "show", "-o", "dvc_plots")
+    assert (root / "dvc_plots" / "index.html").exists(), html
+    shown = json.loads(_dvc(root, env, "metrics", "show", "--json"))
+    assert "krr_test_accuracy" in json.dumps(shown)
+
+
+def test_second_repro_does_nothing(project):
+    root, env, _ = project
+    before = _bytes(root)
+    assert _ran(_dvc(root, env, "repro")) == set()
+    assert _bytes(root) == before
+
+
+def test_changing_evaluate_params_reruns_only_evaluate(project):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["baseline_repeats"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = _dvc(root, env, "status")
+        assert "evaluate" in status and "distill:" not in status and "prepare:" not in status
+        assert _ran(_dvc(root, env, "repro")) == {"evaluate"}
+    finally:
+        _run(root, env, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
+    assert _ran(_dvc(root, env, "repro")) == set()  # back to the committed state: nothing to do
+
+
+def test_same_params_from_scratch_give_byte_identical_artifacts(project):
+    root, env, _ = project
+    before = _bytes(root)
+    shutil.rmtree(root / "checkpoints")  # no resuming: a genuine second computation
+    assert _ran(_dvc(root, env, "repro", "--force")) == {"prepare", "distill", "evaluate"}
+    assert _bytes(root) == before
+    assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+
+
+def test_push_then_pull_in_a_fresh_clone_restores_identical_artifacts(project, tmp_path):
+    root, env, _ = project
+    _dvc(root, env, "push")
+    clone = tmp_path / "clone"
+    _run(tmp_path, env, "git", "clone", "-q", str(root), str(clone))
+    assert not (clone / "artifacts" / "distilled.parquet").exists()
+    _dvc(clone, env, "pull", "distill")
+    assert _bytes(clone) == _bytes(root)
+    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
+    summary = json.loads(report[report.index("{"):])
+    assert summary["valid"] and summary["images"] == 20 and summary["dataset"]["name"] == "digits"
+
+
+def test_artifacts_get_fetches_a_tagged_version_without_a_checkout(project, tmp_path):
+    root, env, _ = project
+    _dvc(root, env, "push")
+    _run(root, env, "git", "tag", "-a", "distilled@v0.1.0", "-m", "first distilled set")
+    _dvc(tmp_path, env, "artifacts", "get", str(root), "distilled", "--rev", "v0.1.0", "-o", "got.parquet")
+    assert (tmp_path / "got.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
+
+
+def test_experiment_with_a_changed_key_is_compared_by_exp_show(project):
+    root, env, _ = project
+    _dvc(root, env, "exp", "run", "-n", "spc3", "-S", "distill.support_per_class=3")
+    table = json.loads(_dvc(root, env, "exp", "show", "--json"))
+    runs = json.dumps(table)
+    assert "spc3" in runs
+    experiment = _find_experiment(table, "spc3")
+    metrics = experiment["metrics"]["metrics/evaluate.json"]["data"]
+    assert metrics["support_size"] == 30
+    assert experiment["params"]["params.yaml"]["data"]["distill"]["support_per_class"] == 3
+
+
+def _find_experiment(table: list[dict], name: str) -> dict:
+    for baseline in table:
+        for run in baseline.get("experiments") or []:
+            for revision in run.get("revs") or []:
+                if revision.get("name") == name:
+                    return revision["data"]
+    raise AssertionError(f"experiment {name} not in `dvc exp show --json`: {json.dumps(table)[:2000]}")
