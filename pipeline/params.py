@@ -36,6 +36,9 @@ def section(params: dict[str, Any], name: str, record: type[T], **extra: Any) ->
         values = {}
     if not isinstance(values, dict):
         raise UserError(f"{name}={values!r} is not allowed; expected a mapping of {name}.* keys")
+    for key in extra:
+        if key in values:
+            raise UserError(f"{name}.{key} is not a key of params.yaml; set the top-level {key} instead")
     return from_mapping(record, {**values, **extra}, name)
 
 
