@@ -74,3 +74,14 @@ def test_failed_write_leaves_no_file(tmp_path):
             raise RuntimeError("crash mid-write")
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "metrics.json", "{}\n")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
