@@ -47,7 +47,7 @@ def main() -> int:
     for size in args.sizes:
         config = RUNS[size]
         t0 = time.perf_counter()
-        distilled, _ = workflow.distill(prepared, kernel, config, progress=False)
+        distilled = workflow.distill(prepared, kernel, config, progress=False).distilled
         distill_seconds = time.perf_counter() - t0
         metrics = workflow.evaluate(distilled, prepared, evaluation)
         results.append({

@@ -142,7 +142,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     kernel = cfg.KernelConfig(**_section(args, "kernel"))
     distill = cfg.DistillConfig(**_section(args, "distill"))
     prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
-    distilled, history = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
+    run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
+    distilled, history = run.distilled, run.history
     artifacts.save_npz(args.out, distilled)
     if args.history:
         atomic.write_text(args.history, json.dumps(history) + "\n")

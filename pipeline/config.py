@@ -147,6 +147,23 @@ class EvaluateConfig:
         _check_int_at_least("evaluate.seed", self.seed, 0)
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where MLflow runs go. `uri: null` means $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "kip-pipeline"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise UserError(f"tracking.enabled={self.enabled!r} is not allowed; expected true|false")
+        if self.uri is not None and (not isinstance(self.uri, str) or not self.uri.strip()):
+            raise UserError(f"tracking.uri={self.uri!r} is not allowed; expected an MLflow tracking URI or null")
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise UserError(f"tracking.experiment={self.experiment!r} is not allowed; expected a non-empty name")
+
+
 def _check_int_at_least(param: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UserError(f"{param}={value!r} is not allowed; expected an integer >= {low}")

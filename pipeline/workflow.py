@@ -1,6 +1,6 @@
 """Whole runs after `pipeline.prepared.prepare`; the DVC stages and the CLI share them:
 
-    distill(prepared, kernel, distill) -> set    KIP (or Label Solve) on the prepared training split
+    distill(prepared, kernel, distill) -> run    KIP (or Label Solve) on the prepared training split
     evaluate(set, prepared, evaluate) -> metrics KRR on the prepared test split, beside random subsets
 
 These take config records and values; reading params files and choosing paths is the caller's job.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,13 @@ from pipeline.prepared import Prepared
 MONITOR_TEST_IMAGES = 2000
 
 
+@dataclass(frozen=True)
+class DistillRun:
+    distilled: DistilledSet
+    history: list[dict[str, float]]  # one record per step: step, loss (+ monitor_accuracy)
+    initial_images: np.ndarray  # the support before distillation, for before/after pictures
+
+
 def distill(
     prepared: Prepared,
     kernel: KernelConfig,
@@ -33,8 +40,8 @@ def distill(
     *,
     checkpoint: Path | None = None,
     progress: bool = True,
-) -> tuple[DistilledSet, list[dict[str, float]]]:
-    """Distil a support set; returns it with the per-step history (loss, monitored accuracy)."""
+) -> DistillRun:
+    """Distil a support set; returns it with the per-step history and the initial images."""
     kernel_fn = kernels.make(kernel)
     monitor = None
     if config.eval_every:
@@ -65,7 +72,7 @@ def distill(
         "versions": _library_versions(),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
-    return distilled, result.history
+    return DistillRun(distilled, result.history, result.initial_images)
 
 
 def evaluate(distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig) -> dict[str, float]:

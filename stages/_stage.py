@@ -1,11 +1,18 @@
-"""What every stage entry point shares: one-line user errors and a non-zero exit, like `kip`."""
+"""What every stage entry point shares: one-line user errors and a non-zero exit, like `kip`, and
+the stage's MLflow run (nested under this pipeline execution's parent run)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
+from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
+from pipeline.params import section
+from pipeline.tracking import Tracker, stage_run
 
 
 def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
@@ -15,3 +22,13 @@ def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: arg
     except UserError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def tracked(name: str, params: dict[str, Any], params_file: Path) -> Iterator[Tracker]:
+    """The stage's MLflow run. `DVC_ROOT` (set by DVC, also for `dvc exp run --temp`) locates the
+    project, so every run lands in the same store whatever directory the stage runs in."""
+    config = section(params, "tracking", TrackingConfig)
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    with stage_run(name, config, params_file=params_file, project_root=root) as tracker:
+        yield tracker

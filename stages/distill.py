@@ -1,7 +1,7 @@
-"""DVC stage `distill`: KIP on the prepared data; writes the distilled set (.npz + .parquet),
-its metrics and learning curves. Resumes from CHECKPOINT when a run was interrupted.
+"""DVC stage `distill`: KIP on the prepared data; writes the distilled set (.npz + .parquet), its
+metrics, learning curves and pictures. Resumes from CHECKPOINT when a run was interrupted.
 
-Reads params: seed, kernel.*, distill.*   Reads: the prepared .npz.
+Reads params: seed, kernel.*, distill.* (and tracking.*)   Reads: the prepared .npz.
 """
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import argparse
 import csv
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from _stage import run_stage
+from _stage import run_stage, tracked
 
-from pipeline import artifacts, atomic, parquet, workflow
+from pipeline import artifacts, atomic, parquet, plots, workflow
 from pipeline import prepared as prep_io
 from pipeline.config import DistillConfig, KernelConfig
 from pipeline.params import read_params, section, seed
+from pipeline.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:
@@ -24,20 +26,47 @@ def main(args: argparse.Namespace) -> None:
     kernel = section(params, "kernel", KernelConfig)
     config = section(params, "distill", DistillConfig, seed=seed(params))
     prepared = prep_io.load(args.prepared)
-    distilled, history = workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint)
+    dataset = prepared.provenance["dataset"]
+    with tracked("distill", params, args.params) as tracker:
+        tracker.log_params({
+            "seed": config.seed, "kernel": asdict(kernel),
+            "distill": {k: v for k, v in asdict(config).items() if k != "seed"},
+        })
+        tracker.set_tags({**dataset_tags(dataset), "kip.seed": config.seed})
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "training")
 
-    artifacts.save_npz(args.npz, distilled)
-    parquet.save_parquet(args.parquet, distilled, prepared.class_names, npz_name=args.npz.name)
-    monitored = [h for h in history if "monitor_accuracy" in h]
-    metrics = {
-        "support_size": len(distilled.images),
-        "steps": distilled.metadata["steps"],
-        "final_loss": distilled.metadata["final_loss"],
-        "final_monitor_accuracy": monitored[-1]["monitor_accuracy"] if monitored else None,
-    }
-    atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
-    atomic.write_text(args.loss_curve, _csv(history, ["step", "loss"]))
-    atomic.write_text(args.accuracy_curve, _csv(monitored, ["step", "monitor_accuracy"]))
+        run = workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint)
+        distilled = run.distilled
+        artifacts.save_npz(args.npz, distilled)
+        parquet.save_parquet(args.parquet, distilled, prepared.class_names, npz_name=args.npz.name)
+        monitored = [h for h in run.history if "monitor_accuracy" in h]
+        metrics = {
+            "support_size": len(distilled.images),
+            "steps": distilled.metadata["steps"],
+            "final_loss": distilled.metadata["final_loss"],
+            "final_monitor_accuracy": monitored[-1]["monitor_accuracy"] if monitored else None,
+        }
+        atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+        atomic.write_text(args.loss_curve, _csv(run.history, ["step", "loss"]))
+        atomic.write_text(args.accuracy_curve, _csv(monitored, ["step", "monitor_accuracy"]))
+        support_png = plots.support_figure(
+            run.initial_images, distilled.images, distilled.classes, prepared.class_names, distilled.transform
+        )
+        plots.save_png(args.images, support_png)
+        plots.save_png(args.curves, plots.learning_curves_figure(run.history))
+
+        tracker.log_history(run.history)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({
+            "kip.params_hash": distilled.metadata["params_hash"],
+            "kip.artifact.parquet.md5": file_md5(args.parquet),
+            "kip.artifact.npz.md5": file_md5(args.npz),
+        })
+        tracker.log_input("distilled", args.parquet, file_md5(args.parquet), "distilled")
+        for path in (args.parquet, args.npz):
+            tracker.log_artifact(path, "distilled")
+        for path in (args.images, args.curves):
+            tracker.log_artifact(path, "images")
     print(f"distill: {len(distilled.images)} images -> {args.npz}, {args.parquet}")
 
 
@@ -57,6 +86,8 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--loss-curve", type=Path, required=True)
     parser.add_argument("--accuracy-curve", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True, help="PNG: initial vs distilled support, by class")
+    parser.add_argument("--curves", type=Path, required=True, help="PNG: loss and monitored accuracy")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     run_stage("distill", main, parser)

@@ -1,19 +1,21 @@
 """DVC stage `evaluate`: KRR test accuracy of the distilled set beside random real subsets.
 
-Reads params: seed, evaluate.*   Reads: the distilled .npz and the prepared .npz.
+Reads params: seed, evaluate.* (and tracking.*)   Reads: the distilled .npz and the prepared .npz.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from _stage import run_stage
+from _stage import run_stage, tracked
 
 from pipeline import artifacts, atomic, workflow
 from pipeline import prepared as prep_io
 from pipeline.config import EvaluateConfig
 from pipeline.params import read_params, section, seed
+from pipeline.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:
@@ -21,8 +23,16 @@ def main(args: argparse.Namespace) -> None:
     config = section(params, "evaluate", EvaluateConfig, seed=seed(params))
     distilled = artifacts.load_npz(args.distilled)
     prepared = prep_io.load(args.prepared)
-    metrics = workflow.evaluate(distilled, prepared, config)
-    atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with tracked("evaluate", params, args.params) as tracker:
+        tracker.log_params({"seed": config.seed, "evaluate": {k: v for k, v in asdict(config).items() if k != "seed"}})
+        dataset = prepared.provenance["dataset"]
+        tracker.set_tags({**dataset_tags(dataset), "kip.seed": config.seed})
+        tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "evaluation")
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "test")
+        metrics = workflow.evaluate(distilled, prepared, config)
+        atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        tracker.log_metrics(metrics)
+        tracker.log_summary(metrics)
     print(
         f"evaluate: KRR test accuracy {metrics['krr_test_accuracy']:.4f} with {metrics['support_size']} images "
         f"(random real images: {metrics['baseline_test_accuracy']:.4f})"

@@ -1,29 +1,34 @@
 """DVC stage `prepare`: load the dataset, fit the preprocessing on train, write data/prepared.npz.
 
-Reads params: data.*, preprocess.*   Writes: the prepared .npz given as OUT.
+Reads params: data.*, preprocess.* (and tracking.*)   Writes: the prepared .npz given as OUT.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
-from _stage import run_stage
+from _stage import run_stage, tracked
 
 from pipeline import prepared as prep_io
 from pipeline.cli import default_cache_dir
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.params import read_params, section
+from pipeline.tracking import dataset_tags
 
 
 def main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
-    prepared = prep_io.prepare(
-        section(params, "data", DataConfig),
-        section(params, "preprocess", PreprocessConfig),
-        cache_dir=default_cache_dir(),
-    )
-    prep_io.save(args.out, prepared)
-    dataset = prepared.provenance["dataset"]
+    data = section(params, "data", DataConfig)
+    prep = section(params, "preprocess", PreprocessConfig)
+    with tracked("prepare", params, args.params) as tracker:
+        tracker.log_params({"data": asdict(data), "preprocess": asdict(prep)})
+        prepared = prep_io.prepare(data, prep, cache_dir=default_cache_dir())
+        prep_io.save(args.out, prepared)
+        dataset = prepared.provenance["dataset"]
+        tracker.set_tags(dataset_tags(dataset))
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "source")
+        tracker.log_metrics({"train_size": dataset["train_size"], "test_size": dataset["test_size"]})
     print(f"prepare: {dataset['name']} ({dataset['train_size']} train / {dataset['test_size']} test) -> {args.out}")
 
 

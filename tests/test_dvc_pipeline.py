@@ -98,6 +98,112 @@ def test_repro_runs_every_stage_and_writes_metrics_artifacts_and_plots(project):
     assert "krr_test_accuracy" in json.dumps(shown)
 
 
+def _mlflow(root: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("kip-pipeline")
+    assert experiment is not None, "the stages logged nothing to the project's mlflow.db"
+    return client, experiment.experiment_id
+
+
+def _first_execution(client, experiment_id: str):
+    parents = client.search_runs(
+        [experiment_id], filter_string="tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return parents[0], {run.info.run_name: run for run in children}
+
+
+def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_them(project):
+    root, env, _ = project
+    client, experiment_id = _mlflow(root)
+    parent, stages = _first_execution(client, experiment_id)
+    assert set(stages) == {"prepare", "distill", "evaluate"}
+    assert all(run.info.status == "FINISHED" for run in stages.values())
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    out_md5 = {out["path"]: out["md5"] for out in lock["distill"]["outs"]}
+
+    evaluate = stages["evaluate"]
+    written = json.loads((root / "metrics" / "evaluate.json").read_text())
+    for key, value in written.items():
+        assert evaluate.data.metrics[key] == pytest.approx(value), key
+        assert parent.data.metrics[key] == pytest.approx(value), key  # the runs table compares executions
+    assert evaluate.data.params["evaluate.baseline_repeats"] == "2" and evaluate.data.params["seed"] == "0"
+    assert evaluate.data.tags["dvc.distill.outs.artifacts/distilled.npz"] == out_md5["artifacts/distilled.npz"]
+
+    distill = stages["distill"]
+    assert distill.data.params["distill.steps"] == "30" and distill.data.params["kernel.architecture"] == "fc"
+    written = json.loads((root / "metrics" / "distill.json").read_text())
+    assert distill.data.metrics["final_loss"] == pytest.approx(written["final_loss"])
+    losses = client.get_metric_history(distill.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 31))
+    curve = (root / "plots" / "distill_accuracy.csv").read_text().splitlines()[1:]
+    monitored = {m.step: m.value for m in client.get_metric_history(distill.info.run_id, "monitor_accuracy")}
+    assert monitored == pytest.approx({int(r.split(",")[0]): float(r.split(",")[1]) for r in curve})
+    tags = distill.data.tags
+    assert tags["kip.artifact.parquet.md5"] == out_md5["artifacts/distilled.parquet"]
+    assert tags["kip.dataset.name"] == "digits" and tags["kip.dataset.source"] == "embedded"
+    assert len(tags["kip.dataset.fingerprint"]) == 64 and tags["kip.version.neural-tangents"] == "0.6.5"
+    assert tags["kip.seed"] == "0" and "kip.git_commit" in tags and "kip.params_hash" in tags
+
+    inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in distill.inputs.dataset_inputs}
+    assert inputs[("distilled", "distilled")].digest == out_md5["artifacts/distilled.parquet"]
+    assert inputs[("embedded:digits", "training")].digest == tags["kip.dataset.fingerprint"][:32]
+    assert {a.path for a in client.list_artifacts(distill.info.run_id, "images")} == {
+        "images/support_images.png", "images/learning_curves.png"}
+    assert {a.path for a in client.list_artifacts(distill.info.run_id, "distilled")} == {
+        "distilled/distilled.npz", "distilled/distilled.parquet"}
+    assert parent.data.params["distill.support_per_class"] == "2" and parent.data.params["data.name"] == "digits"
+
+
+def test_mlflow_server_on_the_store_returns_the_runs(project):
+    import socket
+    import signal
+    import time
+    import urllib.request
+
+    root, env, _ = project
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
+                time.sleep(1)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=kip-pipeline") as r:
+            experiment_id = json.load(r)["experiment"]["experiment_id"]
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment_id], "filter": "tags.`kip.stage` = 'evaluate'"}).encode(),
+        )
+        with urllib.request.urlopen(request) as r:
+            runs = json.load(r)["runs"]
+        assert runs and all(run["info"]["run_name"] == "evaluate" for run in runs)
+        metrics = {m["key"]: m["value"] for m in runs[-1]["data"]["metrics"]}
+        assert "krr_test_accuracy" in metrics
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def test_second_repro_does_nothing(project):
     root, env, _ = project
     before = _bytes(root)

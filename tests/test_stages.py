@@ -45,7 +45,7 @@ def test_distill_rejects_bad_params_before_reading_data(tmp_path, params, fragme
     result = _stage(
         tmp_path, params, str(REPO / "stages" / "distill.py"), "missing-prepared.npz",
         "--npz", "d.npz", "--parquet", "d.parquet", "--metrics", "m.json",
-        "--loss-curve", "l.csv", "--accuracy-curve", "a.csv",
+        "--loss-curve", "l.csv", "--accuracy-curve", "a.csv", "--images", "s.png", "--curves", "c.png",
     )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("stage ")]

@@ -1,0 +1,331 @@
+"""MLflow tracking for pipeline stages: one parent run per pipeline execution, a child per stage.
+
+DVC runs each stage in its own process, and runs only the stages that are out of date. So a stage
+cannot count on a parent run started by an earlier one; instead each stage finds (or creates) the
+parent run for the current *pipeline execution* and nests its own run under it. The execution is
+identified by `DVC_EXP_NAME` when DVC runs an experiment, else by the git commit plus a hash of
+params.yaml: every stage of one `dvc repro` lands under the same parent, and a rerun with other
+params gets a new one. Stages DVC skipped log nothing; the parent's `dvc.*` tags (from dvc.lock)
+still say which outputs the execution used.
+
+The store defaults to a SQLite file in the project (`sqlite:///<root>/mlflow.db`), never a network
+address; `tracking.uri` or `MLFLOW_TRACKING_URI` points elsewhere. A store that cannot be reached
+stops the stage with one line naming the URI; `tracking.enabled: false` skips tracking entirely.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
+
+from pipeline.config import TrackingConfig
+from pipeline.errors import UserError
+
+PIPELINE_ROLE = "pipeline"
+_CHUNK = 1000  # MLflow's log_batch limit on metrics per call
+
+
+def resolve_uri(config: TrackingConfig, project_root: Path) -> str:
+    """params.yaml `tracking.uri`, else $MLFLOW_TRACKING_URI, else the project's SQLite file."""
+    if config.uri:
+        return config.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(project_root) / 'mlflow.db').resolve()}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"distill": {"steps": 10}} -> {"distill.steps": "10"}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file (dvc.lock), so MLflow and DVC name artifacts alike."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Tracker:
+    """Logging into one stage run. Every call turns a store failure into one line naming the URI."""
+
+    def __init__(self, run_id: str, uri: str, parent_id: str = ""):
+        self.run_id = run_id
+        self.uri = uri
+        self.parent_id = parent_id
+
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final numbers on the parent run too, so the runs table compares executions directly."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        values = [
+            Metric(key=k, value=float(v), timestamp=0, step=0)
+            for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        with self._store():
+            mlflow.MlflowClient().log_batch(self.parent_id, metrics=values)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.log_params(flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with self._store():
+            mlflow.log_metrics(numeric, step=step)
+
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Per-step metrics (everything but `step`) in batches: one call per 1000 values, not per step."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric(key=key, value=float(value), timestamp=0, step=int(record["step"]))
+            for record in history for key, value in record.items() if key != "step"
+        ]
+        client = mlflow.MlflowClient()
+        with self._store():
+            for start in range(0, len(metrics), _CHUNK):
+                client.log_batch(self.run_id, metrics=metrics[start:start + _CHUNK])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def log_input(self, name: str, source: str | Path, digest: str, context: str) -> None:
+        """Record a dataset by reference (where it is + digest): lineage without copying data.
+
+        `source` is a local file (a Path) or a description of a remote origin (a str).
+        """
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        if isinstance(source, Path):
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local-file kinds
+                warnings.simplefilter("ignore", UserWarning)
+                where = resolve_dataset_source(Path(source).resolve().as_uri())
+        else:
+            where = HTTPDatasetSource(source)
+        dataset = MetaDataset(where, name=name, digest=digest[:32])
+        with self._store():
+            mlflow.log_input(dataset, context=context)
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[None]:
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
+            raise UserError(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})") from None
+
+
+class NullTracker(Tracker):
+    """`tracking.enabled: false`: every call does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(run_id="", uri="")
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_summary(self, metrics: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_input(self, name: str, source: str | Path, digest: str, context: str) -> None: ...
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+    """An MLflow run for `stage`, nested under this pipeline execution's parent run.
+
+    The run ends FAILED if the stage raises, FINISHED otherwise.
+    """
+    if not config.enabled:
+        yield NullTracker()
+        return
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; put it back afterwards, or the next
+    # stage run in this process would take our resolved URI for a user setting.
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _stage_run(stage, config, Path(params_file), Path(project_root)) as tracker:
+            yield tracker
+    finally:
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+
+
+@contextlib.contextmanager
+def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+    import mlflow
+
+    # Fail fast on an unreachable server instead of retrying for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = resolve_uri(config, project_root)
+    user_chose_store = bool(config.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    params_text = params_file.read_text()
+    git = _git_state(project_root)
+    lock = _dvc_lock_hashes(project_root / "dvc.lock")
+    key = _execution_key(git["commit"], params_text)
+    try:
+        mlflow.set_tracking_uri(uri)
+        # Artifacts of the default store live beside it (not in ./mlruns of whatever directory a
+        # stage happens to run in: `dvc exp run --temp` runs in a temporary copy).
+        artifacts = None if user_chose_store else (project_root / "mlruns").resolve().as_uri()
+        experiment_id = _experiment_id(config.experiment, artifacts)
+        parent_id = _parent_run(experiment_id, key, git, lock, yaml.safe_load(params_text) or {})
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
+            "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+        ) from None
+    tags = {
+        "kip.stage": stage,
+        "kip.pipeline_key": key,
+        "kip.git_commit": git["commit"],
+        "kip.git_dirty": git["dirty"],
+        **{f"dvc.{name}": value for name, value in lock.items()},
+        **_versions(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
+        yield Tracker(run.info.run_id, uri, parent_id)
+
+
+def _experiment_id(name: str, artifact_location: str | None) -> str:
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+def _parent_run(experiment_id: str, key: str, git: dict[str, str], lock: dict[str, str], params: dict) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`kip.role` = '{PIPELINE_ROLE}' and tags.`kip.pipeline_key` = '{key}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        name = os.environ.get("DVC_EXP_NAME") or f"pipeline {git['commit'][:8]} {key[-8:]}"
+        run_id = client.create_run(
+            experiment_id, run_name=name,
+            tags={"kip.role": PIPELINE_ROLE, "kip.pipeline_key": key, "kip.git_commit": git["commit"],
+                  "kip.git_dirty": git["dirty"], "mlflow.source.git.commit": git["commit"]},
+        ).info.run_id
+        flat = flatten(params)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=[_param(k, v) for k, v in items[start:start + 100]])
+        client.set_terminated(run_id, "FINISHED")
+    for name, value in lock.items():
+        client.set_tag(run_id, f"dvc.{name}", value)
+    return run_id
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def _execution_key(commit: str, params_text: str) -> str:
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"exp-{os.environ['DVC_EXP_NAME']}"
+    return f"{commit[:12]}-{hashlib.sha256(params_text.encode()).hexdigest()[:12]}"
+
+
+def _git_state(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or "none"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def _dvc_lock_hashes(lock: Path) -> dict[str, str]:
+    """{"distill.outs.artifacts/distilled.npz": md5, ...} from dvc.lock, for lineage tags."""
+    if not lock.exists():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    hashes = {}
+    for stage, entry in (data.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for item in entry.get(kind) or []:
+                if "md5" in item and not item["path"].startswith(("pipeline/", "stages/")):
+                    hashes[f"{stage}.{kind}.{item['path']}"] = item["md5"]
+    return hashes
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("kip-pipeline", "jax", "neural-tangents", "optax", "flax", "numpy", "dvc", "mlflow"):
+        try:
+            out[f"kip.version.{name}"] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def dataset_tags(description: Mapping[str, Any]) -> dict[str, Any]:
+    """Lineage tags of the source dataset, from `Dataset.describe()`."""
+    return {
+        "kip.dataset.name": description["name"],
+        "kip.dataset.source": description["source"],
+        "kip.dataset.fingerprint": description["fingerprint"],
+        "kip.dataset.origin": description["origin"],
+    }

@@ -1,0 +1,103 @@
+"""MLflow tracking: where runs go, nesting, failure modes (unreachable store, disabled, crashing stage)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import tracking
+from pipeline.config import TrackingConfig
+from pipeline.errors import UserError
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    (tmp_path / "params.yaml").write_text("seed: 0\ndistill:\n  steps: 5\n")
+    return tmp_path
+
+
+def _client(root: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_default_store_is_a_sqlite_file_in_the_project(project, monkeypatch):
+    assert tracking.resolve_uri(TrackingConfig(), project) == f"sqlite:///{project.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.resolve_uri(TrackingConfig(), project) == "http://example.invalid:5000"
+    assert tracking.resolve_uri(TrackingConfig(uri="sqlite:///x.db"), project) == "sqlite:///x.db"
+
+
+def test_stages_of_one_execution_share_a_parent_and_other_params_get_another(project):
+    config = TrackingConfig()
+    for stage in ("prepare", "distill"):
+        with tracking.stage_run(stage, config, params_file=project / "params.yaml", project_root=project) as run:
+            run.log_params({"distill": {"steps": 5}})
+            run.log_history([{"step": s, "loss": 1.0 / s} for s in range(1, 2501)])
+    (project / "params.yaml").write_text("seed: 1\n")
+    with tracking.stage_run("prepare", config, params_file=project / "params.yaml", project_root=project):
+        pass
+    client = _client(project)
+    experiment = client.get_experiment_by_name("kip-pipeline")
+    parents = client.search_runs([experiment.experiment_id], "tags.`kip.role` = 'pipeline'")
+    assert len(parents) == 2
+    first = next(p for p in parents if p.data.params.get("distill.steps") == "5")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["distill", "prepare"]
+    history = client.get_metric_history(children[0].info.run_id, "loss")
+    assert len(history) == 2500 and {m.step for m in history} == set(range(1, 2501))
+    assert Path(experiment.artifact_location.removeprefix("file://")) == project.resolve() / "mlruns"
+
+
+def test_a_crashing_stage_leaves_a_failed_run(project):
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("distill", TrackingConfig(), params_file=project / "params.yaml", project_root=project):
+            raise RuntimeError("out of memory")
+    client = _client(project)
+    experiment = client.get_experiment_by_name("kip-pipeline")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`kip.stage` = 'distill'")
+    assert run.info.status == "FAILED"
+
+
+def test_disabled_tracking_touches_nothing(project):
+    with tracking.stage_run("distill", TrackingConfig(enabled=False), params_file=project / "params.yaml",
+                            project_root=project) as run:
+        run.log_metrics({"loss": 1.0})
+        run.log_history([{"step": 1, "loss": 1.0}])
+    assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("where", ["http://127.0.0.1:9", "sqlite:///{project}/a-file/mlflow.db"])
+def test_unreachable_store_is_one_line_naming_the_uri(project, where):
+    (project / "a-file").write_text("not a directory")
+    uri = where.format(project=project)
+    started = time.monotonic()
+    with pytest.raises(UserError) as error:
+        with tracking.stage_run("prepare", TrackingConfig(uri=uri), params_file=project / "params.yaml",
+                                project_root=project):
+            pytest.fail("the stage body must not run without its store")
+    message = str(error.value)
+    assert message.startswith(f"tracking.uri={uri}: cannot use the MLflow store") and "\n" not in message
+    assert "tracking.enabled: false" in message
+    assert time.monotonic() - started < 60  # no minutes of HTTP retries
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"enabled": "yes"}, "tracking.enabled='yes' is not allowed; expected true|false"),
+    ({"experiment": ""}, "tracking.experiment='' is not allowed"),
+    ({"url": "x"}, "tracking.url is not a known key"),
+])
+def test_bad_tracking_params(values, fragment):
+    from pipeline.config import from_mapping
+
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        from_mapping(TrackingConfig, values, "tracking")
+
+
+def test_flatten_makes_dotted_string_params():
+    assert tracking.flatten({"seed": 0, "data": {"name": "mnist", "data_dir": None}, "x": {"y": {"z": 1.5}}}) == {
+        "seed": "0", "data.name": "mnist", "data.data_dir": "null", "x.y.z": "1.5"}
