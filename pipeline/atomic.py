@@ -1,7 +1,9 @@
-"""Write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file."""
+"""Files on disk: write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file,
+and streaming digests of what was written."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import zipfile
@@ -53,3 +55,12 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def write_text(path: Path, text: str) -> None:
     with replace_on_success(path) as tmp:
         tmp.write_text(text)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MB blocks (artifacts and downloads can be large)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

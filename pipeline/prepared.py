@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import atomic, preprocess
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.data import load_dataset
+from pipeline.data import Dataset, load_dataset
 from pipeline.errors import UserError
 from pipeline.preprocess import Transform
 
@@ -47,14 +47,7 @@ class Prepared:
 def prepare(data: DataConfig, prep: PreprocessConfig, *, cache_dir: Path) -> Prepared:
     dataset = load_dataset(data, cache_dir)
     transform = preprocess.fit(prep, dataset.x_train)
-    return Prepared(
-        x_train=transform.apply(dataset.x_train),
-        y_train=dataset.y_train,
-        x_test=transform.apply(dataset.x_test),
-        y_test=dataset.y_test,
-        transform=transform,
-        provenance={"data": asdict(data), "preprocess": asdict(prep), "dataset": dataset.describe()},
-    )
+    return _through(dataset, transform, {"data": asdict(data), "preprocess": asdict(prep), "dataset": dataset.describe()})
 
 
 def reprepare(distilled: DistilledSet, *, cache_dir: Path) -> Prepared:
@@ -67,14 +60,17 @@ def reprepare(distilled: DistilledSet, *, cache_dir: Path) -> Prepared:
             f"dataset {data.source}:{data.name} has fingerprint {dataset.fingerprint[:12]}, but the support set was "
             f"distilled from {expected[:12]}; expected the same data"
         )
-    transform = distilled.transform
+    return _through(dataset, distilled.transform, {k: distilled.metadata[k] for k in ("data", "preprocess", "dataset")})
+
+
+def _through(dataset: Dataset, transform: Transform, provenance: dict[str, Any]) -> Prepared:
     return Prepared(
         x_train=transform.apply(dataset.x_train),
         y_train=dataset.y_train,
         x_test=transform.apply(dataset.x_test),
         y_test=dataset.y_test,
         transform=transform,
-        provenance={k: distilled.metadata[k] for k in ("data", "preprocess", "dataset")},
+        provenance=provenance,
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from pipeline.atomic import file_digest
 from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
 
@@ -56,11 +57,7 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def file_md5(path: Path) -> str:
     """The md5 DVC records for a file (dvc.lock), so MLflow and DVC name artifacts alike."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 class Tracker:

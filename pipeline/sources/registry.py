@@ -12,7 +12,6 @@ Both downloads are pinned by sha256 and cached; decoded arrays are cached beside
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
@@ -128,11 +127,7 @@ def _debian_download(dest: Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return atomic.file_digest(path, "sha256")
 
 
 def _decode_mnist(wheel: Path) -> dict[str, np.ndarray]:
