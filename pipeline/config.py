@@ -27,6 +27,10 @@ CONV_READOUTS = ("flatten", "gap")
 INITS = ("real", "noise")
 METHODS = ("kip", "label_solve")
 LR_SCHEDULES = ("constant", "cosine")
+NETWORKS = ("fc", "conv")
+POOLINGS = ("avg", "max", "none")
+LOSSES = ("mse", "xent")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,59 @@ class EvaluateConfig:
         check_positive("evaluate.baseline_repeats", self.baseline_repeats, integer=True)
         check_positive("evaluate.batch_size", self.batch_size, integer=True)
         _check_int_at_least("evaluate.seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Finite networks trained on the distilled set (and, as baseline, on random real images).
+
+    fc: `depth` hidden layers of `width` ReLU units. conv: `conv_depth` blocks of 3x3 convolution
+    (`conv_width` channels), ReLU and 2x2 pooling, then a dense readout. ntk parameterisation scales
+    each layer's output by w_std/sqrt(fan_in) with N(0, 1) weights, as the kernels do.
+    Defaults (standard, Adam 1e-3, cross-entropy) transferred best in docs/reproduction.md; with mse
+    the network's random initial function, which KRR does not have, dominates on 100 images.
+    """
+
+    architecture: str = "fc"
+    width: int = 1024
+    depth: int = 1
+    conv_width: int = 64
+    conv_depth: int = 2
+    pooling: str = "avg"
+    parameterization: str = "standard"
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+    loss: str = "xent"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    l2: float = 0.0
+    batch_size: int = 100
+    steps: int = 1000
+    seeds: int = 3
+    eval_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("train.architecture", self.architecture, NETWORKS)
+        check_positive("train.width", self.width, integer=True)
+        check_positive("train.depth", self.depth, integer=True)
+        check_positive("train.conv_width", self.conv_width, integer=True)
+        check_positive("train.conv_depth", self.conv_depth, integer=True)
+        check_choice("train.pooling", self.pooling, POOLINGS)
+        check_choice("train.parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_positive("train.w_std", self.w_std)
+        check_non_negative("train.b_std", self.b_std)
+        check_choice("train.loss", self.loss, LOSSES)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_positive("train.learning_rate", self.learning_rate)
+        check_non_negative("train.momentum", self.momentum)
+        check_non_negative("train.l2", self.l2)
+        check_positive("train.batch_size", self.batch_size, integer=True)
+        check_positive("train.steps", self.steps, integer=True)
+        check_positive("train.seeds", self.seeds, integer=True)
+        _check_int_at_least("train.eval_every", self.eval_every, 0)
+        _check_int_at_least("train.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     distill(prepared, kernel, distill) -> run    KIP (or Label Solve) on the prepared training split
     evaluate(set, prepared, evaluate) -> metrics KRR on the prepared test split, beside random subsets
+    transfer(set, prepared, train) -> metrics    finite networks trained on the set, beside random subsets
 
 These take config records and values; reading params files and choosing paths is the caller's job.
 """
@@ -17,9 +18,9 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import kernels, kip
+from pipeline import kernels, kip, krr
 from pipeline.artifacts import DistilledSet
-from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig
+from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.prepared import Prepared
 
@@ -102,6 +103,62 @@ def evaluate(distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig
         "support_size": int(len(distilled.images)),
         "test_size": int(len(prepared.y_test)),
     }
+
+
+def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Train `config.seeds` networks on the support set and as many on class-balanced random real
+    subsets of the same size (same budget), all scored on the full test split.
+
+    Returns the metrics and the learning curve (test accuracy per eval step, mean over seeds).
+    """
+    from pipeline import finite
+    from pipeline.parquet import transform_checksum
+
+    if transform_checksum(distilled.transform) != transform_checksum(prepared.transform):
+        raise UserError(
+            "the distilled set was made with other preprocessing than the prepared test data "
+            f"({distilled.transform.method} vs {prepared.transform.method}, or other fitted values); "
+            "expected both from the same pipeline run"
+        )
+    if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
+        raise UserError(
+            f"distilled images have shape {tuple(distilled.images.shape[1:])} but the test images are "
+            f"{tuple(prepared.x_test.shape[1:])}; expected the same shape"
+        )
+    per_class = max(1, len(distilled.images) // prepared.num_classes)
+    runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
+    for index in range(config.seeds):
+        seed = config.seed * 1000 + index
+        runs["distilled"].append(finite.train(
+            distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
+            prepared.num_classes, config, seed,
+        ))
+        idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, np.random.default_rng([config.seed, 3, index]))
+        runs["baseline"].append(finite.train(
+            prepared.x_train[idx], np.asarray(krr.centered_one_hot(prepared.y_train[idx], prepared.num_classes)),
+            prepared.y_train[idx], prepared.x_test, prepared.y_test, prepared.num_classes, config, seed,
+        ))
+    distilled_acc = [r.test_accuracy for r in runs["distilled"]]
+    baseline_acc = [r.test_accuracy for r in runs["baseline"]]
+    metrics = {
+        "nn_test_accuracy": float(np.mean(distilled_acc)),
+        "nn_test_accuracy_std": float(np.std(distilled_acc)),
+        "nn_train_accuracy": float(np.mean([r.train_accuracy for r in runs["distilled"]])),
+        "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
+        "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
+        "seeds": config.seeds,
+        "support_size": int(len(distilled.images)),
+        "test_size": int(len(prepared.y_test)),
+    }
+    curve = [
+        {
+            "step": point["step"],
+            "distilled_test_accuracy": float(np.mean([r.curve[i]["test_accuracy"] for r in runs["distilled"]])),
+            "baseline_test_accuracy": float(np.mean([r.curve[i]["test_accuracy"] for r in runs["baseline"]])),
+        }
+        for i, point in enumerate(runs["distilled"][0].curve)
+    ]
+    return metrics, curve
 
 
 def _library_versions() -> dict[str, str]:

@@ -23,6 +23,7 @@ SMALL = {
     "data": {"source": "embedded", "name": "digits"},
     "distill": {"support_per_class": 2, "steps": 30, "target_batch": 400, "eval_every": 10, "checkpoint_every": 10},
     "evaluate": {"baseline_repeats": 2, "batch_size": 500},
+    "train": {"width": 64, "steps": 40, "eval_every": 20, "seeds": 2, "batch_size": 20},
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -84,12 +85,14 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_metrics_artifacts_and_plots(project):
     root, env, first = project
-    assert _ran(first) == {"prepare", "distill", "evaluate"}
+    assert _ran(first) == {"prepare", "distill", "evaluate", "train"}
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
     for key in ("krr_test_accuracy", "krr_test_mse", "baseline_test_accuracy", "support_size"):
         assert key in metrics
     assert metrics["support_size"] == 20
     assert metrics["krr_test_accuracy"] > metrics["baseline_test_accuracy"]
+    trained = json.loads((root / "metrics" / "train.json").read_text())
+    assert trained["seeds"] == 2 and trained["support_size"] == 20 and 0.1 < trained["nn_test_accuracy"] <= 1.0
     curve = (root / "plots" / "distill_accuracy.csv").read_text().splitlines()
     assert curve[0] == "step,monitor_accuracy" and [row.split(",")[0] for row in curve[1:]] == ["10", "20", "30"]
     html = _dvc(root, env, "plots", "show", "-o", "dvc_plots")
@@ -119,7 +122,7 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
     root, env, _ = project
     client, experiment_id = _mlflow(root)
     parent, stages = _first_execution(client, experiment_id)
-    assert set(stages) == {"prepare", "distill", "evaluate"}
+    assert set(stages) == {"prepare", "distill", "evaluate", "train"}
     assert all(run.info.status == "FINISHED" for run in stages.values())
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     out_md5 = {out["path"]: out["md5"] for out in lock["distill"]["outs"]}
@@ -155,6 +158,14 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
     assert {a.path for a in client.list_artifacts(distill.info.run_id, "distilled")} == {
         "distilled/distilled.npz", "distilled/distilled.parquet"}
     assert parent.data.params["distill.support_per_class"] == "2" and parent.data.params["data.name"] == "digits"
+
+    train = stages["train"]
+    written = json.loads((root / "metrics" / "train.json").read_text())
+    for key in ("nn_test_accuracy", "nn_test_accuracy_std", "nn_baseline_test_accuracy"):
+        assert train.data.metrics[key] == pytest.approx(written[key])
+        assert parent.data.metrics[key] == pytest.approx(written[key])
+    assert train.data.params["train.width"] == "64" and train.data.params["seed"] == "0"
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "distilled_test_accuracy")] == [20, 40]
 
 
 def test_mlflow_server_on_the_store_returns_the_runs(project):
@@ -229,7 +240,7 @@ def test_same_params_from_scratch_give_byte_identical_artifacts(project):
     root, env, _ = project
     before = _bytes(root)
     shutil.rmtree(root / "checkpoints")  # no resuming: a genuine second computation
-    assert _ran(_dvc(root, env, "repro", "--force")) == {"prepare", "distill", "evaluate"}
+    assert _ran(_dvc(root, env, "repro", "--force")) == {"prepare", "distill", "evaluate", "train"}
     assert _bytes(root) == before
     assert _run(root, env, "git", "status", "--porcelain").strip() == ""
 

@@ -57,3 +57,19 @@ def test_evaluate_names_the_missing_input(tmp_path):
     result = _stage(tmp_path, {}, str(REPO / "stages" / "evaluate.py"), "d.npz", "p.npz", "--metrics", "m.json")
     assert result.returncode == 2
     assert "d.npz does not exist" in result.stderr and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"train": {"architecture": "resnet"}}, "train.architecture='resnet' is not allowed; expected one of: fc|conv"),
+    ({"train": {"loss": "hinge"}}, "train.loss='hinge' is not allowed; expected one of: mse|xent"),
+    ({"train": {"seeds": 0}}, "train.seeds=0 is not allowed; expected a positive integer"),
+])
+def test_train_rejects_bad_params_in_one_line(tmp_path, params, fragment):
+    result = _stage(
+        tmp_path, params, str(REPO / "stages" / "train.py"), "d.npz", "p.npz",
+        "--metrics", "m.json", "--curve", "c.csv", "--curve-png", "c.png",
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stage ")]
+    assert len(lines) == 1 and fragment in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

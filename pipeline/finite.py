@@ -1,0 +1,195 @@
+"""Finite-width networks (Flax linen + optax) trained on a support set: the paper's transfer test.
+
+Two families, mirroring the kernels: a fully-connected ReLU net and a small ConvNet (3x3 conv, ReLU,
+2x2 pooling per block, dense readout, as in the KIP follow-up's transfer code). Under the ntk
+parameterisation every layer computes (w_std / sqrt(fan_in)) * x @ W + b_std * b with W, b ~ N(0, 1):
+the parameterisation whose infinite-width limit is the kernel KIP distilled against. `standard`
+draws W ~ N(0, w_std^2 / fan_in), b ~ N(0, b_std^2) and computes x @ W + b.
+
+`train` is one run (one init seed); it returns the final test accuracy and a learning curve.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+
+class ScaledDense(nn.Module):
+    features: int
+    parameterization: str
+    w_std: float
+    b_std: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        if self.parameterization == "ntk":
+            w = self.param("kernel", nn.initializers.normal(1.0), (fan_in, self.features))
+            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
+            return self.w_std / math.sqrt(fan_in) * (x @ w) + self.b_std * b
+        w = self.param("kernel", nn.initializers.normal(self.w_std / math.sqrt(fan_in)), (fan_in, self.features))
+        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
+        return x @ w + b
+
+
+class ScaledConv(nn.Module):
+    features: int
+    parameterization: str
+    w_std: float
+    b_std: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = 9 * x.shape[-1]
+        ntk = self.parameterization == "ntk"
+        scale = 1.0 if ntk else self.w_std / math.sqrt(fan_in)
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.normal(scale))(x)
+        b = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std), (self.features,))
+        if ntk:
+            return self.w_std / math.sqrt(fan_in) * y + self.b_std * b
+        return y + b
+
+
+class FullyConnected(nn.Module):
+    config: TrainConfig
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        x = x.reshape(x.shape[0], -1)
+        for _ in range(c.depth):
+            x = nn.relu(ScaledDense(c.width, c.parameterization, c.w_std, c.b_std)(x))
+        return ScaledDense(self.num_classes, c.parameterization, c.w_std, c.b_std)(x)
+
+
+class ConvNet(nn.Module):
+    config: TrainConfig
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        for _ in range(c.conv_depth):
+            x = nn.relu(ScaledConv(c.conv_width, c.parameterization, c.w_std, c.b_std)(x))
+            if c.pooling == "avg":
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+            elif c.pooling == "max":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return ScaledDense(self.num_classes, c.parameterization, c.w_std, c.b_std)(x)
+
+
+def make_model(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The network for `config`, after checking it can take images of `image_shape` (H, W, C)."""
+    if len(image_shape) != 3:
+        raise UserError(f"images have shape {tuple(image_shape)}; expected (height, width, channels)")
+    if config.architecture == "conv" and config.pooling != "none":
+        smallest = min(image_shape[:2])
+        if smallest < 2 ** config.conv_depth:
+            raise UserError(
+                f"train.conv_depth={config.conv_depth} halves {image_shape[0]}x{image_shape[1]} images "
+                f"{config.conv_depth} times, below one pixel; expected train.conv_depth <= {int(math.log2(smallest))} "
+                "or train.pooling=none"
+            )
+    if config.architecture == "conv":
+        return ConvNet(config, num_classes)
+    return FullyConnected(config, num_classes)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    test_accuracy: float
+    train_accuracy: float
+    curve: list[dict[str, float]]  # step, train_loss, test_accuracy (every eval_every steps)
+
+
+def train(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    config: TrainConfig,
+    seed: int,
+    eval_batch: int = 2000,
+) -> TrainResult:
+    """Train one network on (x, y) from init seed `seed`; score it on the test split.
+
+    y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse loss;
+    classes are the integer classes used by the xent loss and for train accuracy.
+    """
+    model = make_model(config, tuple(x.shape[1:]), num_classes)
+    key_init, key_batches = jax.random.split(jax.random.PRNGKey(seed))
+    params = model.init(key_init, jnp.zeros((1, *x.shape[1:]), jnp.float32))
+    optimizer = _optimizer(config)
+    opt_state = optimizer.init(params)
+    step_fn = _make_step(model.apply, optimizer, config)
+    predict = jax.jit(model.apply)
+
+    x_dev, y_dev = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    c_dev = jnp.asarray(classes, jnp.int32)
+    n, batch = len(x), min(config.batch_size, len(x))
+    curve: list[dict[str, float]] = []
+    for step in range(config.steps):
+        if batch < n:
+            idx = jax.random.choice(jax.random.fold_in(key_batches, step), n, (batch,), replace=False)
+        else:
+            idx = jnp.arange(n)
+        params, opt_state, loss = step_fn(params, opt_state, x_dev[idx], y_dev[idx], c_dev[idx])
+        done = step + 1
+        if not np.isfinite(float(loss)):
+            raise UserError(
+                f"network training diverged (loss {float(loss)} at step {done}); lower train.learning_rate "
+                f"(now {config.learning_rate})"
+            )
+        if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            curve.append({"step": done, "train_loss": float(loss),
+                          "test_accuracy": _accuracy(predict, params, x_test, y_test, eval_batch)})
+    test_accuracy = curve[-1]["test_accuracy"] if curve else _accuracy(predict, params, x_test, y_test, eval_batch)
+    return TrainResult(test_accuracy, _accuracy(predict, params, x, classes, eval_batch), curve)
+
+
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+def _make_step(apply: Callable, optimizer: optax.GradientTransformation, config: TrainConfig):
+    def loss_fn(params: Any, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
+        out = apply(params, x)
+        if config.loss == "xent":
+            loss = optax.softmax_cross_entropy_with_integer_labels(out, classes).mean()
+        else:
+            loss = 0.5 * jnp.sum((out - y) ** 2, axis=-1).mean()
+        if config.l2:
+            loss = loss + 0.5 * config.l2 * sum(jnp.sum(p ** 2) for p in jax.tree_util.tree_leaves(params))
+        return loss
+
+    @jax.jit
+    def step(params, opt_state, x, y, classes):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, classes)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def _accuracy(predict: Callable, params: Any, x: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(x), batch):
+        logits = predict(params, jnp.asarray(x[start:start + batch], jnp.float32))
+        correct += int(jnp.sum(jnp.argmax(logits, axis=-1) == jnp.asarray(labels[start:start + batch])))
+    return correct / len(x)

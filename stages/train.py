@@ -1,0 +1,60 @@
+"""DVC stage `train`: finite networks (Flax) trained on the distilled set and, on the same budget, on
+random real subsets of the same size; all scored on the full test split over several seeds.
+
+Reads params: seed, train.* (and tracking.*)   Reads: the distilled .npz and the prepared .npz.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from _stage import run_stage, tracked
+
+from pipeline import artifacts, atomic, plots, workflow
+from pipeline import prepared as prep_io
+from pipeline.config import TrainConfig
+from pipeline.params import read_params, section, seed
+from pipeline.tracking import dataset_tags, file_md5
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    config = section(params, "train", TrainConfig, seed=seed(params))
+    distilled = artifacts.load_npz(args.distilled)
+    prepared = prep_io.load(args.prepared)
+    with tracked("train", params, args.params) as tracker:
+        tracker.log_params({"seed": config.seed, "train": {k: v for k, v in asdict(config).items() if k != "seed"}})
+        tracker.set_tags(dataset_tags(prepared.provenance["dataset"]))
+        tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "training")
+        metrics, curve = workflow.transfer(distilled, prepared, config)
+        atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic.write_text(args.curve, _csv(curve))
+        plots.save_png(args.curve_png, plots.transfer_figure(curve))
+        tracker.log_history([{k: v for k, v in point.items()} for point in curve])
+        tracker.log_metrics(metrics)
+        tracker.log_summary({k: v for k, v in metrics.items() if k.startswith("nn_")})
+        tracker.log_artifact(args.curve_png, "images")
+    print(
+        f"train: network test accuracy {metrics['nn_test_accuracy']:.4f} ± {metrics['nn_test_accuracy_std']:.4f} "
+        f"on {metrics['support_size']} distilled images (random real images: "
+        f"{metrics['nn_baseline_test_accuracy']:.4f} ± {metrics['nn_baseline_test_accuracy_std']:.4f})"
+    )
+
+
+def _csv(curve: list[dict[str, float]]) -> str:
+    lines = ["step,distilled_test_accuracy,baseline_test_accuracy"]
+    lines += [f"{p['step']},{p['distilled_test_accuracy']},{p['baseline_test_accuracy']}" for p in curve]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("distilled", type=Path)
+    parser.add_argument("prepared", type=Path)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--curve", type=Path, required=True, help="CSV: test accuracy per eval step")
+    parser.add_argument("--curve-png", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    run_stage("train", main, parser)
