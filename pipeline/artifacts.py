@@ -49,6 +49,8 @@ def load_npz(path: Path) -> DistilledSet:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; expected a distilled .npz written by `kip distill`")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}

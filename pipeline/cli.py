@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from pipeline import config as cfg
 from pipeline.errors import UserError
@@ -35,12 +35,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KIP_CACHE_DIR") or Path.home() / ".cache" / "kip-pipeline")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage block before a bad-value message; we print one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="kip", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_OneLineErrors)
 
     distill = commands.add_parser(
         "distill", help="learn a support set and write it as .npz",
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
     kip.add_argument("--reg", dest="distill.reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
     kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
-    kip.add_argument("--seed", dest="distill.seed", type=int, default=0)
+    kip.add_argument("--seed", dest="distill.seed", type=int, default=0, help="same seed and options -> identical output")
     kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
     kip.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file to save to and resume from")
     kip.add_argument("--checkpoint-every", dest="distill.checkpoint_every", type=int, default=100, help="steps between checkpoints")
@@ -90,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
     evaluate.add_argument("--baseline-repeats", type=int, default=3, help="random subsets to average")
     evaluate.add_argument("--batch-size", type=int, default=1000, help="kernel block size (bounds memory)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="which random real subsets form the baseline")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
-    evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
     inspect = commands.add_parser(
         "inspect", aliases=["show"], help="validate a distilled .parquet or .npz and print its metadata",
@@ -124,7 +131,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", dest="data.name", default="mnist",
                        help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
     group.add_argument("--data-dir", dest="data.data_dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
-    group.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: $KIP_CACHE_DIR or ~/.cache/kip-pipeline)")
+    group.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
 
 def _section(args: argparse.Namespace, section: str) -> dict:

@@ -5,6 +5,8 @@ traceback. Messages name the parameter and the values it accepts.
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 
 
@@ -26,12 +28,12 @@ def check_choice(param: str, value: object, allowed: Iterable[object]) -> None:
 
 def check_positive(param: str, value: object, *, integer: bool = False) -> None:
     """Positive number (bool is not a number here)."""
-    kind = "a positive integer" if integer else "a positive number"
+    kind = "a positive integer" if integer else "a positive finite number"
     ok_type = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not 0 < value < math.inf:
         raise UserError(f"{param}={value!r} is not allowed; expected {kind}")
 
 
 def check_non_negative(param: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise UserError(f"{param}={value!r} is not allowed; expected a number >= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise UserError(f"{param}={value!r} is not allowed; expected a finite number >= 0")

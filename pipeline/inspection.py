@@ -28,7 +28,7 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         if "zca_matrix" in record:
             sibling = path.parent / record["zca_matrix"]["file"]
             npz = artifacts.load_npz(sibling)
-            if parquet.transform_checksum(npz.transform) != record["sha256"]:
+            if npz.transform.checksum() != record["sha256"]:
                 raise UserError(f"{sibling} holds a different preprocessing transform than {path} records")
             checks.append(f"ZCA transform matches {sibling.name}")
     else:

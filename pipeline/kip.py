@@ -144,7 +144,8 @@ def distill(
 
     checkpoint: where to save (every `config.checkpoint_every` steps) and resume from. A checkpoint
     whose `checkpoint_key` differs (other data, kernel or params) is ignored and overwritten.
-    monitor: called every `config.eval_every` steps with (images, labels); its numbers join the history.
+    monitor: called before the first step and every `config.eval_every` steps with (images, labels);
+        its numbers join the history (the step-0 record has no loss).
     """
     if config.support_per_class * num_classes > len(y_train):
         raise UserError(
@@ -169,6 +170,9 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         if restored is not None:
             support, opt_state, start, history = restored
 
+    if monitor is not None and config.eval_every and start == 0:
+        # The starting point of the learning curve: how good the initial support already is.
+        history.append({"step": 0, **monitor(np.asarray(support.images), np.asarray(support.labels))})
     step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels)
     x_dev = jnp.asarray(x_train, dtype)
     y_dev = jnp.asarray(krr.centered_one_hot(y_train, num_classes), dtype)
@@ -248,7 +252,7 @@ def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
         tqdm.write(f"kip: ignoring unreadable checkpoint {path} ({err}); starting from step 0")
         return None
     if meta.get("key") != key:
-        tqdm.write(f"kip: checkpoint {path} belongs to other params; starting from step 0")
+        tqdm.write(f"kip: checkpoint {path} belongs to other params or code; starting from step 0")
         return None
     template, treedef = jax.tree_util.tree_flatten((support, opt_state))
     if len(leaves) != len(template):

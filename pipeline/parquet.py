@@ -34,14 +34,6 @@ def array_checksum(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def transform_checksum(transform: Transform) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(transform.to_arrays().items()):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
-
-
 def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], npz_name: str) -> None:
     """Write atomically; `npz_name` is the sibling .npz that holds the full transform."""
     n = len(distilled.images)
@@ -61,7 +53,7 @@ def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], np
         "channel_mean": transform.channel_mean.tolist(),
         "channel_std": transform.channel_std.tolist(),
         "zca_reg": transform.zca_reg,
-        "sha256": transform_checksum(transform),
+        "sha256": transform.checksum(),
     }
     if transform.method == "zca":
         transform_meta["zca_matrix"] = {"file": npz_name, "key": "transform/zca_matrix"}

@@ -75,8 +75,8 @@ def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     """KIP loss per step (log scale) and, where monitored, KRR accuracy on held-out test images."""
     fig = Figure(figsize=(9, 3.2), dpi=100, layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    steps = [h["step"] for h in history]
-    loss_ax.plot(steps, [h["loss"] for h in history], linewidth=0.8)
+    losses = [h for h in history if "loss" in h]
+    loss_ax.plot([h["step"] for h in losses], [h["loss"] for h in losses], linewidth=0.8)
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="step", ylabel="KIP loss", title="loss")
     monitored = [h for h in history if "monitor_accuracy" in h]

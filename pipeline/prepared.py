@@ -83,6 +83,8 @@ def save(path: Path, prepared: Prepared) -> None:
 
 def load(path: Path) -> Prepared:
     path = Path(path)
+    if path.exists() and not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}

@@ -9,6 +9,7 @@ norm, then whitened with (C + zca_reg * tr(C)/d * I)^(-1/2), C = X^T X / n.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,14 @@ class Transform:
             "zca_matrix": self.zca_matrix,
             "zca_reg": np.array(self.zca_reg),
         }
+
+    def checksum(self) -> str:
+        """sha256 over the fitted arrays: two artifacts agree on preprocessing iff these match."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.to_arrays().items()):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Transform":

@@ -5,8 +5,11 @@ cannot count on a parent run started by an earlier one; instead each stage finds
 parent run for the current *pipeline execution* and nests its own run under it. The execution is
 identified by `DVC_EXP_NAME` when DVC runs an experiment, else by the git commit plus a hash of
 params.yaml: every stage of one `dvc repro` lands under the same parent, and a rerun with other
-params gets a new one. Stages DVC skipped log nothing; the parent's `dvc.*` tags (from dvc.lock)
-still say which outputs the execution used.
+params gets a new one. Stages DVC skipped log nothing.
+
+Lineage is recorded from the files themselves, not from dvc.lock (DVC rewrites it only after a
+stage finishes): each stage tags the md5 of every file it read (`kip.in.<path>`) and wrote
+(`kip.out.<path>`), the same md5 DVC puts in dvc.lock, on its own run and on the parent.
 
 The store defaults to a SQLite file in the project (`sqlite:///<root>/mlflow.db`), never a network
 address; `tracking.uri` or `MLFLOW_TRACKING_URI` points elsewhere. A store that cannot be reached
@@ -31,6 +34,7 @@ from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
 
 PIPELINE_ROLE = "pipeline"
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
 _CHUNK = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -113,6 +117,18 @@ class Tracker:
         with self._store():
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None:
+        """md5 of the files this stage read and wrote, on its run and on the parent (lineage)."""
+        import mlflow
+
+        tags = {f"kip.in.{Path(p).as_posix()}": file_md5(p) for p in read}
+        tags.update({f"kip.out.{Path(p).as_posix()}": file_md5(p) for p in wrote})
+        client = mlflow.MlflowClient()
+        with self._store():
+            mlflow.set_tags(tags)
+            for name, value in tags.items():
+                client.set_tag(self.parent_id, name, value)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         import mlflow
 
@@ -160,6 +176,19 @@ class NullTracker(Tracker):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
     def log_history(self, history: Sequence[Mapping[str, float]]) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None:
+        """md5 of the files this stage read and wrote, on its run and on the parent (lineage)."""
+        import mlflow
+
+        tags = {f"kip.in.{Path(p).as_posix()}": file_md5(p) for p in read}
+        tags.update({f"kip.out.{Path(p).as_posix()}": file_md5(p) for p in wrote})
+        client = mlflow.MlflowClient()
+        with self._store():
+            mlflow.set_tags(tags)
+            for name, value in tags.items():
+                client.set_tag(self.parent_id, name, value)
+
+    def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_input(self, name: str, source: str | Path, digest: str, context: str) -> None: ...
 
@@ -197,7 +226,6 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
     user_chose_store = bool(config.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     params_text = params_file.read_text()
     git = _git_state(project_root)
-    lock = _dvc_lock_hashes(project_root / "dvc.lock")
     key = _execution_key(git["commit"], params_text)
     try:
         mlflow.set_tracking_uri(uri)
@@ -205,7 +233,7 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         # stage happens to run in: `dvc exp run --temp` runs in a temporary copy).
         artifacts = None if user_chose_store else (project_root / "mlruns").resolve().as_uri()
         experiment_id = _experiment_id(config.experiment, artifacts)
-        parent_id = _parent_run(experiment_id, key, git, lock, yaml.safe_load(params_text) or {})
+        parent_id = _parent_run(experiment_id, key, git, yaml.safe_load(params_text) or {})
     except UserError:
         raise
     except Exception as err:
@@ -218,11 +246,15 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         "kip.pipeline_key": key,
         "kip.git_commit": git["commit"],
         "kip.git_dirty": git["dirty"],
-        **{f"dvc.{name}": value for name, value in lock.items()},
         **_versions(),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
-        yield Tracker(run.info.run_id, uri, parent_id)
+        try:
+            yield Tracker(run.info.run_id, uri, parent_id)
+        except BaseException:
+            mlflow.MlflowClient().set_terminated(parent_id, "FAILED")  # the execution's latest stage failed
+            raise
+        mlflow.MlflowClient().set_terminated(parent_id, "FINISHED")
 
 
 def _experiment_id(name: str, artifact_location: str | None) -> str:
@@ -234,7 +266,7 @@ def _experiment_id(name: str, artifact_location: str | None) -> str:
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
-def _parent_run(experiment_id: str, key: str, git: dict[str, str], lock: dict[str, str], params: dict) -> str:
+def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -257,8 +289,6 @@ def _parent_run(experiment_id: str, key: str, git: dict[str, str], lock: dict[st
         for start in range(0, len(items), 100):
             client.log_batch(run_id, params=[_param(k, v) for k, v in items[start:start + 100]])
         client.set_terminated(run_id, "FINISHED")
-    for name, value in lock.items():
-        client.set_tag(run_id, f"dvc.{name}", value)
     return run_id
 
 
@@ -283,22 +313,9 @@ def _git_state(root: Path) -> dict[str, str]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD") or "none"
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # The pipeline's own outputs (DVC deletes and rewrites them around every stage) are not edits.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in PIPELINE_OUTPUTS))
     return {"commit": commit, "dirty": "unknown" if status is None else str(bool(status)).lower()}
-
-
-def _dvc_lock_hashes(lock: Path) -> dict[str, str]:
-    """{"distill.outs.artifacts/distilled.npz": md5, ...} from dvc.lock, for lineage tags."""
-    if not lock.exists():
-        return {}
-    data = yaml.safe_load(lock.read_text()) or {}
-    hashes = {}
-    for stage, entry in (data.get("stages") or {}).items():
-        for kind in ("deps", "outs"):
-            for item in entry.get(kind) or []:
-                if "md5" in item and not item["path"].startswith(("pipeline/", "stages/")):
-                    hashes[f"{stage}.{kind}.{item['path']}"] = item["md5"]
-    return hashes
 
 
 def _versions() -> dict[str, str]:

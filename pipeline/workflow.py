@@ -61,7 +61,7 @@ def distill(
     else:
         result = kip.distill(
             prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
-            checkpoint=checkpoint, checkpoint_key=params_hash, monitor=monitor, progress=progress,
+            checkpoint=checkpoint, checkpoint_key=f"{params_hash}-{_code_digest()}", monitor=monitor, progress=progress,
         )
     metadata: dict[str, Any] = {
         **configs,
@@ -112,9 +112,8 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     Returns the metrics and the learning curve (test accuracy per eval step, mean over seeds).
     """
     from pipeline import finite
-    from pipeline.parquet import transform_checksum
 
-    if transform_checksum(distilled.transform) != transform_checksum(prepared.transform):
+    if distilled.transform.checksum() != prepared.transform.checksum():
         raise UserError(
             "the distilled set was made with other preprocessing than the prepared test data "
             f"({distilled.transform.method} vs {prepared.transform.method}, or other fitted values); "
@@ -159,6 +158,14 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
         for i, point in enumerate(runs["distilled"][0].curve)
     ]
     return metrics, curve
+
+
+def _code_digest() -> str:
+    """Hash of the modules that shape a KIP run: a checkpoint from other code is not resumed."""
+    digest = hashlib.sha256()
+    for module in (kip, kernels, krr, scoring):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _library_versions() -> dict[str, str]:

@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
             "final_monitor_accuracy": monitored[-1]["monitor_accuracy"] if monitored else None,
         }
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
-        atomic.write_text(args.loss_curve, _csv(run.history, ["step", "loss"]))
+        atomic.write_text(args.loss_curve, _csv([h for h in run.history if "loss" in h], ["step", "loss"]))
         atomic.write_text(args.accuracy_curve, _csv(monitored, ["step", "monitor_accuracy"]))
         support_png = plots.support_figure(
             run.initial_images, distilled.images, distilled.classes, prepared.class_names, distilled.transform
@@ -57,11 +57,8 @@ def main(args: argparse.Namespace) -> None:
 
         tracker.log_history(run.history)
         tracker.log_metrics(metrics)
-        tracker.set_tags({
-            "kip.params_hash": distilled.metadata["params_hash"],
-            "kip.artifact.parquet.md5": file_md5(args.parquet),
-            "kip.artifact.npz.md5": file_md5(args.npz),
-        })
+        tracker.set_tags({"kip.params_hash": distilled.metadata["params_hash"]})
+        tracker.tag_files(read=[args.prepared], wrote=[args.npz, args.parquet])
         tracker.log_input("distilled", args.parquet, file_md5(args.parquet), "distilled")
         for path in (args.parquet, args.npz):
             tracker.log_artifact(path, "distilled")

@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> None:
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         tracker.log_metrics(metrics)
         tracker.log_summary(metrics)
+        tracker.tag_files(read=[args.distilled, args.prepared], wrote=[args.metrics])
     print(
         f"evaluate: KRR test accuracy {metrics['krr_test_accuracy']:.4f} with {metrics['support_size']} images "
         f"(random real images: {metrics['baseline_test_accuracy']:.4f})"

@@ -29,6 +29,7 @@ def main(args: argparse.Namespace) -> None:
         tracker.set_tags(dataset_tags(dataset))
         tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "source")
         tracker.log_metrics({"train_size": dataset["train_size"], "test_size": dataset["test_size"]})
+        tracker.tag_files(wrote=[args.out])
     print(f"prepare: {dataset['name']} ({dataset['train_size']} train / {dataset['test_size']} test) -> {args.out}")
 
 

@@ -36,6 +36,7 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_metrics(metrics)
         tracker.log_summary({k: v for k, v in metrics.items() if k.startswith("nn_")})
         tracker.log_artifact(args.curve_png, "images")
+        tracker.tag_files(read=[args.distilled, args.prepared], wrote=[args.metrics])
     print(
         f"train: network test accuracy {metrics['nn_test_accuracy']:.4f} ± {metrics['nn_test_accuracy_std']:.4f} "
         f"on {metrics['support_size']} distilled images (random real images: "

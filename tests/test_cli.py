@@ -27,7 +27,7 @@ def run_cli(capsys, *argv):
     (["distill", "-o", "x.npz", "--kernel-kind", "gp"], "kernel.kind='gp' is not allowed; expected one of: ntk|nngp"),
     (["distill", "-o", "x.npz", "--support-per-class", "0"], "distill.support_per_class=0 is not allowed; expected a positive integer"),
     (["distill", "-o", "x.npz", "--steps", "-5"], "distill.steps=-5 is not allowed; expected a positive integer"),
-    (["distill", "-o", "x.npz", "--lr", "0"], "distill.learning_rate=0.0 is not allowed; expected a positive number"),
+    (["distill", "-o", "x.npz", "--lr", "0"], "distill.learning_rate=0.0 is not allowed; expected a positive finite number"),
     (["distill", "-o", "x.npz", "--preprocess", "pca"], "preprocess.method='pca' is not allowed; expected one of: none|standardize|zca"),
     (["distill", "-o", "x.npz", "--source", "embedded", "--dataset", "digits", "--support-per-class", "500"],
      "distill.support_per_class=500 needs 5000 training images; the dataset has 1437"),
@@ -52,7 +52,7 @@ def test_corrupt_artifact_is_reported(capsys, tmp_path):
     broken = tmp_path / "broken.npz"
     broken.write_bytes(b"PK\x03\x04 truncated")
     code, _, err = run_cli(capsys, "evaluate", str(broken))
-    assert code == 2 and "corrupted or truncated" in err
+    assert code == 2 and "truncated" in err and err.count("\n") == 1
 
 
 def test_help_reads_like_a_tool(capsys):
@@ -122,3 +122,25 @@ def test_cli_defaults_are_the_library_defaults():
     assert config.PreprocessConfig(**cli._section(args, "preprocess")) == config.PreprocessConfig()
     assert config.KernelConfig(**cli._section(args, "kernel")) == config.KernelConfig()
     assert config.DistillConfig(**cli._section(args, "distill")) == config.DistillConfig()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["distill", "-o", "x.npz", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["evaluate", "x.npz", "--reg", "inf"], "evaluate.reg=inf is not allowed; expected a finite number >= 0"),
+    (["distill", "-o", "x.npz", "--lr", "nan"], "distill.learning_rate=nan is not allowed; expected a positive finite number"),
+])
+def test_malformed_values_are_one_line_too(capsys, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and err.count("\n") == 1
+
+
+def test_a_text_file_is_not_called_a_corrupted_npz(capsys, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not an artifact\n")
+    code, _, err = run_cli(capsys, "evaluate", str(notes))
+    assert code == 2 and "is not an .npz file (not a zip archive" in err

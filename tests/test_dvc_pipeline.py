@@ -77,6 +77,8 @@ def project(tmp_path_factory):
     _run(root, env, "git", "init", "-q", "-b", "main")
     _dvc(root, env, "init", "-q")
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "project")
     first = _dvc(root, env, "repro")
     _run(root, env, "git", "add", "-A")
     _run(root, env, "git", "commit", "-qm", "first run")
@@ -94,7 +96,7 @@ def test_repro_runs_every_stage_and_writes_metrics_artifacts_and_plots(project):
     trained = json.loads((root / "metrics" / "train.json").read_text())
     assert trained["seeds"] == 2 and trained["support_size"] == 20 and 0.1 < trained["nn_test_accuracy"] <= 1.0
     curve = (root / "plots" / "distill_accuracy.csv").read_text().splitlines()
-    assert curve[0] == "step,monitor_accuracy" and [row.split(",")[0] for row in curve[1:]] == ["10", "20", "30"]
+    assert curve[0] == "step,monitor_accuracy" and [row.split(",")[0] for row in curve[1:]] == ["0", "10", "20", "30"]
     html = _dvc(root, env, "plots", "show", "-o", "dvc_plots")
     assert (root / "dvc_plots" / "index.html").exists(), html
     shown = json.loads(_dvc(root, env, "metrics", "show", "--json"))
@@ -133,7 +135,9 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
         assert evaluate.data.metrics[key] == pytest.approx(value), key
         assert parent.data.metrics[key] == pytest.approx(value), key  # the runs table compares executions
     assert evaluate.data.params["evaluate.baseline_repeats"] == "2" and evaluate.data.params["seed"] == "0"
-    assert evaluate.data.tags["dvc.distill.outs.artifacts/distilled.npz"] == out_md5["artifacts/distilled.npz"]
+    assert evaluate.data.tags["kip.in.artifacts/distilled.npz"] == out_md5["artifacts/distilled.npz"]
+    head = _run(root, env, "git", "rev-parse", "HEAD~1").strip()  # the commit the first repro ran on
+    assert evaluate.data.tags["kip.git_commit"] == head and evaluate.data.tags["kip.git_dirty"] == "false"
 
     distill = stages["distill"]
     assert distill.data.params["distill.steps"] == "30" and distill.data.params["kernel.architecture"] == "fc"
@@ -145,7 +149,9 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
     monitored = {m.step: m.value for m in client.get_metric_history(distill.info.run_id, "monitor_accuracy")}
     assert monitored == pytest.approx({int(r.split(",")[0]): float(r.split(",")[1]) for r in curve})
     tags = distill.data.tags
-    assert tags["kip.artifact.parquet.md5"] == out_md5["artifacts/distilled.parquet"]
+    assert tags["kip.out.artifacts/distilled.parquet"] == out_md5["artifacts/distilled.parquet"]
+    assert tags["kip.in.data/prepared.npz"] == {d["path"]: d["md5"] for d in lock["distill"]["deps"]}["data/prepared.npz"]
+    assert parent.data.tags["kip.out.artifacts/distilled.npz"] == out_md5["artifacts/distilled.npz"]
     assert tags["kip.dataset.name"] == "digits" and tags["kip.dataset.source"] == "embedded"
     assert len(tags["kip.dataset.fingerprint"]) == 64 and tags["kip.version.neural-tangents"] == "0.6.5"
     assert tags["kip.seed"] == "0" and "kip.git_commit" in tags and "kip.params_hash" in tags
@@ -243,6 +249,9 @@ def test_same_params_from_scratch_give_byte_identical_artifacts(project):
     assert _ran(_dvc(root, env, "repro", "--force")) == {"prepare", "distill", "evaluate", "train"}
     assert _bytes(root) == before
     assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+    client, experiment_id = _mlflow(root)
+    (latest,) = client.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'", order_by=["attributes.start_time DESC"], max_results=1)
+    assert latest.data.tags["kip.git_dirty"] == "false"  # DVC deleting tracked metrics/ before the stage is not an edit
 
 
 def test_push_then_pull_in_a_fresh_clone_restores_identical_artifacts(project, tmp_path):

@@ -2,7 +2,7 @@
 
 We call `tfds.load(..., download=False)`: this project never reaches a dataset hub at run time.
 Prepare a dataset once where a network is allowed (`tfds build mnist --data_dir DIR`) or from
-manual files (see docs/data.md), then point `data.data_dir` at DIR.
+manual files (TFDS "manual_dir"), then point `data.data_dir` at DIR.
 """
 from __future__ import annotations
 
