@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--target-batch", dest="distill.target_batch", type=int, default=5000, help="class-balanced target images per step")
     kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
+    kip.add_argument("--corruption", dest="distill.corruption", type=float, default=0.0,
+                     help="fraction of pixels replaced by noise at init and never learned (privacy)")
     kip.add_argument("--reg", dest="distill.reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
     kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
     kip.add_argument("--seed", dest="distill.seed", type=int, default=0, help="same seed and options -> identical output")

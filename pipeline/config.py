@@ -105,6 +105,8 @@ class DistillConfig:
 
     method=label_solve keeps the initial images and solves their labels in closed form against
     the whole training set (the paper's Label Solve baseline); the KIP-only keys are then unused.
+    corruption: that fraction of each support image's pixels is replaced by noise at init and never
+    learned (the paper's privacy experiments).
     """
 
     method: str = "kip"
@@ -115,6 +117,7 @@ class DistillConfig:
     target_batch: int = 5000
     learn_labels: bool = False
     init: str = "real"
+    corruption: float = 0.0
     reg: float = 1e-6
     float64: bool = False
     eval_every: int = 0
@@ -129,6 +132,14 @@ class DistillConfig:
         check_choice("distill.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_positive("distill.target_batch", self.target_batch, integer=True)
         check_choice("distill.init", self.init, INITS)
+        check_non_negative("distill.corruption", self.corruption)
+        if self.corruption >= 1:
+            raise UserError(f"distill.corruption={self.corruption!r} is not allowed; expected a fraction in [0, 1)")
+        if self.method == "label_solve" and self.learn_labels:
+            raise UserError(
+                "distill.learn_labels=true is not allowed with distill.method=label_solve (it solves the labels); "
+                "expected learn_labels: false"
+            )
         check_non_negative("distill.reg", self.reg)
         _check_int_at_least("distill.eval_every", self.eval_every, 0)
         _check_int_at_least("distill.checkpoint_every", self.checkpoint_every, 0)

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import enable_x64
 
 from pipeline import kernels, krr
+from pipeline.errors import UserError
 from pipeline.kernels import KernelFn
 from pipeline.kip import class_balanced_indices
 
@@ -23,12 +24,22 @@ def krr_scores(
     num_classes: int,
     reg: float,
     block_size: int = 1000,
+    reg_name: str = "evaluate.reg",
 ) -> dict[str, float]:
-    """KRR fitted on the support, scored on every test image (kernel computed in blocks)."""
+    """KRR fitted on the support, scored on every test image (kernel computed in blocks).
+
+    A support kernel too ill-conditioned to solve (duplicate images with reg 0, say) is a UserError
+    naming `reg_name`, the regulariser to raise.
+    """
     k_ss = kernels.kernel_matrix(kernel_fn, support_images, support_images, block_size)
     k_ts = kernels.kernel_matrix(kernel_fn, test_images, support_images, block_size)
     with enable_x64():  # the solve is tiny; do it in double precision whatever KIP used
         alpha = np.asarray(krr.fit(jnp.asarray(k_ss, jnp.float64), jnp.asarray(support_labels, jnp.float64), reg))
+    if not np.isfinite(alpha).all():
+        raise UserError(
+            f"the {len(k_ss)}x{len(k_ss)} support kernel K_ss is singular or too ill-conditioned to solve "
+            f"with {reg_name}={reg}; raise {reg_name} (e.g. to {max(reg * 100, 1e-6):g})"
+        )
     predictions = k_ts.astype(np.float64) @ alpha
     return {
         "accuracy": krr.accuracy(predictions, test_labels),

@@ -51,5 +51,13 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         "steps": meta.get("steps"),
         "final_loss": meta.get("final_loss"),
         "code_version": meta.get("code_version"),
+        "privacy": _privacy_summary(meta.get("privacy")),
         "versions": meta.get("versions"),
     }
+
+
+def _privacy_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The summary lines of the privacy section (the per-image lists stay in the file)."""
+    if not section:
+        return None
+    return {k: section[k] for k in ("metric", "support", "real_test_images", "median_ratio") if k in section}

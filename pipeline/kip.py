@@ -15,6 +15,7 @@ bit-for-bit the run that was not interrupted.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -62,8 +63,19 @@ def kip_loss(
     return 0.5 * jnp.mean((krr.predict(k_ts, alpha) - y_t) ** 2)
 
 
-def make_step(kernel_fn: KernelFn, optimizer: optax.GradientTransformation, reg: float, learn_labels: bool):
-    """One jitted KIP update: gather the target batch, value-and-grad, Adam."""
+def make_step(
+    kernel_fn: KernelFn,
+    optimizer: optax.GradientTransformation,
+    reg: float,
+    learn_labels: bool,
+    frozen: np.ndarray | None = None,
+):
+    """One jitted KIP update: gather the target batch, value-and-grad, Adam.
+
+    frozen: boolean mask over the support pixels that must never change (corruption). Their
+    gradient is zeroed before Adam, so Adam's moments, and hence their updates, stay exactly 0.
+    """
+    frozen_mask = None if frozen is None or not frozen.any() else jnp.asarray(frozen)
 
     def loss_fn(support: Support, x_t, y_t):
         if not learn_labels:
@@ -75,6 +87,8 @@ def make_step(kernel_fn: KernelFn, optimizer: optax.GradientTransformation, reg:
         x_t = jnp.take(x_train, target_idx, axis=0)
         y_t = jnp.take(y_train, target_idx, axis=0)
         loss, grads = jax.value_and_grad(loss_fn)(support, x_t, y_t)
+        if frozen_mask is not None:
+            grads = grads._replace(images=jnp.where(frozen_mask, 0.0, grads.images))
         updates, opt_state = optimizer.update(grads, opt_state, support)
         return optax.apply_updates(support, updates), opt_state, loss
 
@@ -116,16 +130,30 @@ def learning_rate_schedule(config: DistillConfig) -> optax.ScalarOrSchedule:
 def init_support(
     x_train: np.ndarray, y_train: np.ndarray, num_classes: int, config: DistillConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced real images, or Gaussian noise matched to the data's mean and std."""
+    """Class-balanced real images, or Gaussian noise matched to the data's mean and std; then the
+    `config.corruption` fraction of pixels (`corruption_mask`) replaced by such noise."""
     rng = np.random.default_rng([config.seed, 0])
     idx = class_balanced_indices(y_train, config.support_per_class, num_classes, rng)
     classes = y_train[idx]
+    shape = (len(idx),) + x_train.shape[1:]
     if config.init == "real":
         images = x_train[idx]
     else:
-        shape = (len(idx),) + x_train.shape[1:]
         images = (rng.standard_normal(shape) * x_train.std() + x_train.mean()).astype(np.float32)
+    mask = corruption_mask(shape, config)
+    if mask.any():
+        noise_rng = np.random.default_rng([config.seed, 6])
+        noise = noise_rng.standard_normal(shape) * x_train.std() + x_train.mean()
+        images = np.where(mask, noise, images)
     return np.asarray(images, np.float32), classes
+
+
+def corruption_mask(shape: tuple[int, ...], config: DistillConfig) -> np.ndarray:
+    """The pixels (a `config.corruption` fraction, drawn per pixel from the seed) that are noise
+    and stay noise."""
+    if not config.corruption:
+        return np.zeros(shape, bool)
+    return np.random.default_rng([config.seed, 4]).random(shape) < config.corruption
 
 
 def distill(
@@ -173,7 +201,8 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     if monitor is not None and config.eval_every and start == 0:
         # The starting point of the learning curve: how good the initial support already is.
         history.append({"step": 0, **monitor(np.asarray(support.images), np.asarray(support.labels))})
-    step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels)
+    frozen = corruption_mask(init_images.shape, config)
+    step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels, frozen)
     x_dev = jnp.asarray(x_train, dtype)
     y_dev = jnp.asarray(krr.centered_one_hot(y_train, num_classes), dtype)
     last_saved = start
@@ -249,15 +278,15 @@ def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
             meta = json.loads(str(data["meta"]))
             leaves = [data[f"leaf_{i:03d}"] for i in range(len(data.files) - 1)]
     except Exception as err:  # a checkpoint we cannot read is not worth dying for: start over
-        tqdm.write(f"kip: ignoring unreadable checkpoint {path} ({err}); starting from step 0")
+        tqdm.write(f"kip: ignoring unreadable checkpoint {path} ({err}); starting from step 0", file=sys.stderr)
         return None
     if meta.get("key") != key:
-        tqdm.write(f"kip: checkpoint {path} belongs to other params or code; starting from step 0")
+        tqdm.write(f"kip: checkpoint {path} belongs to other params or code; starting from step 0", file=sys.stderr)
         return None
     template, treedef = jax.tree_util.tree_flatten((support, opt_state))
     if len(leaves) != len(template):
         return None
     restored = [jnp.asarray(leaf, dtype=t.dtype) for leaf, t in zip(leaves, template)]
     support, opt_state = jax.tree_util.tree_unflatten(treedef, restored)
-    tqdm.write(f"kip: resuming from {path} at step {meta['step']}")
+    tqdm.write(f"kip: resuming from {path} at step {meta['step']}", file=sys.stderr)
     return support, opt_state, int(meta["step"]), list(meta["history"])

@@ -18,7 +18,7 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import kernels, kip, krr
+from pipeline import kernels, kip, krr, privacy
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig, TrainConfig
 from pipeline.errors import UserError
@@ -51,7 +51,9 @@ def distill(
         y_mon = prepared.y_test[:MONITOR_TEST_IMAGES]
 
         def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-            scores = scoring.krr_scores(kernel_fn, images, labels, x_mon, y_mon, prepared.num_classes, config.reg)
+            scores = scoring.krr_scores(
+                kernel_fn, images, labels, x_mon, y_mon, prepared.num_classes, config.reg, reg_name="distill.reg"
+            )
             return {"monitor_accuracy": scores["accuracy"]}
 
     configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
@@ -70,6 +72,7 @@ def distill(
         "steps": config.steps if config.method == "kip" else 0,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "code_version": pipeline.__version__,
+        "privacy": privacy.report(result.images, prepared.x_train, prepared.x_test, config.seed),
         "versions": _library_versions(),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)

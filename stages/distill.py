@@ -45,6 +45,9 @@ def main(args: argparse.Namespace) -> None:
             "steps": distilled.metadata["steps"],
             "final_loss": distilled.metadata["final_loss"],
             "final_monitor_accuracy": monitored[-1]["monitor_accuracy"] if monitored else None,
+            "privacy_nn_distance_min": distilled.metadata["privacy"]["support"]["min"],
+            "privacy_nn_distance_median": distilled.metadata["privacy"]["support"]["median"],
+            "real_nn_distance_median": distilled.metadata["privacy"]["real_test_images"]["median"],
         }
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
         atomic.write_text(args.loss_curve, _csv([h for h in run.history if "loss" in h], ["step", "loss"]))

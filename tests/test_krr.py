@@ -73,3 +73,16 @@ def test_accuracy_and_mse_by_hand():
     np.testing.assert_allclose(targets, [[0.5, -0.5], [-0.5, 0.5], [-0.5, 0.5]])
     expected = np.mean([(0.4**2 + 0.6**2), (0.7**2 + 0.3**2), (1.1**2 + 0.1**2)])
     assert krr.mse(predictions, targets) == pytest.approx(expected)
+
+
+def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
+    from pipeline import kernels
+    from pipeline.config import KernelConfig
+    from pipeline.errors import UserError
+    from pipeline.evaluate import krr_scores
+
+    image = rng.standard_normal((1, 4, 4, 1)).astype(np.float32)
+    support = np.concatenate([image, image])  # identical rows: K_ss is singular
+    labels = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    with pytest.raises(UserError, match=r"singular or too ill-conditioned to solve with evaluate.reg=0.0; raise evaluate.reg"):
+        krr_scores(kernels.make(KernelConfig()), support, labels, image, np.array([0]), 2, reg=0.0)

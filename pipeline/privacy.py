@@ -1,0 +1,50 @@
+"""How far a support set is from the training images it was distilled from.
+
+For each support image: the L2 distance, in the stored preprocessing space, to its nearest training
+image and that image's index. The same statistic for held-out real images (a seeded sample of the
+test split, never seen in training) is the yardstick: a support image much closer to a training
+image than real images usually are is close to a copy of it. Distances come from
+|q|^2 - 2 q.x + |x|^2 in float64, in blocks of training images, so memory stays at one block.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def nearest_train(queries: np.ndarray, x_train: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of each query's nearest training image."""
+    q = np.asarray(queries, np.float64).reshape(len(queries), -1)
+    q_norms = np.sum(q * q, axis=1)
+    best = np.full(len(q), np.inf)
+    where = np.zeros(len(q), np.int64)
+    for start in range(0, len(x_train), block):
+        x = np.asarray(x_train[start:start + block], np.float64).reshape(-1, q.shape[1])
+        squared = q_norms[:, None] - 2.0 * q @ x.T + np.sum(x * x, axis=1)[None, :]
+        local = np.argmin(squared, axis=1)
+        values = squared[np.arange(len(q)), local]
+        better = values < best
+        best[better], where[better] = values[better], start + local[better]
+    return np.sqrt(np.maximum(best, 0.0)), where
+
+
+def report(images: np.ndarray, x_train: np.ndarray, x_test: np.ndarray, seed: int) -> dict[str, Any]:
+    """The privacy section of an artifact's metadata (JSON-ready)."""
+    distance, index = nearest_train(images, x_train)
+    rng = np.random.default_rng([seed, 5])
+    sample = rng.choice(len(x_test), size=min(len(images), len(x_test)), replace=False)
+    real, _ = nearest_train(x_test[sample], x_train)
+    return {
+        "metric": "L2 distance to the nearest training image, in the preprocessed space",
+        "nearest_train_distance": [float(d) for d in distance],
+        "nearest_train_index": [int(i) for i in index],
+        "support": _summary(distance),
+        "real_test_images": _summary(real),
+        "median_ratio": float(np.median(distance) / max(np.median(real), 1e-12)),
+    }
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    return {"count": int(len(values)), "min": float(np.min(values)), "median": float(np.median(values)),
+            "mean": float(np.mean(values))}

@@ -1,0 +1,58 @@
+"""Privacy: nearest-training-image distances against scipy, and corruption that really stays noise."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from pipeline import kernels, kip, privacy
+from pipeline.config import DistillConfig, KernelConfig
+from pipeline.errors import UserError
+
+
+def test_nearest_train_matches_scipy(rng):
+    train = rng.standard_normal((1000, 4, 4, 2))
+    queries = rng.standard_normal((17, 4, 4, 2))
+    distance, index = privacy.nearest_train(queries, train, block=128)
+    full = cdist(queries.reshape(17, -1), train.reshape(1000, -1))
+    np.testing.assert_allclose(distance, full.min(axis=1), rtol=1e-9)
+    np.testing.assert_array_equal(index, full.argmin(axis=1))
+
+
+def test_copies_of_training_images_are_found_at_distance_zero(rng):
+    train = rng.standard_normal((300, 8, 8, 1)).astype(np.float32)
+    test = rng.standard_normal((50, 8, 8, 1)).astype(np.float32)
+    picked = np.array([5, 17, 299])
+    section = privacy.report(train[picked], train, test, seed=0)
+    assert section["nearest_train_index"] == picked.tolist()
+    assert max(section["nearest_train_distance"]) < 1e-3
+    assert section["support"]["count"] == 3 and section["real_test_images"]["count"] == 3
+    assert section["real_test_images"]["median"] > 1.0 and section["median_ratio"] < 1e-3
+
+
+def test_corrupted_pixels_are_noise_and_never_learned(digits_standardized):
+    x_train, y_train, _, _ = digits_standardized
+    config = DistillConfig(support_per_class=2, steps=30, target_batch=300, corruption=0.6, learn_labels=True,
+                           checkpoint_every=0)
+    kernel_fn = kernels.make(KernelConfig())
+    result = kip.distill(x_train, y_train, 10, kernel_fn, config, progress=False)
+    mask = kip.corruption_mask(result.images.shape, config)
+    assert abs(mask.mean() - 0.6) < 0.05
+    np.testing.assert_array_equal(result.images[mask], result.initial_images[mask])
+    assert np.abs(result.images[~mask] - result.initial_images[~mask]).max() > 1e-3  # the rest did learn
+    clean = kip.init_support(x_train, y_train, 10, dataclasses.replace(config, corruption=0.0))[0]
+    assert np.array_equal(result.initial_images[~mask], clean[~mask])  # uncorrupted pixels start as the real image
+    assert not np.isclose(result.initial_images[mask], clean[mask]).any()
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (dict(corruption=1.0), "distill.corruption=1.0 is not allowed; expected a fraction in [0, 1)"),
+    (dict(corruption=-0.1), "distill.corruption=-0.1 is not allowed; expected a finite number >= 0"),
+    (dict(method="label_solve", learn_labels=True), "distill.learn_labels=true is not allowed with distill.method=label_solve"),
+])
+def test_distill_cross_field_rules(overrides, fragment):
+    with pytest.raises(UserError) as error:
+        DistillConfig(**overrides)
+    assert fragment in str(error.value)
