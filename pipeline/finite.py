@@ -33,13 +33,8 @@ class ScaledDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
-        if self.parameterization == "ntk":
-            w = self.param("kernel", nn.initializers.normal(1.0), (fan_in, self.features))
-            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
-            return self.w_std / math.sqrt(fan_in) * (x @ w) + self.b_std * b
-        w = self.param("kernel", nn.initializers.normal(self.w_std / math.sqrt(fan_in)), (fan_in, self.features))
-        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
-        return x @ w + b
+        w = self.param("kernel", nn.initializers.normal(_init_std(self, fan_in)), (fan_in, self.features))
+        return _scale_and_bias(self, x @ w, fan_in)
 
 
 class ScaledConv(nn.Module):
@@ -51,13 +46,22 @@ class ScaledConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = 9 * x.shape[-1]
-        ntk = self.parameterization == "ntk"
-        scale = 1.0 if ntk else self.w_std / math.sqrt(fan_in)
-        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.normal(scale))(x)
-        b = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std), (self.features,))
-        if ntk:
-            return self.w_std / math.sqrt(fan_in) * y + self.b_std * b
-        return y + b
+        init = nn.initializers.normal(_init_std(self, fan_in))
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, kernel_init=init)(x)
+        return _scale_and_bias(self, y, fan_in)
+
+
+def _init_std(layer: nn.Module, fan_in: int) -> float:
+    """ntk: W ~ N(0, 1), scaled in the forward pass; standard: W ~ N(0, w_std^2 / fan_in)."""
+    return 1.0 if layer.parameterization == "ntk" else layer.w_std / math.sqrt(fan_in)
+
+
+def _scale_and_bias(layer: nn.Module, y: jax.Array, fan_in: int) -> jax.Array:
+    if layer.parameterization == "ntk":
+        b = layer.param("bias", nn.initializers.normal(1.0), (layer.features,))
+        return layer.w_std / math.sqrt(fan_in) * y + layer.b_std * b
+    b = layer.param("bias", nn.initializers.normal(layer.b_std), (layer.features,))
+    return y + b
 
 
 class FullyConnected(nn.Module):
