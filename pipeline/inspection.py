@@ -60,4 +60,8 @@ def _privacy_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
     """The summary lines of the privacy section (the per-image lists stay in the file)."""
     if not section:
         return None
-    return {k: section[k] for k in ("metric", "support", "real_test_images", "median_ratio") if k in section}
+    keys = ("metric", "support", "real_test_images", "median_ratio")
+    summary = {k: section[k] for k in keys if k in section}
+    if "learned_pixels" in section:
+        summary["learned_pixels"] = {k: section["learned_pixels"][k] for k in keys if k in section["learned_pixels"]}
+    return summary

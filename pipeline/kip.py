@@ -149,11 +149,15 @@ def init_support(
 
 
 def corruption_mask(shape: tuple[int, ...], config: DistillConfig) -> np.ndarray:
-    """The pixels (a `config.corruption` fraction, drawn per pixel from the seed) that are noise
-    and stay noise."""
+    """The pixels that are noise and stay noise: round(corruption x pixels) of every image, placed
+    at random from the seed."""
     if not config.corruption:
         return np.zeros(shape, bool)
-    return np.random.default_rng([config.seed, 4]).random(shape) < config.corruption
+    pixels = int(np.prod(shape[1:]))
+    corrupted = int(round(config.corruption * pixels))  # exactly this many in every image
+    scores = np.random.default_rng([config.seed, 4]).random((shape[0], pixels))
+    ranks = np.argsort(np.argsort(scores, axis=1), axis=1)
+    return (ranks < corrupted).reshape(shape)
 
 
 def distill(

@@ -13,15 +13,23 @@ from typing import Any
 import numpy as np
 
 
-def nearest_train(queries: np.ndarray, x_train: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(distance, index) of each query's nearest training image."""
+def nearest_train(
+    queries: np.ndarray, x_train: np.ndarray, block: int = 4096, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of each query's nearest training image.
+
+    mask (same shape as queries, boolean): compare only the True pixels of each query, so a
+    corrupted support image is judged on the pixels KIP could learn, not on its frozen noise.
+    """
     q = np.asarray(queries, np.float64).reshape(len(queries), -1)
+    m = np.ones_like(q) if mask is None else np.asarray(mask, np.float64).reshape(q.shape)
+    q = q * m
     q_norms = np.sum(q * q, axis=1)
     best = np.full(len(q), np.inf)
     where = np.zeros(len(q), np.int64)
     for start in range(0, len(x_train), block):
         x = np.asarray(x_train[start:start + block], np.float64).reshape(-1, q.shape[1])
-        squared = q_norms[:, None] - 2.0 * q @ x.T + np.sum(x * x, axis=1)[None, :]
+        squared = q_norms[:, None] - 2.0 * q @ x.T + m @ (x * x).T
         local = np.argmin(squared, axis=1)
         values = squared[np.arange(len(q)), local]
         better = values < best
@@ -29,13 +37,20 @@ def nearest_train(queries: np.ndarray, x_train: np.ndarray, block: int = 4096) -
     return np.sqrt(np.maximum(best, 0.0)), where
 
 
-def report(images: np.ndarray, x_train: np.ndarray, x_test: np.ndarray, seed: int) -> dict[str, Any]:
-    """The privacy section of an artifact's metadata (JSON-ready)."""
+def report(
+    images: np.ndarray, x_train: np.ndarray, x_test: np.ndarray, seed: int, learned: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The privacy section of an artifact's metadata (JSON-ready).
+
+    learned: boolean mask of the pixels KIP could change (False where corruption froze noise).
+    With it, a `learned_pixels` part repeats the comparison on those pixels only, real images
+    masked alike: whole-image distances of a corrupted support mostly measure its noise.
+    """
     distance, index = nearest_train(images, x_train)
     rng = np.random.default_rng([seed, 5])
-    sample = rng.choice(len(x_test), size=min(len(images), len(x_test)), replace=False)
-    real, _ = nearest_train(x_test[sample], x_train)
-    return {
+    sample = x_test[rng.choice(len(x_test), size=min(len(images), len(x_test)), replace=False)]
+    real, _ = nearest_train(sample, x_train)
+    section: dict[str, Any] = {
         "metric": "L2 distance to the nearest training image, in the preprocessed space",
         "nearest_train_distance": [float(d) for d in distance],
         "nearest_train_index": [int(i) for i in index],
@@ -43,6 +58,18 @@ def report(images: np.ndarray, x_train: np.ndarray, x_test: np.ndarray, seed: in
         "real_test_images": _summary(real),
         "median_ratio": float(np.median(distance) / max(np.median(real), 1e-12)),
     }
+    if learned is not None and not np.all(learned):
+        masked, masked_index = nearest_train(images, x_train, mask=learned)
+        real_masked, _ = nearest_train(sample, x_train, mask=learned[: len(sample)])
+        section["learned_pixels"] = {
+            "metric": "the same, over each support image's learnable (uncorrupted) pixels only",
+            "nearest_train_distance": [float(d) for d in masked],
+            "nearest_train_index": [int(i) for i in masked_index],
+            "support": _summary(masked),
+            "real_test_images": _summary(real_masked),
+            "median_ratio": float(np.median(masked) / max(np.median(real_masked), 1e-12)),
+        }
+    return section
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -77,8 +78,9 @@ class Tracker:
         import mlflow
         from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)  # the latest rerun under the same parent must win
         values = [
-            Metric(key=k, value=float(v), timestamp=0, step=0)
+            Metric(key=k, value=float(v), timestamp=now, step=0)
             for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         with self._store():
@@ -102,8 +104,9 @@ class Tracker:
         import mlflow
         from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
         metrics = [
-            Metric(key=key, value=float(value), timestamp=0, step=int(record["step"]))
+            Metric(key=key, value=float(value), timestamp=now, step=int(record["step"]))
             for record in history for key, value in record.items() if key != "step"
         ]
         client = mlflow.MlflowClient()
@@ -236,12 +239,19 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         "kip.git_dirty": git["dirty"],
         **_versions(),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
-        try:
-            yield Tracker(run.info.run_id, uri, parent_id)
-        except BaseException:
-            mlflow.MlflowClient().set_terminated(parent_id, "FAILED")  # the execution's latest stage failed
-            raise
+    guard = Tracker("", uri, parent_id)._store  # store failures -> one line naming the URI
+    with guard():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags)
+    try:
+        yield Tracker(run.info.run_id, uri, parent_id)
+    except BaseException as failure:
+        status = "KILLED" if isinstance(failure, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):  # the stage's own error is the one to report
+            mlflow.end_run(status)
+            mlflow.MlflowClient().set_terminated(parent_id, status)  # the execution's latest stage failed
+        raise
+    with guard():
+        mlflow.end_run("FINISHED")
         mlflow.MlflowClient().set_terminated(parent_id, "FINISHED")
 
 

@@ -63,7 +63,8 @@ def distill(
     else:
         result = kip.distill(
             prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
-            checkpoint=checkpoint, checkpoint_key=f"{params_hash}-{_code_digest()}", monitor=monitor, progress=progress,
+            checkpoint=checkpoint, checkpoint_key=_checkpoint_key(params_hash, prepared),
+            monitor=monitor, progress=progress,
         )
     metadata: dict[str, Any] = {
         **configs,
@@ -72,7 +73,10 @@ def distill(
         "steps": config.steps if config.method == "kip" else 0,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "code_version": pipeline.__version__,
-        "privacy": privacy.report(result.images, prepared.x_train, prepared.x_test, config.seed),
+        "privacy": privacy.report(
+            result.images, prepared.x_train, prepared.x_test, config.seed,
+            learned=~kip.corruption_mask(result.images.shape, config),
+        ),
         "versions": _library_versions(),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
@@ -163,12 +167,16 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     return metrics, curve
 
 
-def _code_digest() -> str:
-    """Hash of the modules that shape a KIP run: a checkpoint from other code is not resumed."""
-    digest = hashlib.sha256()
+def _checkpoint_key(params_hash: str, prepared: Prepared) -> str:
+    """What a checkpoint must match to be resumed: the params, the exact training arrays (so a
+    change of preprocessing code counts too), the code of the KIP loop and the library versions."""
+    digest = hashlib.sha256(params_hash.encode())
+    for array in (prepared.x_train, prepared.y_train):
+        digest.update(np.ascontiguousarray(array).tobytes())
     for module in (kip, kernels, krr, scoring):
         digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
+    digest.update(json.dumps(_library_versions(), sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _library_versions() -> dict[str, str]:

@@ -22,6 +22,9 @@ def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: arg
     except UserError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"stage {name}: interrupted; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextlib.contextmanager

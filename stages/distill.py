@@ -49,6 +49,10 @@ def main(args: argparse.Namespace) -> None:
             "privacy_nn_distance_median": distilled.metadata["privacy"]["support"]["median"],
             "real_nn_distance_median": distilled.metadata["privacy"]["real_test_images"]["median"],
         }
+        learned = distilled.metadata["privacy"].get("learned_pixels")
+        if learned:  # corrupted supports: the distance over the pixels KIP could change
+            metrics["privacy_learned_nn_distance_median"] = learned["support"]["median"]
+            metrics["real_learned_nn_distance_median"] = learned["real_test_images"]["median"]
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
         atomic.write_text(args.loss_curve, _csv([h for h in run.history if "loss" in h], ["step", "loss"]))
         atomic.write_text(args.accuracy_curve, _csv(monitored, ["step", "monitor_accuracy"]))
