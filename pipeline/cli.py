@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ examples:
   kip distill -o out/mnist-100.npz                      # 100 images of MNIST, FC NTK kernel
   kip distill --source embedded --dataset digits --steps 200 -o out/digits.npz
   kip evaluate out/mnist-100.npz                        # KRR test accuracy vs random real images
+  kip train out/mnist-100.npz --seeds 3                 # width-1024 networks trained on it vs on real images
   kip inspect artifacts/distilled.parquet               # validate an artifact, print its lineage
   kip data --source registry --dataset fashion_mnist    # fetch and describe a dataset
 """
@@ -40,6 +42,18 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_TRAIN_HELP = {
+    "architecture": "|".join(cfg.NETWORKS), "width": "fc hidden units", "depth": "fc hidden layers",
+    "conv_width": "conv channels", "conv_depth": "conv blocks (3x3 conv, ReLU, 2x2 pooling)",
+    "pooling": "|".join(cfg.POOLINGS), "parameterization": "|".join(cfg.PARAMETERIZATIONS),
+    "w_std": "weight std at init", "b_std": "bias std at init", "loss": "|".join(cfg.LOSSES),
+    "optimizer": "|".join(cfg.OPTIMIZERS), "learning_rate": "optimizer step size", "momentum": "sgd only",
+    "l2": "weight decay", "batch_size": "images per step", "steps": "optimizer steps per network",
+    "seeds": "networks per side (distilled / random real)", "eval_every": "test accuracy every N steps",
+    "seed": "network inits and baseline subsets",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
+    train = commands.add_parser(
+        "train", help="finite networks trained on a support set, against random real images",
+        description="Train finite networks (Flax) on a distilled .npz and, with the same budget, on "
+        "class-balanced random real subsets of the same size; score both on the full test split over "
+        "several seeds. Prints JSON. Options are the params.yaml train.* keys.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("support", type=Path, help="a .npz written by `kip distill`")
+    for field in dataclasses.fields(cfg.TrainConfig):
+        train.add_argument(
+            f"--{field.name.replace('_', '-')}", dest=f"train.{field.name}", type=type(field.default),
+            default=field.default, help=_TRAIN_HELP[field.name],
+        )
+    train.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    train.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+
     inspect = commands.add_parser(
         "inspect", aliases=["show"], help="validate a distilled .parquet or .npz and print its metadata",
         description="Check a distilled artifact (schema, shapes, checksum, stored preprocessing) and print "
@@ -115,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_data_args(data)
-    for sub in (distill, evaluate, inspect, data):
+    for sub in (distill, evaluate, train, inspect, data):
         _short_metavars(sub)
     return parser
 
@@ -176,6 +206,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pipeline import artifacts, atomic, workflow
+    from pipeline.prepared import reprepare
+
+    config = cfg.TrainConfig(**_section(args, "train"))
+    distilled = artifacts.load_npz(args.support)
+    prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
+    metrics, _ = workflow.transfer(distilled, prepared, config)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    if args.json:
+        atomic.write_text(args.json, text + "\n")
+    print(text)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from pipeline.inspection import inspect_artifact
 
@@ -199,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {
-        "distill": _cmd_distill, "evaluate": _cmd_evaluate, "inspect": _cmd_inspect, "show": _cmd_inspect,
+        "distill": _cmd_distill, "evaluate": _cmd_evaluate, "train": _cmd_train,
+        "inspect": _cmd_inspect, "show": _cmd_inspect,
         "data": _cmd_data,
     }[args.command]
     try:

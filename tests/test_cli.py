@@ -32,6 +32,7 @@ def run_cli(capsys, *argv):
     (["distill", "-o", "x.npz", "--source", "embedded", "--dataset", "digits", "--support-per-class", "500"],
      "distill.support_per_class=500 needs 5000 training images; the dataset has 1437"),
     (["evaluate", "missing.npz"], "missing.npz does not exist"),
+    (["train", "missing.npz", "--loss", "hinge"], "train.loss='hinge' is not allowed; expected one of: mse|xent"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)
@@ -101,6 +102,12 @@ def test_distill_then_evaluate_on_digits(capsys, tmp_path):
     assert metrics["support_size"] == 20 and metrics["test_size"] == 360
     assert metrics["krr_test_accuracy"] > metrics["baseline_test_accuracy"]
 
+    code, stdout, _ = run_cli(capsys, "train", str(out), "--width", "64", "--steps", "200", "--seeds", "2",
+                              "--eval-every", "0")
+    trained = json.loads(stdout)
+    assert code == 0 and trained["seeds"] == 2 and trained["support_size"] == 20
+    assert 0.1 < trained["nn_test_accuracy"] <= 1.0 and trained["nn_train_accuracy"] == 1.0
+
 
 def test_npz_is_readable_without_our_code(tmp_path, capsys):
     """The released-set convention: np.load(...)['images'] and ['labels']."""
@@ -122,6 +129,8 @@ def test_cli_defaults_are_the_library_defaults():
     assert config.PreprocessConfig(**cli._section(args, "preprocess")) == config.PreprocessConfig()
     assert config.KernelConfig(**cli._section(args, "kernel")) == config.KernelConfig()
     assert config.DistillConfig(**cli._section(args, "distill")) == config.DistillConfig()
+    args = cli.build_parser().parse_args(["train", "x.npz"])
+    assert config.TrainConfig(**cli._section(args, "train")) == config.TrainConfig()
 
 
 @pytest.mark.parametrize("argv, fragment", [
