@@ -46,30 +46,31 @@ def report(
     With it, a `learned_pixels` part repeats the comparison on those pixels only, real images
     masked alike: whole-image distances of a corrupted support mostly measure its noise.
     """
-    distance, index = nearest_train(images, x_train)
     rng = np.random.default_rng([seed, 5])
     sample = x_test[rng.choice(len(x_test), size=min(len(images), len(x_test)), replace=False)]
-    real, _ = nearest_train(sample, x_train)
-    section: dict[str, Any] = {
-        "metric": "L2 distance to the nearest training image, in the preprocessed space",
+    section = _comparison("L2 distance to the nearest training image, in the preprocessed space",
+                          images, sample, x_train, mask=None)
+    if learned is not None and not np.all(learned):
+        section["learned_pixels"] = _comparison(
+            "the same, over each support image's learnable (uncorrupted) pixels only",
+            images, sample, x_train, mask=learned,
+        )
+    return section
+
+
+def _comparison(metric: str, images: np.ndarray, sample: np.ndarray, x_train: np.ndarray,
+                mask: np.ndarray | None) -> dict[str, Any]:
+    """Support distances beside held-out real images' (masked alike when `mask` is given)."""
+    distance, index = nearest_train(images, x_train, mask=mask)
+    real, _ = nearest_train(sample, x_train, mask=None if mask is None else mask[: len(sample)])
+    return {
+        "metric": metric,
         "nearest_train_distance": [float(d) for d in distance],
         "nearest_train_index": [int(i) for i in index],
         "support": _summary(distance),
         "real_test_images": _summary(real),
         "median_ratio": float(np.median(distance) / max(np.median(real), 1e-12)),
     }
-    if learned is not None and not np.all(learned):
-        masked, masked_index = nearest_train(images, x_train, mask=learned)
-        real_masked, _ = nearest_train(sample, x_train, mask=learned[: len(sample)])
-        section["learned_pixels"] = {
-            "metric": "the same, over each support image's learnable (uncorrupted) pixels only",
-            "nearest_train_distance": [float(d) for d in masked],
-            "nearest_train_index": [int(i) for i in masked_index],
-            "support": _summary(masked),
-            "real_test_images": _summary(real_masked),
-            "median_ratio": float(np.median(masked) / max(np.median(real_masked), 1e-12)),
-        }
-    return section
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
