@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from _report import emit
+
 from pipeline import workflow
 from pipeline.cli import default_cache_dir
 from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
@@ -52,10 +54,7 @@ def main() -> int:
         }
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    text = json.dumps({"benchmark": "privacy_mnist", "kernel": asdict(kernel), "results": results}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit({"benchmark": "privacy_mnist", "kernel": asdict(kernel), "results": results}, args.out)
     return 0
 
 

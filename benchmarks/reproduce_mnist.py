@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from _report import emit
 
 from pipeline import workflow
 from pipeline.cli import default_cache_dir
@@ -68,19 +69,9 @@ def main() -> int:
         "preprocess": asdict(prep),
         "results": results,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 if __name__ == "__main__":

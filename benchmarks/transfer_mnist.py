@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from _report import emit
 
 from pipeline import workflow
 from pipeline.cli import default_cache_dir
@@ -55,12 +56,8 @@ def main() -> int:
         "distill": asdict(distill),
         "results": results,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"platform": platform.platform()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -282,7 +282,3 @@ def _coerce(param: str, value: Any, hint: Any) -> Any:
             return value
         raise UserError(f"{param}={value!r} is not allowed; expected a string")
     return value
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -24,12 +24,16 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 
 
-class ScaledDense(nn.Module):
+class _ScaledLayer(nn.Module):
+    """Shared fields of the NTK-or-standard parameterised layers."""
+
     features: int
     parameterization: str
     w_std: float
     b_std: float
 
+
+class ScaledDense(_ScaledLayer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
@@ -37,12 +41,7 @@ class ScaledDense(nn.Module):
         return _scale_and_bias(self, x @ w, fan_in)
 
 
-class ScaledConv(nn.Module):
-    features: int
-    parameterization: str
-    w_std: float
-    b_std: float
-
+class ScaledConv(_ScaledLayer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = 9 * x.shape[-1]
@@ -51,12 +50,12 @@ class ScaledConv(nn.Module):
         return _scale_and_bias(self, y, fan_in)
 
 
-def _init_std(layer: nn.Module, fan_in: int) -> float:
+def _init_std(layer: _ScaledLayer, fan_in: int) -> float:
     """ntk: W ~ N(0, 1), scaled in the forward pass; standard: W ~ N(0, w_std^2 / fan_in)."""
     return 1.0 if layer.parameterization == "ntk" else layer.w_std / math.sqrt(fan_in)
 
 
-def _scale_and_bias(layer: nn.Module, y: jax.Array, fan_in: int) -> jax.Array:
+def _scale_and_bias(layer: _ScaledLayer, y: jax.Array, fan_in: int) -> jax.Array:
     if layer.parameterization == "ntk":
         b = layer.param("bias", nn.initializers.normal(1.0), (layer.features,))
         return layer.w_std / math.sqrt(fan_in) * y + layer.b_std * b

@@ -24,7 +24,6 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
@@ -35,3 +37,12 @@ def tracked(name: str, params: dict[str, Any], params_file: Path) -> Iterator[Tr
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
     with stage_run(name, config, params_file=params_file, project_root=root) as tracker:
         yield tracker
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV (header first, other keys ignored): the format DVC plots read."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -6,13 +6,11 @@ Reads params: seed, kernel.*, distill.* (and tracking.*)   Reads: the prepared .
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from _stage import run_stage, tracked
+from _stage import csv_text, run_stage, tracked
 
 from pipeline import artifacts, atomic, parquet, plots, workflow
 from pipeline import prepared as prep_io
@@ -54,8 +52,8 @@ def main(args: argparse.Namespace) -> None:
             metrics["privacy_learned_nn_distance_median"] = learned["support"]["median"]
             metrics["real_learned_nn_distance_median"] = learned["real_test_images"]["median"]
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
-        atomic.write_text(args.loss_curve, _csv([h for h in run.history if "loss" in h], ["step", "loss"]))
-        atomic.write_text(args.accuracy_curve, _csv(monitored, ["step", "monitor_accuracy"]))
+        atomic.write_text(args.loss_curve, csv_text([h for h in run.history if "loss" in h], ["step", "loss"]))
+        atomic.write_text(args.accuracy_curve, csv_text(monitored, ["step", "monitor_accuracy"]))
         support_png = plots.support_figure(
             run.initial_images, distilled.images, distilled.classes, prepared.class_names, distilled.transform
         )
@@ -72,14 +70,6 @@ def main(args: argparse.Namespace) -> None:
         for path in (args.images, args.curves):
             tracker.log_artifact(path, "images")
     print(f"distill: {len(distilled.images)} images -> {args.npz}, {args.parquet}")
-
-
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 if __name__ == "__main__":

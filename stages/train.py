@@ -10,13 +10,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from _stage import run_stage, tracked
+from _stage import csv_text, run_stage, tracked
 
 from pipeline import artifacts, atomic, plots, workflow
 from pipeline import prepared as prep_io
 from pipeline.config import TrainConfig
 from pipeline.params import read_params, section, seed
 from pipeline.tracking import dataset_tags, file_md5
+
+CURVE_COLUMNS = ("step", "distilled_test_accuracy", "baseline_test_accuracy")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -30,9 +32,9 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "training")
         metrics, curve = workflow.transfer(distilled, prepared, config)
         atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        atomic.write_text(args.curve, _csv(curve))
+        atomic.write_text(args.curve, csv_text(curve, CURVE_COLUMNS))
         plots.save_png(args.curve_png, plots.transfer_figure(curve))
-        tracker.log_history([{k: v for k, v in point.items()} for point in curve])
+        tracker.log_history(curve)
         tracker.log_metrics(metrics)
         tracker.log_summary({k: v for k, v in metrics.items() if k.startswith("nn_")})
         tracker.log_artifact(args.curve_png, "images")
@@ -42,12 +44,6 @@ def main(args: argparse.Namespace) -> None:
         f"on {metrics['support_size']} distilled images (random real images: "
         f"{metrics['nn_baseline_test_accuracy']:.4f} ± {metrics['nn_baseline_test_accuracy_std']:.4f})"
     )
-
-
-def _csv(curve: list[dict[str, float]]) -> str:
-    lines = ["step,distilled_test_accuracy,baseline_test_accuracy"]
-    lines += [f"{p['step']},{p['distilled_test_accuracy']},{p['baseline_test_accuracy']}" for p in curve]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
