@@ -107,6 +107,8 @@ class DistillConfig:
     the whole training set (the paper's Label Solve baseline); the KIP-only keys are then unused.
     corruption: that fraction of each support image's pixels is replaced by noise at init and never
     learned (the paper's privacy experiments).
+    target_block: target batches larger than this are summed over blocks of this many images,
+    recomputed in the backward pass, so memory stays bounded (kip.kip_loss).
     """
 
     method: str = "kip"
@@ -115,6 +117,7 @@ class DistillConfig:
     learning_rate: float = 0.04
     lr_schedule: str = "constant"
     target_batch: int = 5000
+    target_block: int = 10000
     learn_labels: bool = False
     init: str = "real"
     corruption: float = 0.0
@@ -131,6 +134,7 @@ class DistillConfig:
         check_positive("distill.learning_rate", self.learning_rate)
         check_choice("distill.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_positive("distill.target_batch", self.target_batch, integer=True)
+        check_positive("distill.target_block", self.target_block, integer=True)
         check_choice("distill.init", self.init, INITS)
         check_non_negative("distill.corruption", self.corruption)
         if self.corruption >= 1:

@@ -26,13 +26,12 @@ def krr_scores(
     block_size: int = 1000,
     reg_name: str = "evaluate.reg",
 ) -> dict[str, float]:
-    """KRR fitted on the support, scored on every test image (kernel computed in blocks).
+    """KRR fitted on the support, scored on every test image; memory is one block of K_ts.
 
     A support kernel too ill-conditioned to solve (duplicate images with reg 0, say) is a UserError
     naming `reg_name`, the regulariser to raise.
     """
-    k_ss = kernels.kernel_matrix(kernel_fn, support_images, support_images, block_size)
-    k_ts = kernels.kernel_matrix(kernel_fn, test_images, support_images, block_size)
+    k_ss = kernels.support_matrix(kernel_fn, support_images)
     with enable_x64():  # the solve is tiny; do it in double precision whatever KIP used
         alpha = np.asarray(krr.fit(jnp.asarray(k_ss, jnp.float64), jnp.asarray(support_labels, jnp.float64), reg))
     if not np.isfinite(alpha).all():
@@ -40,7 +39,11 @@ def krr_scores(
             f"the {len(k_ss)}x{len(k_ss)} support kernel K_ss is singular or too ill-conditioned to solve "
             f"with {reg_name}={reg}; raise {reg_name} (e.g. to {max(reg * 100, 1e-6):g})"
         )
-    predictions = k_ts.astype(np.float64) @ alpha
+    # K_ts is never held whole: each block of test rows is projected onto alpha and dropped. The
+    # projection stays in float64: alpha ~ 1/reg has large entries of both signs that cancel.
+    predictions = np.empty((len(test_images), alpha.shape[1]))
+    for rows, block in kernels.kernel_rows(kernel_fn, test_images, support_images, block_size):
+        predictions[rows] = block.astype(np.float64) @ alpha
     return {
         "accuracy": krr.accuracy(predictions, test_labels),
         "mse": krr.mse(predictions, krr.centered_one_hot(test_labels, num_classes)),

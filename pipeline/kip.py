@@ -27,7 +27,7 @@ import optax
 from jax.experimental import enable_x64
 from tqdm.auto import tqdm
 
-from pipeline import atomic, krr
+from pipeline import atomic, devices, kernels, krr
 from pipeline.config import DistillConfig
 from pipeline.errors import UserError
 from pipeline.kernels import KernelFn
@@ -54,13 +54,46 @@ class KipResult:
 
 
 def kip_loss(
-    kernel_fn: KernelFn, reg: float, support: Support, x_t: jax.Array, y_t: jax.Array
+    kernel_fn: KernelFn,
+    reg: float,
+    support: Support,
+    x_t: jax.Array,
+    y_t: jax.Array,
+    target_block: int | None = None,
 ) -> jax.Array:
-    """The KIP objective for one target batch."""
-    k_ss = kernel_fn(support.images, support.images)
-    k_ts = kernel_fn(x_t, support.images)
+    """The KIP objective for one target batch.
+
+    target_block: targets per kernel block. A larger batch is summed block by block with the
+    blocks' forward pass recomputed in the backward one (jax.checkpoint), so memory is
+    O(target_block x support) for any batch, at the price of one more K_ts per extra block.
+    """
+    k_ss = kernels.self_kernel(kernel_fn, support.images)
     alpha = krr.fit(k_ss, support.labels, reg)
-    return 0.5 * jnp.mean((krr.predict(k_ts, alpha) - y_t) ** 2)
+
+    def squared_error(x_block, y_block):
+        k_ts = kernel_fn(devices.shard_rows(x_block), support.images)
+        return jnp.sum((krr.predict(k_ts, alpha) - y_block) ** 2, axis=1)
+
+    n_t = x_t.shape[0]
+    if not target_block or n_t <= target_block:
+        return 0.5 * jnp.mean(squared_error(x_t, y_t)) / y_t.shape[1]
+    blocks = -(-n_t // target_block)
+    pad = blocks * target_block - n_t
+    weight = jnp.concatenate([jnp.ones(n_t, y_t.dtype), jnp.zeros(pad, y_t.dtype)])
+    x_pad = jnp.concatenate([x_t, jnp.repeat(x_t[:1], pad, axis=0)])  # real rows keep padding finite
+    y_pad = jnp.concatenate([y_t, jnp.repeat(y_t[:1], pad, axis=0)])
+    block_error = jax.checkpoint(lambda x, y, w: jnp.sum(w * squared_error(x, y)))
+
+    def add_block(total, block):
+        return total + block_error(*block), None
+
+    shaped = (
+        x_pad.reshape((blocks, target_block) + x_t.shape[1:]),
+        y_pad.reshape(blocks, target_block, y_t.shape[1]),
+        weight.reshape(blocks, target_block),
+    )
+    total, _ = jax.lax.scan(add_block, jnp.zeros((), y_t.dtype), shaped)
+    return 0.5 * total / (n_t * y_t.shape[1])
 
 
 def make_step(
@@ -69,9 +102,12 @@ def make_step(
     reg: float,
     learn_labels: bool,
     frozen: np.ndarray | None = None,
+    target_block: int | None = None,
 ):
     """One jitted KIP update: gather the target batch, value-and-grad, Adam.
 
+    The target batch is split by rows across all devices (`devices`); everything else is
+    replicated. Shapes never change between steps, so the step compiles once.
     frozen: boolean mask over the support pixels that must never change (corruption). Their
     gradient is zeroed before Adam, so Adam's moments, and hence their updates, stay exactly 0.
     """
@@ -80,12 +116,12 @@ def make_step(
     def loss_fn(support: Support, x_t, y_t):
         if not learn_labels:
             support = support._replace(labels=jax.lax.stop_gradient(support.labels))
-        return kip_loss(kernel_fn, reg, support, x_t, y_t)
+        return kip_loss(kernel_fn, reg, support, x_t, y_t, target_block)
 
     @jax.jit
     def step(support: Support, opt_state, x_train, y_train, target_idx):
-        x_t = jnp.take(x_train, target_idx, axis=0)
-        y_t = jnp.take(y_train, target_idx, axis=0)
+        x_t = devices.shard_rows(jnp.take(x_train, target_idx, axis=0))
+        y_t = devices.shard_rows(jnp.take(y_train, target_idx, axis=0))
         loss, grads = jax.value_and_grad(loss_fn)(support, x_t, y_t)
         if frozen_mask is not None:
             grads = grads._replace(images=jnp.where(frozen_mask, 0.0, grads.images))
@@ -206,9 +242,9 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         # The starting point of the learning curve: how good the initial support already is.
         history.append({"step": 0, **monitor(np.asarray(support.images), np.asarray(support.labels))})
     frozen = corruption_mask(init_images.shape, config)
-    step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels, frozen)
-    x_dev = jnp.asarray(x_train, dtype)
-    y_dev = jnp.asarray(krr.centered_one_hot(y_train, num_classes), dtype)
+    step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels, frozen, config.target_block)
+    x_dev = devices.put_replicated(np.asarray(x_train, dtype))
+    y_dev = devices.put_replicated(np.asarray(krr.centered_one_hot(y_train, num_classes), dtype))
     last_saved = start
     bar = tqdm(total=config.steps, initial=start, desc="KIP", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, config.steps):
@@ -253,15 +289,19 @@ def label_solve(
     block_size: int = 1000,
 ) -> KipResult:
     """Label Solve (KIP paper, Sec. 3): keep the initial support images, solve for the labels
-    that make KRR on them fit the *whole* training set best. One kernel pass, no iterations."""
-    from pipeline.kernels import kernel_matrix
-
+    that make KRR on them fit the *whole* training set best. One kernel pass, no iterations; the
+    sums over training images are accumulated block by block, so memory is one block's kernel."""
     images, classes = init_support(x_train, y_train, num_classes, config)
+    targets = krr.centered_one_hot(y_train, num_classes).astype(np.float64)
+    gram = np.zeros((len(images), len(images)))
+    rhs = np.zeros((len(images), num_classes))
+    for rows, k_block in kernels.kernel_rows(kernel_fn, x_train, images, block_size):
+        k_block = k_block.astype(np.float64)
+        gram += k_block.T @ k_block
+        rhs += k_block.T @ targets[rows]
     with enable_x64():
-        k_ss = jnp.asarray(kernel_matrix(kernel_fn, images, images, block_size), jnp.float64)
-        k_ts = jnp.asarray(kernel_matrix(kernel_fn, x_train, images, block_size), jnp.float64)
-        y_t = jnp.asarray(krr.centered_one_hot(y_train, num_classes), jnp.float64)
-        labels = np.asarray(krr.label_solve(k_ss, k_ts, y_t, config.reg), np.float32)
+        k_ss = jnp.asarray(kernels.support_matrix(kernel_fn, images), jnp.float64)
+        labels = np.asarray(krr.label_solve_from_moments(k_ss, jnp.asarray(gram), jnp.asarray(rhs), config.reg), np.float32)
     return KipResult(images=images, labels=labels, classes=np.asarray(classes), initial_images=images, history=[])
 
 

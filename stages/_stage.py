@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from pipeline import runtime
 from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
 from pipeline.params import section
@@ -19,6 +20,7 @@ from pipeline.tracking import Tracker, stage_run
 
 def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     args = parser.parse_args()
+    runtime.tune_process()
     try:
         main(args)
     except UserError as err:

@@ -1,0 +1,186 @@
+"""Closed-form FC and RBF kernels, computed from one Gram matrix of dot products.
+
+Why we write these by hand instead of calling neural-tangents: a KIP step spends its time on
+K_ss and K_ts and their gradients. For a fully-connected network every kernel entry is a function
+of three numbers only: x.x', |x|^2 and |x'|^2. Computing the Gram matrix once per pair of sets and
+applying the layer recursion element-wise leaves one matmul (and its transpose in the backward
+pass) as the only heavy work. neural-tangents' general `Kernel` machinery recomputes per-set
+variances, carries NNGP and NTK through every layer and differentiates through `arctan2` and a
+guarded square root; on our benchmark (benchmarks/kip_step.py) that is ~2x slower than this file.
+
+The recursion is neural-tangents' own (stax.Dense, stax.Relu, stax.Erf), layer for layer and
+in the same order, so both parameterisations agree with it to float rounding; a test checks that
+(tests/test_closed_form.py). For ReLU we give the arc-cosine map J(c) its analytic derivative,
+(pi - theta) / (2 pi): the derivative of arccos is infinite at c = +-1 (every diagonal entry of
+K_ss), but J's is finite, so the backward pass needs no guards and no extra transcendental calls.
+In float32 the arc-cosine itself is a degree-7 polynomial (Abramowitz & Stegun 4.4.46, error
+<= 2e-8 in exact arithmetic, 4e-7 measured in float32, where jnp.arccos measures 3e-7): XLA:CPU
+lowers arccos to a scalar loop, 52 ms over 5M entries against 3 ms for the polynomial.
+
+    Sigma_1 = w^2 x.x'/d + b^2                                  (first Dense)
+    Sigma_{l+1} = w^2 sqrt(q q') J(c) + b^2,  c = Sigma_l / sqrt(q q')   (ReLU, then Dense)
+    Theta_{l+1} = Sigma_{l+1} + w^2 Theta_l * dSigma_l                  (ntk parameterisation)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pipeline.config import KernelConfig
+
+GramKernel = Callable[..., jax.Array]
+"""k(gram, sq1, sq2, same=False) -> kernel, with gram = x1 @ x2.T and sq = squared row norms of the
+flattened images; `same=True` says x1 is x2, so the diagonal pairs are exactly parallel."""
+
+
+def supports(spec: KernelConfig) -> bool:
+    """Kernels that depend on inputs only through dot products and norms."""
+    return spec.architecture in ("fc", "rbf")
+
+
+def gram_kernel(spec: KernelConfig, input_dim: int) -> GramKernel:
+    """The kernel of `spec` as a function of the Gram matrix and the squared norms."""
+    if spec.architecture == "rbf":
+        gamma = spec.gamma
+
+        def rbf(gram, sq_row, sq_col, diagonal):
+            sq_dist = sq_row + sq_col - 2.0 * gram
+            return jnp.exp(-gamma * jnp.maximum(sq_dist, 0.0) / input_dim)
+
+        return _entrywise_kernel(rbf)
+    if spec.architecture != "fc":
+        raise ValueError(f"no closed form for kernel.architecture={spec.architecture!r}; expected fc or rbf")
+    return _entrywise_kernel(_fc_map(spec, input_dim))
+
+
+def flat_gram(x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x1 @ x2.T, |x1|^2, |x2|^2) over flattened images."""
+    a = x1.reshape(x1.shape[0], -1)
+    b = x2.reshape(x2.shape[0], -1)
+    return a @ b.T, squared_norms(a), squared_norms(b)
+
+
+def squared_norms(x: jax.Array) -> jax.Array:
+    """Row sums of squares as a matrix-vector product: XLA:CPU runs jnp.sum(x * x, 1) as a
+    reduce-window, an order of magnitude slower (12 ms against 1 ms for 5000 MNIST images)."""
+    return (x * x) @ jnp.ones(x.shape[1], x.dtype)
+
+
+def _entrywise_kernel(entrywise: Callable) -> GramKernel:
+    """Broadcast the norms against the Gram matrix and mark the diagonal of a self-kernel."""
+
+    def kernel(gram, sq1, sq2, same=False):
+        diagonal = jnp.eye(gram.shape[0], dtype=bool) if same else None
+        return entrywise(gram, sq1[:, None], sq2[None, :], diagonal)
+
+    return kernel
+
+
+def _fc_map(spec: KernelConfig, input_dim: int) -> Callable:
+    """neural-tangents' FC recursion, entry-wise on (gram, row norms, column norms)."""
+    w2, b2 = spec.w_std ** 2, spec.b_std ** 2
+    relu = spec.activation == "relu"
+    standard = spec.parameterization == "standard"
+    want_ntk = spec.kind == "ntk"
+
+    def dense(nngp, var1, var2, ntk, fan_in):
+        """stax.Dense: affine map of the covariances; the NTK gains the layer's own gradient term."""
+        if want_ntk:
+            if standard:
+                ntk = fan_in * nngp + w2 * ntk + (1.0 if spec.b_std is not None else 0.0)
+            else:
+                ntk = (w2 * nngp + b2) + w2 * ntk
+        return w2 * nngp + b2, w2 * var1 + b2, w2 * var2 + b2, ntk
+
+    def entrywise(gram, sq_row, sq_col, diagonal):
+        nngp = gram / input_dim
+        var1, var2 = sq_row / input_dim, sq_col / input_dim
+        ntk = jnp.zeros_like(nngp) if want_ntk else None
+        fan_in = input_dim
+        for _ in range(spec.depth):
+            nngp, var1, var2, ntk = dense(nngp, var1, var2, ntk, fan_in)
+            if relu:
+                nngp, var1, var2, dot = _relu(nngp, var1, var2, diagonal)
+            else:
+                nngp, var1, var2, dot = _erf(nngp, var1, var2)
+            if want_ntk:
+                ntk = ntk * dot
+            fan_in = 1  # the infinite-width kernel is built with width-1 layers (see kernels.stax_network)
+        nngp, var1, var2, ntk = dense(nngp, var1, var2, ntk, fan_in)
+        return ntk if want_ntk else nngp
+
+    return entrywise
+
+
+def _relu(nngp, var1, var2, diagonal=None):
+    """ReLU's arc-cosine map: new covariances and the derivative kernel E[relu'(u) relu'(v)].
+
+    diagonal: where x1[i] is x2[j]. Their cosine is 1 exactly; computed, it is 1 - O(eps), and the
+    arc-cosine turns that into an O(sqrt(eps)) angle (3e-4 in float32), so we pin it.
+    """
+    scale = jnp.sqrt(var1 * var2)
+    cosine = nngp / scale
+    if diagonal is not None:
+        cosine = jnp.where(diagonal, 1.0, cosine)
+    slope = (math.pi - _arccos(cosine)) / (2 * math.pi)
+    return scale * _arccos_map(cosine), var1 / 2, var2 / 2, slope
+
+
+@jax.custom_jvp
+def _arccos_map(cosine):
+    """J(c) = (sin t + (pi - t) c) / 2pi with t = arccos c; |c| > 1 from rounding is clipped."""
+    c = jnp.clip(cosine, -1.0, 1.0)
+    return (jnp.sqrt(1.0 - c * c) + (math.pi - _arccos_value(c)) * c) / (2 * math.pi)
+
+
+@_arccos_map.defjvp
+def _arccos_map_jvp(primals, tangents):
+    (cosine,), (d_cosine,) = primals, tangents
+    slope = (math.pi - _arccos_value(jnp.clip(cosine, -1.0, 1.0))) / (2 * math.pi)
+    return _arccos_map(cosine), slope * d_cosine
+
+
+@jax.custom_jvp
+def _arccos(cosine):
+    return _arccos_value(jnp.clip(cosine, -1.0, 1.0))
+
+
+# Abramowitz & Stegun 4.4.46: arccos(x) = sqrt(1 - x) * P(x) on [0, 1], |error| <= 2e-8.
+_ACOS_COEFFS = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
+                0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
+
+
+def _arccos_value(c):
+    """arccos on [-1, 1]: exact in float64, the vectorisable polynomial in float32 and below."""
+    if c.dtype == jnp.float64:
+        return jnp.arccos(c)
+    a = jnp.abs(c)
+    poly = jnp.full_like(a, _ACOS_COEFFS[-1])
+    for coeff in _ACOS_COEFFS[-2::-1]:
+        poly = poly * a + coeff
+    half = jnp.sqrt(1.0 - a) * poly
+    return jnp.where(c < 0, math.pi - half, half)
+
+
+@_arccos.defjvp
+def _arccos_jvp(primals, tangents):
+    """d arccos = -dc / sin t, and 0 where sin t == 0: there (x = x', the diagonal of K_ss) the
+    cosine cannot change to first order, so any finite multiplier is exact; infinity would be NaN."""
+    (cosine,), (d_cosine,) = primals, tangents
+    c = jnp.clip(cosine, -1.0, 1.0)
+    sine_sq = 1.0 - c * c
+    safe = jnp.where(sine_sq > 0, sine_sq, 1.0)
+    return _arccos(cosine), jnp.where(sine_sq > 0, -d_cosine / jnp.sqrt(safe), 0.0)
+
+
+def _erf(nngp, var1, var2):
+    """Erf's arc-sine map (Williams 1997) and its derivative kernel."""
+    d1, d2 = 1.0 + 2.0 * var1, 1.0 + 2.0 * var2
+    prod = d1 * d2
+    root = jnp.sqrt(jnp.maximum(prod - 4.0 * nngp * nngp, 1e-30))
+    new = (2 / math.pi) * jnp.arctan2(2.0 * nngp, root)
+    diag = lambda v: (2 / math.pi) * jnp.arctan2(v, jnp.sqrt(v + 0.25))
+    return new, diag(var1), diag(var2), (4 / math.pi) / root
