@@ -17,9 +17,10 @@ the defaults, as the paper's code runs. FLOPs count the matmul work any implemen
 forward and backward Gram products 4 n_s (n_s + n_t) d, Cholesky n_s^3 / 3, prediction and its
 backward 4 n_t n_s C. GFLOP/s = that count / median step time.
 
-Memory: peak RSS of a child process that evaluates KRR (1000-image support) on 10k..60k images,
-and of one that takes one KIP step (100-image support) with 10k..60k targets
-(distill.target_block = 10000), beside the bytes of the images themselves.
+Memory: peak RSS (VmHWM) of a child process that evaluates KRR (1000-image support) on 10k..60k
+images, and of one that takes one KIP step (1000-image support) with 10k..60k targets, in blocks
+of 10000 (distill.target_block) and, for contrast, in one block; beside the resident size before
+the work (runtime, TensorFlow, the images themselves).
 
     python benchmarks/kip_step.py [--repeats 10] [--out benchmarks/results/kip_step.json]
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +38,12 @@ from _report import emit
 
 SIZES = [(100, 1000), (100, 5000), (1000, 1000), (1000, 5000)]
 MEMORY_SIZES = [10_000, 20_000, 40_000, 60_000]
+MEMORY_KINDS = {  # what runs, and its target_block
+    "evaluate": None,
+    "kip": 10_000,
+    "kip_unblocked": None,  # the contrast: one block however many targets
+}
+MEMORY_SUPPORT = 1000
 SHAPE = (28, 28, 1)
 CLASSES = 10
 REG = 1e-6
@@ -47,13 +53,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", choices=["reference", "evaluate", "kip"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["reference", *MEMORY_KINDS], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "reference":
         print(json.dumps(reference_only(args.repeats)))
         return 0
-    if args.child in ("evaluate", "kip"):
+    if args.child in MEMORY_KINDS:
         print(json.dumps(memory_child(args.child, args.size)))
         return 0
 
@@ -67,7 +73,7 @@ def main() -> int:
         row["reference_default_process_ms"] = untuned[f"{row['support']}x{row['targets']}"]
         row["speedup_vs_reference_default_process"] = round(row["reference_default_process_ms"] / row["ours_ms"], 2)
     memory = {kind: [json.loads(_child(["--child", kind, "--size", str(n)])) for n in MEMORY_SIZES]
-              for kind in ("evaluate", "kip")}
+              for kind in MEMORY_KINDS}
     emit({
         "benchmark": "kip_step",
         "kernel": "fc ntk, depth 1, relu, ntk parameterisation; float32",
@@ -230,52 +236,60 @@ def _training_step(n_s: int, n_t: int, repeats: int) -> tuple[float, int]:
 
 def memory_child(kind: str, n: int) -> dict:
     """One measurement per process, so ru_maxrss is this size's peak alone."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from pipeline import runtime
+    from pipeline import kernels, kip, krr, runtime
+    from pipeline.config import KernelConfig
+    from pipeline.evaluate import krr_scores
 
     runtime.tune_process()
+    jnp.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
     rng = np.random.default_rng(n)
-    images = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    images = rng.standard_normal((n,) + SHAPE, dtype=np.float32)
     labels = (np.arange(n) % CLASSES).astype(np.int64)
-    before = _peak_rss_mb()
+    before = _rss_mb()
     started = time.perf_counter()
     if kind == "evaluate":
-        from pipeline import kernels, krr
-        from pipeline.config import KernelConfig
-        from pipeline.evaluate import krr_scores
-
-        support = rng.standard_normal((1000,) + SHAPE).astype(np.float32)
-        targets = krr.centered_one_hot(np.arange(1000) % CLASSES, CLASSES)
+        support = rng.standard_normal((MEMORY_SUPPORT,) + SHAPE, dtype=np.float32)
+        targets = krr.centered_one_hot(np.arange(MEMORY_SUPPORT) % CLASSES, CLASSES)
         krr_scores(kernels.make(KernelConfig()), support, targets, images, labels, CLASSES, REG, block_size=1000)
-        support_size = 1000
     else:
-        import jax
-        import jax.numpy as jnp
-
-        from pipeline import kernels, kip, krr
-        from pipeline.config import KernelConfig
-
-        support_size = 100
-        support = kip.Support(jnp.asarray(images[:support_size]),
-                              jnp.asarray(krr.centered_one_hot(labels[:support_size], CLASSES)))
+        block = MEMORY_KINDS[kind]
+        support = kip.Support(jnp.asarray(images[:MEMORY_SUPPORT]),
+                              jnp.asarray(krr.centered_one_hot(labels[:MEMORY_SUPPORT], CLASSES)))
         y_t = jnp.asarray(krr.centered_one_hot(labels, CLASSES))
         loss = jax.jit(jax.value_and_grad(
-            lambda s, x, y: kip.kip_loss(kernels.make(KernelConfig()), REG, s, x, y, target_block=10_000)))
+            lambda s, x, y: kip.kip_loss(kernels.make(KernelConfig()), REG, s, x, y, target_block=block)))
         value, _ = loss(support, jnp.asarray(images), y_t)
         float(value)
     return {
-        "images": n, "support": support_size,
+        "images": n, "support": MEMORY_SUPPORT, "block": MEMORY_KINDS[kind] if kind != "evaluate" else 1000,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rss_before_work_mb": round(before, 1),
+        "rss_before_work_mb": round(before, 1),  # interpreter, jax, TensorFlow (via neural-tangents), the images
         "images_mb": round(images.nbytes / 2**20, 1),
-        "peak_minus_images_mb": round(_peak_rss_mb() - images.nbytes / 2**20, 1),
+        "peak_above_baseline_mb": round(_peak_rss_mb() - before, 1),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """VmHWM, the process's peak resident set. Not getrusage's ru_maxrss: Linux carries that over
+    from the parent through fork and exec, so a child would report the benchmark's own peak."""
+    return _status_kib("VmHWM") / 1024
+
+
+def _rss_mb() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _child(arguments: list[str]) -> str:

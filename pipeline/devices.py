@@ -59,6 +59,13 @@ def put_replicated(x: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(x.shape, replicated_sharding(), lambda index: x[index])
 
 
+def replicate_tree(tree):
+    """Every array leaf of a pytree (support, optimiser state) on every device."""
+    if count() == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda leaf: put_replicated(np.asarray(leaf)), tree)
+
+
 def put_rows(x: np.ndarray) -> jax.Array:
     """A host array split by rows across devices; rows must be a multiple of the device count
     (callers pad: see `padded_rows`)."""

@@ -3,8 +3,8 @@
 `make(spec)` returns `kernel(x1, x2) -> (n1, n2)` for images of any shape: a pure, jittable,
 differentiable JAX function. Network kernels are the infinite-width NNGP / NTK of neural-tangents
 `stax` networks (Novak et al. 2020). For FC networks and RBF we evaluate the same recursion in
-closed form from one Gram matrix (`closed_form`, ~3x faster for a KIP step; tests hold it to
-neural-tangents); ConvNet kernels are neural-tangents' own.
+closed form from one Gram matrix (`closed_form`: faster KIP steps, held to neural-tangents by
+tests/test_closed_form.py); ConvNet kernels are neural-tangents' own (`make_reference`).
 
 `self_kernel(kernel, x)` is k(x, x) with its diagonal pinned exact where the kernel allows.
 

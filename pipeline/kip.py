@@ -80,8 +80,10 @@ def kip_loss(
     blocks = -(-n_t // target_block)
     pad = blocks * target_block - n_t
     weight = jnp.concatenate([jnp.ones(n_t, y_t.dtype), jnp.zeros(pad, y_t.dtype)])
-    x_pad = jnp.concatenate([x_t, jnp.repeat(x_t[:1], pad, axis=0)])  # real rows keep padding finite
-    y_pad = jnp.concatenate([y_t, jnp.repeat(y_t[:1], pad, axis=0)])
+    x_pad, y_pad = x_t, y_t
+    if pad:  # copies of a real row keep the padding finite; their weight is 0
+        x_pad = jnp.concatenate([x_t, jnp.repeat(x_t[:1], pad, axis=0)])
+        y_pad = jnp.concatenate([y_t, jnp.repeat(y_t[:1], pad, axis=0)])
     block_error = jax.checkpoint(lambda x, y, w: jnp.sum(w * squared_error(x, y)))
 
     def add_block(total, block):
@@ -237,6 +239,7 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         restored = _load_checkpoint(checkpoint, checkpoint_key, support, opt_state)
         if restored is not None:
             support, opt_state, start, history = restored
+    support, opt_state = devices.replicate_tree((support, opt_state))
 
     if monitor is not None and config.eval_every and start == 0:
         # The starting point of the learning curve: how good the initial support already is.

@@ -1,0 +1,133 @@
+"""The fast path against neural-tangents: our closed-form FC kernels and our KIP step must equal
+the plain neural-tangents kernel_fn + solve (the paper's code) to 1e-5 relative."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import jax.scipy as jsp
+import numpy as np
+import optax
+import pytest
+from jax.experimental import enable_x64
+
+from pipeline import closed_form, kernels, kip
+from pipeline.config import KernelConfig
+
+GRID = [
+    KernelConfig(architecture="fc", kind=kind, depth=depth, parameterization=param, activation=act, b_std=b_std)
+    for kind, depth, param, act, b_std in itertools.product(
+        ["ntk", "nngp"], [1, 3], ["ntk", "standard"], ["relu", "erf"], [0.0, 0.5])
+]
+
+
+def _ids(spec: KernelConfig) -> str:
+    return f"{spec.kind}-d{spec.depth}-{spec.parameterization}-{spec.activation}-b{spec.b_std}"
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("spec", GRID, ids=_ids)
+def test_kernel_and_its_gradient_equal_neural_tangents(rng, spec):
+    with enable_x64():
+        x1 = jnp.asarray(rng.standard_normal((7, 4, 4, 2)))
+        x2 = jnp.asarray(rng.standard_normal((5, 4, 4, 2)))
+        ours, reference = kernels.make(spec), kernels.make_reference(spec)
+        assert isinstance(ours, kernels.GramKernelFn) and not isinstance(reference, kernels.GramKernelFn)
+        assert _relative(ours(x1, x2), reference(x1, x2)) < 1e-10
+        # On K(x, x)'s diagonal the angle is 0; computed from rounded dot products it is O(sqrt(eps)),
+        # 1e-8 in float64. Ours pins it to 0 exactly, neural-tangents does not: they differ at that level.
+        assert _relative(kernels.self_kernel(ours, x1), reference(x1, x1)) < 1e-7
+
+        def summary(kernel_fn, x):  # any smooth scalar of K_ss and K_ts exercises every entry's gradient
+            return jnp.sum(jnp.sin(kernel_fn(x, x))) + jnp.sum(jnp.cos(kernel_fn(x2, x)))
+
+        grad_ours = jax.grad(lambda x: summary(ours, x))(x1)
+        grad_reference = jax.grad(lambda x: summary(reference, x))(x1)
+        assert _relative(grad_ours, grad_reference) < 1e-5
+
+
+def _reference_loss(spec, reg, x_s, y_s, x_t, y_t):
+    """The KIP notebook's loss: neural-tangents kernel_fn and a positive-definite solve."""
+    _, _, kernel_fn = kernels.stax_network(spec)
+    k_ss = kernel_fn(x_s, x_s, spec.kind)
+    k_ts = kernel_fn(x_t, x_s, spec.kind)
+    k_reg = k_ss + reg * jnp.trace(k_ss) * jnp.eye(k_ss.shape[0]) / k_ss.shape[0]
+    prediction = k_ts @ jsp.linalg.solve(k_reg, y_s, assume_a="pos")
+    return 0.5 * jnp.mean((prediction - y_t) ** 2)
+
+
+@pytest.mark.parametrize("spec", [KernelConfig(), KernelConfig(kind="nngp", depth=2), KernelConfig(activation="erf")],
+                         ids=["fc-ntk", "fc-nngp-2", "fc-erf"])
+def test_kip_step_equals_the_papers_step(digits_standardized, spec):
+    """Value and gradient (images and labels) of our KIP loss against the reference, on real
+    digits (supports taken from the targets' own distribution, so K_ss is a realistic matrix)."""
+    x_train, y_train, _, _ = digits_standardized
+    with enable_x64():
+        x_s = jnp.asarray(x_train[:40], jnp.float64)
+        y_s = jnp.asarray(np.eye(10)[y_train[:40]] - 0.1)
+        x_t = jnp.asarray(x_train[100:600], jnp.float64)
+        y_t = jnp.asarray(np.eye(10)[y_train[100:600]] - 0.1)
+        reg = 1e-4
+        ours = jax.value_and_grad(
+            lambda xs, ys: kip.kip_loss(kernels.make(spec), reg, kip.Support(xs, ys), x_t, y_t), argnums=(0, 1))
+        reference = jax.value_and_grad(lambda xs, ys: _reference_loss(spec, reg, xs, ys, x_t, y_t), argnums=(0, 1))
+        (loss, (g_images, g_labels)), (loss_ref, (g_images_ref, g_labels_ref)) = ours(x_s, y_s), reference(x_s, y_s)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-5)
+    assert _relative(g_images, g_images_ref) < 1e-5
+    assert _relative(g_labels, g_labels_ref) < 1e-5
+
+
+def test_float32_kernel_is_close_to_float64_reference(digits_standardized):
+    """The float32 fast path (polynomial arc-cosine, pinned diagonal) against neural-tangents in
+    float64: what KIP actually runs, held to float32-level error."""
+    x_train = digits_standardized[0]
+    spec = KernelConfig()
+    ours = np.asarray(kernels.self_kernel(kernels.make(spec), jnp.asarray(x_train[:200], jnp.float32)))
+    cross = np.asarray(kernels.make(spec)(jnp.asarray(x_train[200:500], jnp.float32), jnp.asarray(x_train[:200], jnp.float32)))
+    with enable_x64():
+        reference = kernels.make_reference(spec)
+        exact = np.asarray(reference(jnp.asarray(x_train[:200], jnp.float64), jnp.asarray(x_train[:200], jnp.float64)))
+        exact_cross = np.asarray(reference(jnp.asarray(x_train[200:500], jnp.float64), jnp.asarray(x_train[:200], jnp.float64)))
+    assert _relative(ours, exact) < 1e-5
+    assert _relative(np.diag(ours), np.diag(exact)) < 1e-5
+    assert _relative(cross, exact_cross) < 1e-5
+
+
+def test_polynomial_arccos_accuracy():
+    grid = np.linspace(-1.0, 1.0, 200_001)
+    approx = np.asarray(closed_form._arccos_value(jnp.asarray(grid, jnp.float32)), np.float64)
+    exact = np.arccos(grid.astype(np.float32).astype(np.float64))
+    assert np.max(np.abs(approx - exact)) < 1e-6
+
+
+def test_target_blocks_equal_one_block(rng):
+    """Blocked targets (padding, recomputation) give the loss and gradient of one block."""
+    kernel_fn = kernels.make(KernelConfig())
+    with enable_x64():
+        support = kip.Support(jnp.asarray(rng.standard_normal((6, 4, 4, 1))), jnp.asarray(rng.standard_normal((6, 3))))
+        x_t = jnp.asarray(rng.standard_normal((50, 4, 4, 1)))
+        y_t = jnp.asarray(rng.standard_normal((50, 3)))
+        whole = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t))(support)
+        for block in (7, 25):  # with padding, and without
+            blocked = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t, target_block=block))(support)
+            assert float(blocked[0]) == pytest.approx(float(whole[0]), rel=1e-12)
+            assert _relative(blocked[1].images, whole[1].images) < 1e-10
+            assert _relative(blocked[1].labels, whole[1].labels) < 1e-10
+
+
+def test_step_compiles_once_across_target_batches(digits_standardized):
+    x_train, y_train, _, _ = digits_standardized
+    optimizer = optax.adam(0.01)
+    support = kip.Support(jnp.asarray(x_train[:20]), jnp.asarray(np.eye(10)[y_train[:20]] - 0.1, jnp.float32))
+    state = optimizer.init(support)
+    step = kip.make_step(kernels.make(KernelConfig()), optimizer, 1e-6, learn_labels=True)
+    x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(np.eye(10)[y_train] - 0.1, jnp.float32)
+    for seed in range(4):
+        idx = kip.target_indices(y_train, 10, 200, seed=seed, step=seed)
+        support, state, _ = step(support, state, x_dev, y_dev, idx)
+    assert step._cache_size() == 1

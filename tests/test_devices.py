@@ -1,0 +1,102 @@
+"""Sharding across devices changes where the work runs, not the result.
+
+The same small KIP run, KRR evaluation and Label Solve run in two fresh processes: one with JAX's
+single CPU device and one with four (XLA_FLAGS=--xla_force_host_platform_device_count=4; the
+device count is fixed when JAX starts, hence the subprocesses). The four-device process also
+reports proof that the work was split: the compiled KIP step contains an all-reduce, and kernel
+blocks come back spread over four devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from pipeline import devices, evaluate, kernels, kip, krr, preprocess
+    from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
+    from pipeline.data import load_dataset
+
+    data = load_dataset(DataConfig(source="embedded", name="digits"), Path("/nonexistent"))
+    transform = preprocess.fit(PreprocessConfig("standardize"), data.x_train)
+    x_train, x_test = transform.apply(data.x_train), transform.apply(data.x_test)
+    kernel_fn = kernels.make(KernelConfig())
+    out = {"devices": jax.device_count()}
+    for name, block in (("whole", 10000), ("blocked", 96)):
+        config = DistillConfig(support_per_class=3, steps=4, learning_rate=0.01, target_batch=400,
+                               target_block=block, learn_labels=True, float64=True, checkpoint_every=0)
+        result = kip.distill(x_train, data.y_train, 10, kernel_fn, config, progress=False)
+        out[name] = {"images": result.images.tolist(), "labels": result.labels.tolist(),
+                     "loss": [h["loss"] for h in result.history]}
+    scores = evaluate.krr_scores(kernel_fn, np.asarray(out["whole"]["images"], np.float32),
+                                 np.asarray(out["whole"]["labels"], np.float32), x_test, data.y_test, 10, 1e-6,
+                                 block_size=100)
+    out["scores"] = scores
+    solved = kip.label_solve(x_train, data.y_train, 10, kernel_fn, DistillConfig(method="label_solve", support_per_class=3),
+                             block_size=100)
+    out["label_solve"] = solved.labels.tolist()
+    # Proof of distribution: the compiled step reduces across devices; kernel blocks are split.
+    optimizer = optax.adam(0.01)
+    support = kip.Support(jnp.asarray(x_train[:30]), jnp.asarray(np.eye(10)[data.y_train[:30]] - 0.1, jnp.float32))
+    step = kip.make_step(kernel_fn, optimizer, 1e-6, learn_labels=False)
+    x_dev = devices.put_replicated(x_train)
+    y_dev = devices.put_replicated((np.eye(10)[data.y_train] - 0.1).astype(np.float32))
+    idx = jnp.arange(400, dtype=jnp.int32)
+    hlo = step.lower(support, optimizer.init(support), x_dev, y_dev, idx).compile().as_text()
+    out["step_all_reduce"] = "all-reduce" in hlo
+    tile = kernels._jitted(kernel_fn)(devices.put_rows(x_test[:400]), devices.put_replicated(x_train[:30]))
+    out["tile_devices"] = len(tile.sharding.device_set)
+    print(json.dumps(out))
+""")
+
+
+def _run(device_count: int) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if device_count > 1:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict, dict]:
+    return _run(1), _run(4)
+
+
+def test_four_devices_really_share_the_work(runs):
+    one, four = runs
+    assert (one["devices"], four["devices"]) == (1, 4)
+    assert four["step_all_reduce"] and four["tile_devices"] == 4
+    assert not one["step_all_reduce"] and one["tile_devices"] == 1
+
+
+@pytest.mark.parametrize("name", ["whole", "blocked"])
+def test_kip_is_the_same_on_four_devices(runs, name):
+    one, four = runs
+    np.testing.assert_allclose(four[name]["loss"], one[name]["loss"], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(four[name]["images"]), np.asarray(one[name]["images"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(four[name]["labels"]), np.asarray(one[name]["labels"]), rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_targets_give_the_same_run(runs):
+    one, _ = runs
+    np.testing.assert_allclose(one["blocked"]["loss"], one["whole"]["loss"], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(one["blocked"]["images"]), np.asarray(one["whole"]["images"]), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_and_label_solve_are_the_same_on_four_devices(runs):
+    one, four = runs
+    assert four["scores"]["accuracy"] == one["scores"]["accuracy"]
+    assert four["scores"]["mse"] == pytest.approx(one["scores"]["mse"], rel=1e-5)
+    np.testing.assert_allclose(np.asarray(four["label_solve"]), np.asarray(one["label_solve"]), rtol=1e-4, atol=1e-5)
