@@ -118,32 +118,7 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
 
     Returns the metrics and the learning curve (test accuracy per eval step, mean over seeds).
     """
-    from pipeline import finite
-
-    if distilled.transform.checksum() != prepared.transform.checksum():
-        raise UserError(
-            "the distilled set was made with other preprocessing than the prepared test data "
-            f"({distilled.transform.method} vs {prepared.transform.method}, or other fitted values); "
-            "expected both from the same pipeline run"
-        )
-    if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
-        raise UserError(
-            f"distilled images have shape {tuple(distilled.images.shape[1:])} but the test images are "
-            f"{tuple(prepared.x_test.shape[1:])}; expected the same shape"
-        )
-    per_class = max(1, len(distilled.images) // prepared.num_classes)
-    runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
-    for index in range(config.seeds):
-        seed = config.seed * 1000 + index
-        runs["distilled"].append(finite.train(
-            distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
-            prepared.num_classes, config, seed,
-        ))
-        idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, np.random.default_rng([config.seed, 3, index]))
-        runs["baseline"].append(finite.train(
-            prepared.x_train[idx], np.asarray(krr.centered_one_hot(prepared.y_train[idx], prepared.num_classes)),
-            prepared.y_train[idx], prepared.x_test, prepared.y_test, prepared.num_classes, config, seed,
-        ))
+    runs = train_networks(distilled, prepared, config)
     distilled_acc = [r.test_accuracy for r in runs["distilled"]]
     baseline_acc = [r.test_accuracy for r in runs["baseline"]]
     metrics = {
@@ -165,6 +140,40 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
         for i, point in enumerate(runs["distilled"][0].curve)
     ]
     return metrics, curve
+
+
+def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True) -> dict[str, list]:
+    """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]}
+    (baseline empty unless `baseline`)."""
+    from pipeline import finite
+
+    if distilled.transform.checksum() != prepared.transform.checksum():
+        raise UserError(
+            "the distilled set was made with other preprocessing than the prepared test data "
+            f"({distilled.transform.method} vs {prepared.transform.method}, or other fitted values); "
+            "expected both from the same pipeline run"
+        )
+    if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
+        raise UserError(
+            f"distilled images have shape {tuple(distilled.images.shape[1:])} but the test images are "
+            f"{tuple(prepared.x_test.shape[1:])}; expected the same shape"
+        )
+    per_class = max(1, len(distilled.images) // prepared.num_classes)
+    runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
+    for index in range(config.seeds):
+        seed = config.seed * 1000 + index
+        runs["distilled"].append(finite.train(
+            distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
+            prepared.num_classes, config, seed,
+        ))
+        if not baseline:
+            continue
+        idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, np.random.default_rng([config.seed, 3, index]))
+        runs["baseline"].append(finite.train(
+            prepared.x_train[idx], np.asarray(krr.centered_one_hot(prepared.y_train[idx], prepared.num_classes)),
+            prepared.y_train[idx], prepared.x_test, prepared.y_test, prepared.num_classes, config, seed,
+        ))
+    return runs
 
 
 def _checkpoint_key(params_hash: str, prepared: Prepared) -> str:

@@ -1,0 +1,177 @@
+"""The KIP paper's comparison as a matrix of independent cells, and the report that reads them.
+
+A cell is one (dataset, kernel, images per class). It runs the four methods the paper compares,
+all scored by KRR with the cell's kernel on the full test split:
+
+    random       class-balanced random real images (mean ± std over `repeats` subsets)
+    label_solve  the same kind of real images with labels solved in closed form (paper, Sec. 3)
+    kip          KIP, labels fixed to the one-hot classes
+    kip_labels   KIP with the labels learned too
+
+and trains finite networks (TrainConfig, several seeds) on the two KIP supports and on random real
+subsets of the same size. Each method's CPU time (all threads) is part of the result. Cells share
+nothing, so DVC reruns exactly the cells whose params changed (experiments/paper/dvc.yaml).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline import evaluate as scoring
+from pipeline import kernels, kip, krr
+from pipeline.artifacts import DistilledSet
+from pipeline.config import DistillConfig, KernelConfig, TrainConfig, from_mapping
+from pipeline.errors import UserError
+from pipeline.prepared import Prepared
+
+METHODS = ("random", "label_solve", "kip", "kip_labels")
+DATASETS = {"mnist": "registry", "fashion_mnist": "registry", "digits": "embedded"}  # name -> data source
+"""The paper's two datasets, and scikit-learn's digits for quick trials and tests."""
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Everything one cell computes from; built from `shared` overlaid with `cells.<key>`."""
+
+    dataset: str
+    kernel: KernelConfig
+    support_per_class: int
+    kip: DistillConfig
+    kip_labels: DistillConfig
+    train: TrainConfig
+    repeats: int = 3
+    reg: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise UserError(f"dataset={self.dataset!r} is not allowed; expected one of: {'|'.join(DATASETS)}")
+        if self.support_per_class != self.kip.support_per_class:
+            raise UserError("support_per_class must equal kip.support_per_class (cell_config keeps them equal)")
+        if not self.kip_labels.learn_labels or self.kip.learn_labels:
+            raise UserError("kip.learn_labels must be false and kip_labels.learn_labels true (they are the two KIP rows)")
+
+
+def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any]) -> CellConfig:
+    """`cells.<key>` over `shared`, key by key (one level deep), into config records."""
+    merged: dict[str, Any] = {name: dict(value) if isinstance(value, Mapping) else value for name, value in shared.items()}
+    for name, value in cell.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(name), dict):
+            merged[name].update(value)
+        else:
+            merged[name] = value
+    known = {f.name for f in dataclasses.fields(CellConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise UserError(f"cells.{key}.{unknown[0]} is not a known key; expected one of: {'|'.join(sorted(known))}")
+    spc = merged.get("support_per_class")
+    seed = int(merged.get("seed", 0))
+    common = {"support_per_class": spc, "reg": merged.get("reg", 1e-6), "seed": seed, "checkpoint_every": 0}
+    return CellConfig(
+        dataset=merged.get("dataset"),
+        kernel=from_mapping(KernelConfig, merged.get("kernel"), f"cells.{key}.kernel"),
+        support_per_class=spc,
+        kip=from_mapping(DistillConfig, {**common, **merged.get("kip", {}), "learn_labels": False}, f"cells.{key}.kip"),
+        kip_labels=from_mapping(DistillConfig, {**common, **merged.get("kip_labels", {}), "learn_labels": True},
+                                f"cells.{key}.kip_labels"),
+        train=from_mapping(TrainConfig, {"seed": seed, **merged.get("train", {})}, f"cells.{key}.train"),
+        repeats=int(merged.get("repeats", 3)),
+        reg=float(merged.get("reg", 1e-6)),
+        seed=seed,
+    )
+
+
+@dataclass
+class MethodResult:
+    krr_accuracy: list[float] = field(default_factory=list)  # one per seed
+    nn_accuracy: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        def stats(values: list[float]) -> dict[str, Any]:
+            if not values:
+                return {"mean": None, "std": None, "n": 0}
+            return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+        return {"krr": stats(self.krr_accuracy), "nn": stats(self.nn_accuracy),
+                "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
+
+
+def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> dict[str, Any]:
+    """All four methods of one cell; JSON-ready."""
+    from pipeline import workflow
+
+    kernel_fn = kernels.make(cell.kernel)
+    classes = prepared.num_classes
+    results = {name: MethodResult() for name in METHODS}
+
+    def score(images: np.ndarray, labels: np.ndarray) -> float:
+        return scoring.krr_scores(kernel_fn, images, labels, prepared.x_test, prepared.y_test, classes, cell.reg)["accuracy"]
+
+    with _cpu(results["random"]):
+        for repeat in range(cell.repeats):
+            rng = np.random.default_rng([cell.seed, 2, repeat])
+            idx = kip.class_balanced_indices(prepared.y_train, cell.support_per_class, classes, rng)
+            results["random"].krr_accuracy.append(
+                score(prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes)))
+    with _cpu(results["label_solve"]):
+        for repeat in range(cell.repeats):
+            config = dataclasses.replace(cell.kip, method="label_solve", seed=cell.seed + repeat)
+            solved = kip.label_solve(prepared.x_train, prepared.y_train, classes, kernel_fn, config)
+            results["label_solve"].krr_accuracy.append(score(solved.images, solved.labels))
+    for name in ("kip", "kip_labels"):
+        config = getattr(cell, name)
+        with _cpu(results[name]):
+            learned = kip.distill(prepared.x_train, prepared.y_train, classes, kernel_fn, config, progress=progress)
+            results[name].krr_accuracy.append(score(learned.images, learned.labels))
+            distilled = DistilledSet(learned.images, learned.labels, learned.classes.astype(np.int32), prepared.transform, {})
+            runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip")
+            results[name].nn_accuracy.extend(r.test_accuracy for r in runs["distilled"])
+            # the random-subset networks, trained once beside the first KIP support (their time counts there)
+            results["random"].nn_accuracy.extend(r.test_accuracy for r in runs["baseline"])
+    return {
+        "dataset": cell.dataset,
+        "kernel": dataclasses.asdict(cell.kernel),
+        "kernel_name": kernel_name(cell.kernel),
+        "support_per_class": cell.support_per_class,
+        "images": cell.support_per_class * classes,
+        "methods": {name: result.summary() for name, result in results.items()},
+        "config": {"kip": dataclasses.asdict(cell.kip), "kip_labels": dataclasses.asdict(cell.kip_labels),
+                   "train": dataclasses.asdict(cell.train), "repeats": cell.repeats, "reg": cell.reg},
+    }
+
+
+def kernel_name(spec: KernelConfig) -> str:
+    if spec.architecture == "rbf":
+        return "RBF"
+    return f"{spec.architecture.upper()} {spec.kind.upper()}"
+
+
+class _cpu:
+    """Adds the CPU seconds (all threads of this process) and wall seconds of the block to a result."""
+
+    def __init__(self, result: MethodResult):
+        self.result = result
+
+    def __enter__(self) -> None:
+        self.start = (time.process_time(), time.perf_counter())
+
+    def __exit__(self, *exc) -> None:
+        self.result.cpu_seconds += time.process_time() - self.start[0]
+        self.result.wall_seconds += time.perf_counter() - self.start[1]
+
+
+def fmt(stats: Mapping[str, Any], scale: float = 100.0) -> str:
+    """'97.31 ± 0.09' (percent), '97.31' for one seed, '—' for none."""
+    if not stats or stats.get("mean") is None:
+        return "—"
+    mean = f"{stats['mean'] * scale:.2f}"
+    if stats.get("n", 0) > 1 and not math.isnan(stats["std"]):
+        return f"{mean} ± {stats['std'] * scale:.2f}"
+    return mean

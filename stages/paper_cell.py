@@ -1,0 +1,42 @@
+"""DVC stage `cell@<key>` of experiments/paper: one (dataset, kernel, images per class) of the KIP
+paper's comparison (random, Label Solve, KIP, KIP + learned labels; KRR and finite networks).
+
+Reads params: shared.*, cells.<key>.*   Reads: the registry download cache. Writes: one JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _stage import run_stage
+
+from pipeline import atomic, paper
+from pipeline.cli import default_cache_dir
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.errors import UserError
+from pipeline.params import read_params
+from pipeline.prepared import prepare
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    cells = params.get("cells") or {}
+    if args.key not in cells:
+        raise UserError(f"cell {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(cells))}")
+    cell = paper.cell_config(args.key, params.get("shared") or {}, cells[args.key])
+    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset)
+    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    result = {"key": args.key, **paper.run_cell(prepared, cell, progress=args.progress)}
+    atomic.write_text(args.out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    line = ", ".join(f"{name} {paper.fmt(m['krr'])}" for name, m in result["methods"].items())
+    print(f"cell {args.key}: KRR test accuracy (%) {line}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("key")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--progress", action="store_true", help="show KIP progress bars")
+    run_stage("cell", main, parser)

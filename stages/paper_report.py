@@ -1,0 +1,49 @@
+"""DVC stage `report` of experiments/paper: the matrix's cells as results/table.md, results/figure.png
+and results/summary.json (with the checks the comparison should pass), logged to MLflow.
+
+Reads params: paper (published numbers), tracking.*   Reads: results/cells/*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _stage import run_stage, tracked
+
+from pipeline import atomic, paper_report, plots
+from pipeline.errors import UserError
+from pipeline.params import read_params
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    files = sorted(args.cells.glob("*.json"))
+    if not files:
+        raise UserError(f"{args.cells} holds no cell results; expected the output of the `cell` stages")
+    cells = [json.loads(path.read_text()) for path in files]
+    published = params.get("paper") or []
+    verdict = paper_report.checks(cells)
+    summary = {**paper_report.summary(cells), "checks": verdict}
+    with tracked("paper-report", params, args.params) as tracker:
+        atomic.write_text(args.table, paper_report.table_markdown(cells, published, verdict))
+        plots.save_png(args.figure, paper_report.figure(cells, published))
+        atomic.write_text(args.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        tracker.log_params({"cells": {cell["key"]: cell["config"] for cell in cells}})
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        tracker.log_summary({"kip_beats_baselines": verdict["kip_beats_baselines"], "cells": len(cells)})
+        for path in (args.table, args.figure, args.summary):
+            tracker.log_artifact(path)
+        tracker.tag_files(read=files, wrote=[args.table, args.figure, args.summary])
+    state = "passes" if verdict["kip_beats_baselines"] else f"fails in {len(verdict['failures'])} cells"
+    print(f"report: {len(cells)} cells -> {args.table}, {args.figure}; KIP-beats-baselines check {state}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("cells", type=Path)
+    parser.add_argument("--table", type=Path, required=True)
+    parser.add_argument("--figure", type=Path, required=True)
+    parser.add_argument("--summary", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    run_stage("report", main, parser)
