@@ -1,0 +1,123 @@
+"""The paper matrix: cell configs, one real cell on digits, the report's checks, and that DVC
+re-runs exactly the cell whose params changed (experiments/paper/dvc.yaml in a scratch repo)."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import paper, paper_report
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.errors import UserError
+from pipeline.prepared import prepare
+from test_dvc_pipeline import REPO, _dvc, _env, _ran, _run
+
+SHARED = {
+    "repeats": 2,
+    "kip": {"steps": 20, "target_batch": 400},
+    "kip_labels": {"steps": 20, "target_batch": 400},
+    "train": {"width": 64, "steps": 20, "seeds": 2, "eval_every": 20, "batch_size": 20},
+}
+
+
+def test_cell_config_overlays_the_cell_on_shared_key_by_key():
+    cell = paper.cell_config("x", SHARED, {"dataset": "digits", "kernel": {"kind": "nngp"}, "support_per_class": 3,
+                                           "kip_labels": {"steps": 50, "learning_rate": 0.01}})
+    assert cell.kernel.kind == "nngp" and cell.support_per_class == 3
+    assert (cell.kip.steps, cell.kip.learn_labels, cell.kip.support_per_class) == (20, False, 3)
+    assert (cell.kip_labels.steps, cell.kip_labels.learning_rate, cell.kip_labels.target_batch) == (50, 0.01, 400)
+    assert cell.kip_labels.learn_labels and cell.train.width == 64
+
+
+@pytest.mark.parametrize("cell, message", [
+    ({"dataset": "cifar", "support_per_class": 1}, "dataset='cifar' is not allowed"),
+    ({"dataset": "digits", "support_per_class": 1, "colour": 1}, "cells.x.colour is not a known key"),
+    ({"dataset": "digits", "support_per_class": 1, "kip": {"stepz": 3}}, "cells.x.kip.stepz is not a known key"),
+])
+def test_bad_cells_are_one_line_errors(cell, message):
+    with pytest.raises(UserError, match=message):
+        paper.cell_config("x", SHARED, cell)
+
+
+@pytest.fixture(scope="module")
+def digits_cell():
+    prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+    cell = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2})
+    return {"key": "digits-fc_ntk-2", **paper.run_cell(prepared, cell)}
+
+
+def test_a_cell_runs_all_four_methods(digits_cell):
+    methods = digits_cell["methods"]
+    assert set(methods) == set(paper.METHODS) and digits_cell["images"] == 20
+    assert methods["random"]["krr"]["n"] == methods["label_solve"]["krr"]["n"] == 2
+    assert methods["kip"]["nn"]["n"] == methods["kip_labels"]["nn"]["n"] == methods["random"]["nn"]["n"] == 2
+    assert methods["label_solve"]["nn"]["n"] == 0
+    assert all(m["cpu_seconds"] > 0 for m in methods.values())
+    # Even 20 steps of KIP beat random real images and Label Solve on digits (a deterministic run).
+    kip_best = max(methods["kip"]["krr"]["mean"], methods["kip_labels"]["krr"]["mean"])
+    assert kip_best > methods["label_solve"]["krr"]["mean"] > methods["random"]["krr"]["mean"]
+
+
+def test_report_states_failed_checks_with_their_numbers(digits_cell):
+    worse = copy.deepcopy(digits_cell)
+    worse["key"] = "digits-fc_ntk-2-worse"
+    worse["methods"]["label_solve"]["krr"]["mean"] = 0.999
+    verdict = paper_report.checks([digits_cell, worse])
+    assert not verdict["kip_beats_baselines"]
+    assert len(verdict["failures"]) == 1 and verdict["failures"][0].startswith("digits-fc_ntk-2-worse: KIP")
+    assert not verdict["mnist_fc_ntk"]["mnist_fc_ntk_10"]["met"]  # no MNIST cell: reported missing, not passed
+    table = paper_report.table_markdown([digits_cell, worse], [], verdict)
+    assert "**no**" in table and "**not met**" in table and "| FC NTK | 20 | KIP |" in table
+    flat = paper_report.summary([digits_cell])
+    assert flat["digits.fc_ntk.20.kip.krr"] == digits_cell["methods"]["kip"]["krr"]["mean"]
+    assert paper_report.figure([digits_cell], []).axes
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_dvc_reruns_only_the_changed_cell(tmp_path):
+    """Two digits cells through the real experiments/paper/dvc.yaml; then one cell's params change."""
+    root, home = tmp_path / "project", tmp_path / "home"
+    home.mkdir()
+    env = _env(home)
+    env["KIP_CACHE_DIR"] = str(tmp_path / "cache")
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "experiments" / "paper").mkdir(parents=True)
+    shutil.copy(REPO / "experiments" / "paper" / "dvc.yaml", root / "experiments" / "paper" / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    params = {
+        "shared": SHARED,
+        "cells": {
+            "digits-fc_ntk-1": {"dataset": "digits", "kernel": {"kind": "ntk"}, "support_per_class": 1},
+            "digits-rbf-1": {"dataset": "digits", "kernel": {"architecture": "rbf"}, "support_per_class": 1},
+        },
+        "paper": [],
+        "tracking": {"enabled": False},
+    }
+    params_file = root / "experiments" / "paper" / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root, env, "git", "init", "-q", "-b", "main")
+    _dvc(root, env, "init", "-q")
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "start")
+
+    first = _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml"))
+    assert first == {"experiments/paper/dvc.yaml:cell@digits-fc_ntk-1", "experiments/paper/dvc.yaml:cell@digits-rbf-1",
+                     "experiments/paper/dvc.yaml:report"}
+    results = root / "experiments" / "paper" / "results"
+    assert (results / "table.md").read_text().count("| RBF | 10 |") == 4
+    assert (results / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    before = (results / "cells" / "digits-fc_ntk-1.json").read_bytes()
+
+    params["cells"]["digits-rbf-1"]["kip"] = {"steps": 25}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    second = _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml"))
+    assert second == {"experiments/paper/dvc.yaml:cell@digits-rbf-1", "experiments/paper/dvc.yaml:report"}
+    assert (results / "cells" / "digits-fc_ntk-1.json").read_bytes() == before
+    assert json.loads((results / "cells" / "digits-rbf-1.json").read_text())["config"]["kip"]["steps"] == 25
+    assert _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml")) == set()
+
