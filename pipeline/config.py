@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ NETWORKS = ("fc", "conv")
 POOLINGS = ("avg", "max", "none")
 LOSSES = ("mse", "xent")
 OPTIMIZERS = ("sgd", "adam")
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, SOURCES)
+        if isinstance(self.name, str) and not _DATASET_NAME.fullmatch(self.name) and self.source in ("tfds", "files"):
+            raise UserError(
+                f"data.name={self.name[:40]!r}{'...' if len(self.name) > 40 else ''} is not allowed; expected 1 to "
+                "100 letters, digits and _ . : / + - (it names the dataset in lineage and MLflow)"
+            )
         if self.source == "embedded":
             check_choice("data.name", self.name, EMBEDDED_NAMES)
         elif self.source == "registry":

@@ -27,10 +27,14 @@ from pipeline.config import KernelConfig
 
 KernelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-with warnings.catch_warnings():
-    # neural-tangents 0.6.5 touches jax.core names that jax 0.5.3 deprecates; harmless on our pin.
-    warnings.filterwarnings("ignore", message=r"jax\.core\..* is deprecated", category=DeprecationWarning)
-    from neural_tangents import stax
+def _stax():
+    """neural-tangents' `stax`, imported on first use: it imports TensorFlow (4 s, ~670 MB), which
+    FC and RBF kernels (our closed forms) never need."""
+    with warnings.catch_warnings():
+        # neural-tangents 0.6.5 touches jax.core names that jax 0.5.3 deprecates; harmless on our pin.
+        warnings.filterwarnings("ignore", message=r"jax\.core\..* is deprecated", category=DeprecationWarning)
+        from neural_tangents import stax
+    return stax
 
 
 def stax_network(spec: KernelConfig, width: int = 1):
@@ -41,6 +45,7 @@ def stax_network(spec: KernelConfig, width: int = 1):
     """
     if spec.architecture == "rbf":
         raise ValueError("the rbf kernel has no network")
+    stax = _stax()
     activation = stax.Relu() if spec.activation == "relu" else stax.Erf()
     common = dict(W_std=spec.w_std, b_std=spec.b_std, parameterization=spec.parameterization)
     layers = []

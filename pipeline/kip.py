@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -249,31 +250,34 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     x_dev = devices.put_replicated(np.asarray(x_train, dtype))
     y_dev = devices.put_replicated(np.asarray(krr.centered_one_hot(y_train, num_classes), dtype))
     last_saved = start
-    bar = tqdm(total=config.steps, initial=start, desc="KIP", unit="step", disable=not progress, dynamic_ncols=True)
-    for step in range(start, config.steps):
-        idx = target_indices(y_train, num_classes, config.target_batch, config.seed, step)
-        new_support, new_opt_state, loss = step_fn(support, opt_state, x_dev, y_dev, idx)
-        loss = float(loss)
-        if not np.isfinite(loss):
-            bar.close()
-            where = f"; last good checkpoint: {checkpoint} (step {last_saved})" if checkpoint and last_saved else ""
-            raise DivergenceError(
-                f"KIP loss became {loss} at step {step}: lower distill.learning_rate "
-                f"(now {config.learning_rate}) or raise distill.reg (now {config.reg}){where}"
-            )
-        support, opt_state = new_support, new_opt_state
-        record: dict[str, float] = {"step": step + 1, "loss": loss}
-        done = step + 1
-        if monitor is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-            record.update(monitor(np.asarray(support.images), np.asarray(support.labels)))
-        history.append(record)
-        bar.update(1)
-        if done % 10 == 0 or done == config.steps:
-            bar.set_postfix(loss=f"{loss:.4g}")
-        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, checkpoint_key, support, opt_state, done, history)
-            last_saved = done
-    bar.close()
+    first_loss = next((h["loss"] for h in history if "loss" in h), None)
+    with tqdm(total=config.steps, initial=start, desc="KIP", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for step in range(start, config.steps):
+            idx = target_indices(y_train, num_classes, config.target_batch, config.seed, step)
+            new_support, new_opt_state, loss = step_fn(support, opt_state, x_dev, y_dev, idx)
+            loss = float(loss)
+            first_loss = loss if first_loss is None else first_loss
+            _check_loss(loss, first_loss, step, config, checkpoint if last_saved else None, last_saved)
+            support, opt_state = new_support, new_opt_state
+            record: dict[str, float] = {"step": step + 1, "loss": loss}
+            done = step + 1
+            if monitor is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                record.update(monitor(np.asarray(support.images), np.asarray(support.labels)))
+            history.append(record)
+            bar.update(1)
+            if done % 10 == 0 or done == config.steps:
+                bar.set_postfix(loss=f"{loss:.4g}")
+            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+                if not _finite(support):  # never let a checkpoint hold a diverged support
+                    _check_result(np.nan, first_loss, support, config)
+                _save_checkpoint(checkpoint, checkpoint_key, support, opt_state, done, history)
+                last_saved = done
+    # The run's verdict on its own result: the final support, scored on the first step's target
+    # batch, must be finite and no worse than the support it started from on that same batch.
+    # (A step's loss is taken before its update, so the last update is otherwise never checked.)
+    first_batch = target_indices(y_train, num_classes, config.target_batch, config.seed, 0)
+    _, _, end_loss = step_fn(support, opt_state, x_dev, y_dev, first_batch)
+    _check_result(float(end_loss), first_loss, support, config)
     return KipResult(
         images=np.asarray(support.images, np.float32),
         labels=np.asarray(support.labels, np.float32),
@@ -281,6 +285,37 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         initial_images=init_images,
         history=history,
     )
+
+
+BLOWUP_FACTOR = 10.0  # a step loss this many times the first one means the run has diverged
+
+
+def _check_loss(loss: float, first_loss: float, step: int, config: DistillConfig, checkpoint: Path | None, saved: int) -> None:
+    """Stop before a diverged state is kept: a non-finite loss, or one BLOWUP_FACTOR x the first."""
+    if np.isfinite(loss) and (loss <= BLOWUP_FACTOR * first_loss or first_loss == 0):
+        return
+    what = f"became {loss}" if not np.isfinite(loss) else f"rose to {loss:.4g}, over {BLOWUP_FACTOR:g}x its first {first_loss:.4g},"
+    where = f"; last good checkpoint: {checkpoint} (step {saved})" if checkpoint else ""
+    raise DivergenceError(
+        f"KIP loss {what} at step {step + 1}: lower distill.learning_rate (now {config.learning_rate})"
+        f" or raise distill.reg (now {config.reg}){where}"
+    )
+
+
+def _finite(support: Support) -> bool:
+    return bool(np.isfinite(np.asarray(support.images)).all() and np.isfinite(np.asarray(support.labels)).all())
+
+
+def _check_result(end_loss: float, first_loss: float | None, support: Support, config: DistillConfig) -> None:
+    if not _finite(support) or not np.isfinite(end_loss):
+        raise DivergenceError(
+            f"KIP produced non-finite support images or labels: lower distill.learning_rate (now {config.learning_rate})"
+        )
+    if first_loss is not None and end_loss > first_loss:
+        raise DivergenceError(
+            f"KIP ended with loss {end_loss:.4g} on its first target batch, above the {first_loss:.4g} it started "
+            f"from (the run diverged): lower distill.learning_rate (now {config.learning_rate})"
+        )
 
 
 def label_solve(
@@ -305,35 +340,68 @@ def label_solve(
     with enable_x64():
         k_ss = jnp.asarray(kernels.support_matrix(kernel_fn, images), jnp.float64)
         labels = np.asarray(krr.label_solve_from_moments(k_ss, jnp.asarray(gram), jnp.asarray(rhs), config.reg), np.float32)
+    if not np.isfinite(labels).all():
+        raise UserError(
+            f"Label Solve gave non-finite labels: the {len(images)}x{len(images)} support kernel is singular "
+            f"(duplicate images?) with distill.reg={config.reg}; raise distill.reg (e.g. to {max(config.reg * 100, 1e-6):g})"
+        )
     return KipResult(images=images, labels=labels, classes=np.asarray(classes), initial_images=images, history=[])
+
+
+_CHECKPOINT_KIND = "kip-checkpoint"
 
 
 def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
     leaves = jax.tree_util.tree_leaves((support, opt_state))
     arrays = {f"leaf_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    arrays["meta"] = np.array(json.dumps({"key": key, "step": step, "history": history}))
+    meta = {"kind": _CHECKPOINT_KIND, "key": key, "step": step, "history": history}
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     atomic.save_npz(Path(path), arrays)
 
 
 def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
-    """(support, opt_state, step, history) from `path`, or None if absent or for other params."""
+    """(support, opt_state, step, history) from `path`, or None if absent or for other params.
+
+    Only our own checkpoints are ever replaced: a file at `path` that is not one (a Parquet file
+    given by mistake, a damaged file) stops the run, because the next save would overwrite it.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"]))
-            leaves = [data[f"leaf_{i:03d}"] for i in range(len(data.files) - 1)]
-    except Exception as err:  # a checkpoint we cannot read is not worth dying for: start over
-        tqdm.write(f"kip: ignoring unreadable checkpoint {path} ({err}); starting from step 0", file=sys.stderr)
-        return None
+    meta, leaves = _read_checkpoint(path)
     if meta.get("key") != key:
         tqdm.write(f"kip: checkpoint {path} belongs to other params or code; starting from step 0", file=sys.stderr)
         return None
     template, treedef = jax.tree_util.tree_flatten((support, opt_state))
-    if len(leaves) != len(template):
-        return None
+    if len(leaves) != len(template) or any(leaf.shape != t.shape for leaf, t in zip(leaves, template)):
+        raise UserError(f"--checkpoint {path} matches this run's key but not its shapes; delete it to start afresh")
     restored = [jnp.asarray(leaf, dtype=t.dtype) for leaf, t in zip(leaves, template)]
     support, opt_state = jax.tree_util.tree_unflatten(treedef, restored)
     tqdm.write(f"kip: resuming from {path} at step {meta['step']}", file=sys.stderr)
     return support, opt_state, int(meta["step"]), list(meta["history"])
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
+    """The metadata and leaves of a checkpoint; a UserError for anything that is not one of ours."""
+    not_ours = (
+        f"--checkpoint {path} exists and is not a kip checkpoint; it would be overwritten: "
+        "choose another checkpoint path, or delete the file if it is a damaged checkpoint"
+    )
+    if path.is_symlink() or not path.is_file() or not zipfile.is_zipfile(path):
+        raise UserError(not_ours)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "meta" not in data.files:
+                raise UserError(not_ours)
+            meta = json.loads(str(data["meta"]))
+            count = len(data.files) - 1
+            if not isinstance(meta, dict) or sorted(data.files) != sorted(["meta", *(f"leaf_{i:03d}" for i in range(count))]):
+                raise UserError(not_ours)
+            leaves = [data[f"leaf_{i:03d}"] for i in range(count)]
+    except UserError:
+        raise
+    except Exception:  # unreadable zip member, bad JSON: whatever it is, it is not safe to overwrite
+        raise UserError(not_ours) from None
+    if meta.get("kind", _CHECKPOINT_KIND) != _CHECKPOINT_KIND or "key" not in meta or "step" not in meta:
+        raise UserError(not_ours)
+    return meta, leaves

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import signal
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -66,3 +67,22 @@ def _single_threaded_lapack():
     if not scipy_blas:
         return None
     return controller.select(filepath=scipy_blas[0]["filepath"]).limit(limits=1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, `dvc exp` stopping a run), raised where Python next runs."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C instead of killing the process on the spot, so the same
+    clean-up runs for both: the MLflow run is marked KILLED, temporary files are removed, the
+    progress bar is closed. Only the main thread may install signal handlers; elsewhere a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def distill(
     else:
         result = kip.distill(
             prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
-            checkpoint=checkpoint, checkpoint_key=_checkpoint_key(params_hash, prepared),
+            checkpoint=checkpoint, checkpoint_key=checkpoint_key(params_hash, prepared),
             monitor=monitor, progress=progress,
         )
     metadata: dict[str, Any] = {
@@ -176,19 +177,40 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
     return runs
 
 
-def _checkpoint_key(params_hash: str, prepared: Prepared) -> str:
-    """What a checkpoint must match to be resumed: the params, the exact training arrays (so a
-    change of preprocessing code counts too), the code of the KIP loop and the library versions."""
+PACKAGE_DIR = Path(pipeline.__file__).resolve().parent
+
+
+def checkpoint_key(params_hash: str, prepared: Prepared, source_dir: Path | None = None) -> str:
+    """What a checkpoint must match to be resumed.
+
+    The params, the exact training arrays (so a change of preprocessing code counts too), every
+    source file of the `pipeline` package (a superset of distill's DVC deps: a changed kernel
+    formula must never resume into the old result), the versions of the libraries that compute the
+    step, and the devices it ran on (their count changes the reduction order, hence the bits).
+    """
+    import jax
+
     digest = hashlib.sha256(params_hash.encode())
     for array in (prepared.x_train, prepared.y_train):
         digest.update(np.ascontiguousarray(array).tobytes())
-    for module in (kip, kernels, krr, scoring):
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(json.dumps(_library_versions(), sort_keys=True).encode())
+    digest.update(source_digest(source_dir or PACKAGE_DIR).encode())
+    machine = {"versions": _library_versions(), "platform": platform.machine(),
+               "devices": [d.device_kind for d in jax.devices()]}
+    digest.update(json.dumps(machine, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def source_digest(source_dir: Path) -> str:
+    """sha256 over the relative path and bytes of every .py file under `source_dir`, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(source_dir).rglob("*.py")):
+        digest.update(path.relative_to(source_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 def _library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("jax", "neural-tangents", "optax", "numpy")}
+    names = ("jax", "jaxlib", "neural-tangents", "optax", "numpy", "scipy")
+    return {name: version(name) for name in names}

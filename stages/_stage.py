@@ -21,14 +21,16 @@ from pipeline.tracking import Tracker, stage_run
 def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     args = parser.parse_args()
     runtime.tune_process()
+    runtime.stop_on_sigterm()
     try:
         main(args)
     except UserError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"stage {name}: interrupted; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, runtime.Terminated) else "interrupted"
+        print(f"stage {name}: {what}; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, runtime.Terminated) else 130)
 
 
 @contextlib.contextmanager
