@@ -328,17 +328,23 @@ def label_solve(
 ) -> KipResult:
     """Label Solve (KIP paper, Sec. 3): keep the initial support images, solve for the labels
     that make KRR on them fit the *whole* training set best. One kernel pass, no iterations; the
-    sums over training images are accumulated block by block, so memory is one block's kernel."""
+    sums over training images are accumulated block by block, so memory is one block's kernel.
+
+    Kernels are computed in float64 when `config.float64`; the sums and the solve always are.
+    """
     images, classes = init_support(x_train, y_train, num_classes, config)
+    dtype = np.float64 if config.float64 else np.float32
     targets = krr.centered_one_hot(y_train, num_classes).astype(np.float64)
     gram = np.zeros((len(images), len(images)))
     rhs = np.zeros((len(images), num_classes))
-    for rows, k_block in kernels.kernel_rows(kernel_fn, x_train, images, block_size):
-        k_block = k_block.astype(np.float64)
-        gram += k_block.T @ k_block
-        rhs += k_block.T @ targets[rows]
+    with enable_x64(config.float64):
+        for rows, k_block in kernels.kernel_rows(kernel_fn, x_train.astype(dtype), images.astype(dtype), block_size):
+            k_block = k_block.astype(np.float64)
+            gram += k_block.T @ k_block
+            rhs += k_block.T @ targets[rows]
+        k_ss = kernels.support_matrix(kernel_fn, images.astype(dtype))
     with enable_x64():
-        k_ss = jnp.asarray(kernels.support_matrix(kernel_fn, images), jnp.float64)
+        k_ss = jnp.asarray(k_ss, jnp.float64)
         labels = np.asarray(krr.label_solve_from_moments(k_ss, jnp.asarray(gram), jnp.asarray(rhs), config.reg), np.float32)
     if not np.isfinite(labels).all():
         raise UserError(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from pipeline import workflow
 from pipeline.config import DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.errors import UserError
 from pipeline.prepared import Prepared, _through
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +84,31 @@ def test_another_library_version_starts_afresh(prepared, tmp_path, monkeypatch, 
     monkeypatch.setattr(workflow, "_library_versions", lambda: {**versions, library: versions[library] + ".post1"})
     err = _run(prepared, checkpoint, capsys)
     assert "resuming" not in err and "belongs to other params or code" in err
+
+
+@pytest.mark.parametrize("victim", ["parquet", "npz", "text", "directory", "symlink"])
+def test_a_file_that_is_not_a_checkpoint_is_never_overwritten(prepared, tmp_path, victim):
+    """`--checkpoint victim.parquet` by mistake: the run stops before its first step instead of
+    replacing the user's file at the first save."""
+    path = tmp_path / "victim"
+    if victim == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"a": [1, 2]}), path)
+    elif victim == "npz":
+        with open(path, "wb") as handle:
+            np.savez(handle, images=np.zeros(3))
+    elif victim == "text":
+        path.write_text("notes")
+    elif victim == "directory":
+        path.mkdir()
+    else:
+        (tmp_path / "target").write_text("notes")
+        path.symlink_to(tmp_path / "target")
+    before = None if path.is_dir() else path.read_bytes()
+    with pytest.raises(UserError, match="is not a kip checkpoint") as failure:
+        workflow.distill(prepared, KernelConfig(), CONFIG, checkpoint=path, progress=False)
+    assert "\n" not in str(failure.value) and str(path) in str(failure.value)
+    assert path.is_dir() if victim == "directory" else path.read_bytes() == before
+    assert path.is_symlink() == (victim == "symlink")
