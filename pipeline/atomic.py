@@ -1,35 +1,190 @@
-"""Files on disk: write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file,
-and streaming digests of what was written."""
+"""Files on disk: write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file;
+streaming digests; and a bounded reader for the .npz files we write.
+
+Hand-written rather than `np.savez`/`np.load` because those cannot give what we need here:
+`np.savez` stamps members with the current time (artifacts would never be byte-reproducible), and
+`np.load` trusts each member's header, so a damaged or hostile file declaring a 400 GB array makes
+it allocate 400 GB. `read_npz` checks every member's declared dtype and shape against the bytes the
+archive really holds before allocating anything.
+
+Writes only ever replace regular files (never a symlink's target, a device or a directory), turn a
+full or read-only disk into one `UserError` line, and sweep temp files that killed writers left.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
+import math
 import os
+import re
+import socket
+import stat
 import tempfile
+import time
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from pipeline.errors import UserError
+
+# A write that fails for one of these reasons is the machine's state, not a bug: one line, no traceback.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_LEGACY_TEMP_AGE = 600  # seconds: temp files from before the pid was in the name, untouched this long, are stale
+_READ_CHUNK = 16 << 20
+MAX_INFLATED_BYTES = 1 << 30  # what compressed .npz members may inflate to in total
+
+
+# --- writing ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def replace_on_success(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    check_target(path)
+    _make_parent(path)
+    remove_stale_temps(path)
+    tmp = _new_temp(path)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise _storage_error(path, err) from None
+        check_target(path)  # something may have appeared there while we wrote
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_target(path: Path) -> None:
+    """Only a regular file (or nothing) may be replaced: a symlink, device, FIFO or directory at
+    `path` is somebody's, and renaming over it would destroy it."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise UserError(f"{path} cannot be written: a parent of it is a file, not a directory") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be written ({err.strerror})") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path} is a directory; expected a file path to write to")
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a device, FIFO or socket"
+    raise UserError(f"{path} is {kind}, not a regular file; refusing to replace it (remove it or write elsewhere)")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before an hour of computing, not after it: `path` must be replaceable (`check_target`)
+    and its nearest existing directory must accept a new file (probed by creating one, since
+    permission bits say nothing for root or on a read-only mount)."""
+    path = Path(path)
+    check_target(path)
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise UserError(f"{path} cannot be written: {directory} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kip-write-probe.", dir=directory)
+    except OSError as err:
+        raise UserError(f"{path} cannot be written: directory {directory} does not accept files ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path} cannot be written: a parent of it is a file, not a directory") from None
+    except OSError as err:
+        raise _storage_error(path, err) from None
+
+
+def _storage_error(path: Path, err: OSError) -> Exception:
+    """A full, read-only or forbidden disk as one line; any other OSError stays a bug."""
+    code = err.errno
+    if code is None and "No space left on device" in str(err):  # pyarrow reports errno in the text only
+        code = errno.ENOSPC
+    if code not in _STORAGE_ERRNOS:
+        return err
+    reason = os.strerror(code)
+    return UserError(f"{path} could not be written ({reason}); nothing was written, any earlier file is unchanged")
+
+
+def _new_temp(path: Path) -> Path:
+    """`.{name}.{pid}-{host}.XXXXXXXX.tmp`: the pid lets a later writer tell a killed writer's
+    leftovers from a live one's."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_HOST_TAG}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _storage_error(path, err) from None
+    os.close(fd)
+    return Path(name)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files of writes to `path` whose writer is dead (killed processes leave them:
+    4 kills once left 262 MB). Returns what was removed."""
+    path = Path(path)
+    tagged = re.compile(re.escape(f".{path.name}.") + r"(\d+)-([0-9a-f]{8})\.\w+\.tmp")
+    legacy = re.compile(re.escape(f".{path.name}.") + r"\w{8}\.tmp")
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{_glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = tagged.fullmatch(candidate.name)
+        if match:
+            stale = match.group(2) == _HOST_TAG and not _alive(int(match.group(1)))
+        else:
+            stale = bool(legacy.fullmatch(candidate.name)) and _age(candidate) > _LEGACY_TEMP_AGE
+        if stale and _unlink_regular(candidate):
+            removed.append(candidate)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid we cannot check): leave its file alone
+    return True
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _unlink_regular(path: Path) -> bool:
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _umask() -> int:
@@ -55,6 +210,157 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def write_text(path: Path, text: str) -> None:
     with replace_on_success(path) as tmp:
         tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = True) -> None:
+    """Write `obj` as strict JSON (+ newline); NaN/Infinity, which `json` would write as invalid
+    tokens that DVC and other readers reject, is a one-line error naming the key."""
+    write_text(path, finite_json(obj, str(path), indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def finite_json(obj: Any, owner: str, **dumps_kwargs: Any) -> str:
+    """`json.dumps(obj, allow_nan=False)`, but the error names `owner` and the key path of the
+    first non-finite number instead of json's "Out of range float values"."""
+    found = first_non_finite(obj)
+    if found is not None:
+        where, value = found
+        raise UserError(f"{owner}: {where}={value!r} is not a finite number; JSON cannot hold NaN/Infinity")
+    return json.dumps(obj, allow_nan=False, **dumps_kwargs)
+
+
+def first_non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """(key path like `privacy.ratios[3]`, value) of the first NaN/Infinity in nested JSON data."""
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+        return where or "(top level)", float(obj)
+    if isinstance(obj, Mapping):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(obj))
+    else:
+        return None
+    for child_where, value in items:
+        found = first_non_finite(value, child_where)
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse to write NaN/Infinity: a non-finite support set or transform is a failed run, and
+    writing it would hand the failure to every later stage."""
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise UserError(f"{path}: {name} has {count} NaN/Infinity values; refusing to write a non-finite array")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def check_regular_file(path: Path, expected: str) -> None:
+    """A reader opens only regular files (symlinks to them are fine): a FIFO would block forever
+    and /dev/zero would never end."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; expected {expected}") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror}); expected {expected}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path} is a directory; expected {expected}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path} is a device, FIFO or socket, not a regular file; expected {expected}")
+
+
+def read_npz(path: Path, max_inflated: int = MAX_INFLATED_BYTES) -> dict[str, np.ndarray]:
+    """Every member of an .npz as an array, allocating no more than the archive really holds.
+
+    Each member's .npy header (dtype, shape) must agree with the member's size before anything
+    is allocated; object dtypes are refused; compressed members may inflate to `max_inflated`
+    bytes in total. Any defect is a one-line UserError naming the file.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            _check_members(path, infos, path.stat().st_size, max_inflated)
+            return {info.filename[: -len(".npy")]: _read_member(path, archive, info) for info in infos}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{path} is not a readable .npz file (corrupted or truncated: {one_line(err)})") from None
+
+
+def _check_members(path: Path, infos: list[zipfile.ZipInfo], archive_size: int, max_inflated: int) -> None:
+    names = [info.filename for info in infos]
+    for name in names:
+        if not name.endswith(".npy"):
+            raise UserError(f"{path} holds member {one_line(repr(name), 80)}; expected only .npy arrays")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise UserError(f"{path} holds two members named {one_line(repr(duplicated[0]), 80)}; the archive was altered or damaged")
+    inflated = 0
+    for info in infos:
+        if info.compress_size > archive_size:
+            raise UserError(f"{path}: member {info.filename} claims {info.compress_size} bytes but the file has {archive_size}")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                raise UserError(f"{path}: member {info.filename} is stored with inconsistent sizes; the file is damaged")
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            inflated += info.file_size
+        else:
+            raise UserError(f"{path}: member {info.filename} uses compression {info.compress_type}; expected stored or deflated")
+    if inflated > max_inflated:
+        raise UserError(
+            f"{path}: compressed members would inflate to {inflated / 2**30:.1f} GiB; "
+            f"this reader accepts at most {max_inflated / 2**30:.1f} GiB"
+        )
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as member:
+        shape, fortran, dtype = _read_header(path, info.filename, member)
+        count = math.prod(shape)
+        declared = count * dtype.itemsize
+        held = info.file_size - member.tell()
+        if declared != held:
+            raise UserError(
+                f"{path}: member {info.filename} declares shape {shape} of {dtype} ({declared} bytes) "
+                f"but holds {held} bytes; the file is damaged or hostile"
+            )
+        flat = np.empty(count, dtype)
+        if declared:
+            raw = flat.view(np.uint8)
+            for start in range(0, declared, _READ_CHUNK):
+                chunk = member.read(min(_READ_CHUNK, declared - start))
+                if len(chunk) != min(_READ_CHUNK, declared - start):
+                    raise EOFError(f"member {info.filename} ends early")
+                raw[start:start + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        if member.read(1):  # also makes zipfile check the member's CRC
+            raise UserError(f"{path}: member {info.filename} holds more bytes than its header declares")
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _read_header(path: Path, name: str, member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise UserError(f"{path}: member {name} has .npy format version {version}; expected 1.0 or 2.0")
+    if dtype.hasobject or dtype.kind not in "biufcUS" or dtype.subdtype is not None:
+        raise UserError(f"{path}: member {name} has dtype {dtype}; expected plain numbers or strings (no objects)")
+    if any(d < 0 for d in shape):
+        raise UserError(f"{path}: member {name} declares a negative shape {shape}")
+    return shape, fortran, dtype
+
+
+def one_line(err: object, limit: int = 200) -> str:
+    """An exception's text collapsed to one bounded line (hostile files can put anything in it)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -100,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
     kip.add_argument("--seed", dest="distill.seed", type=int, default=0, help="same seed and options -> identical output")
     kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
-    kip.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file to save to and resume from")
+    kip.add_argument("--checkpoint", type=_file_path, default=None, help="checkpoint file to save to and resume from")
     kip.add_argument("--checkpoint-every", dest="distill.checkpoint_every", type=int, default=100, help="steps between checkpoints")
-    kip.add_argument("--history", type=Path, default=None, help="write the per-step loss history here (JSON)")
+    kip.add_argument("--history", type=_file_path, default=None, help="write the per-step loss history here (JSON)")
     kip.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    distill.add_argument("-o", "--out", type=Path, required=True, help="output .npz")
+    distill.add_argument("-o", "--out", type=_file_path, required=True, help="output .npz")
 
     evaluate = commands.add_parser(
         "evaluate", help="KRR test accuracy of a support set, against random real images",
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline-repeats", type=int, default=3, help="random subsets to average")
     evaluate.add_argument("--batch-size", type=int, default=1000, help="kernel block size (bounds memory)")
     evaluate.add_argument("--seed", type=int, default=0, help="which random real subsets form the baseline")
-    evaluate.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    evaluate.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
     train = commands.add_parser(
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{field.name.replace('_', '-')}", dest=f"train.{field.name}", type=type(field.default),
             default=field.default, help=_TRAIN_HELP[field.name],
         )
-    train.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    train.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
     train.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
     inspect = commands.add_parser(
@@ -148,9 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_data_args(data)
+    doctor = commands.add_parser(
+        "doctor", aliases=["repair"], help="repair the DVC state a killed `dvc repro` left, so the next one resumes",
+        description="Check dvc.lock and DVC's lock files in the DVC project at or above DIR. A dvc.lock that a "
+        "killed DVC left empty or cut off is replaced by its git version (staged, else committed) if valid, "
+        "else removed; a damaged or stale .dvc/tmp/rwlock is removed. Prints one line; refuses while DVC runs.",
+    )
+    doctor.add_argument("dir", nargs="?", type=Path, default=Path("."), help="a directory inside the DVC project")
     for sub in (distill, evaluate, train, inspect, data):
         _short_metavars(sub)
     return parser
+
+
+def _file_path(text: str) -> Path:
+    """An output path: `Path('')` is `.`, so an empty -o would otherwise mean "the current directory"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a file path")
+    return Path(text)
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Every file a command will write must be writable before it computes anything."""
+    from pipeline import atomic
+
+    for path in paths:
+        if path is not None:
+            atomic.check_writable(path)
 
 
 def _short_metavars(parser: argparse.ArgumentParser) -> None:
@@ -183,12 +206,13 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
     kernel = cfg.KernelConfig(**_section(args, "kernel"))
     distill = cfg.DistillConfig(**_section(args, "distill"))
+    _check_outputs(args.out, args.history, args.checkpoint)
     prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
     run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
     distilled, history = run.distilled, run.history
     artifacts.save_npz(args.out, distilled)
     if args.history:
-        atomic.write_text(args.history, json.dumps(history) + "\n")
+        atomic.write_json(args.history, history, indent=None, sort_keys=False)
     loss = distilled.metadata["final_loss"]
     print(f"wrote {args.out}: {len(distilled.images)} images" + (f", final loss {loss:.4g}" if loss is not None else ""))
 
@@ -200,13 +224,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     config = cfg.EvaluateConfig(
         reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
     )
+    _check_outputs(args.json)
     distilled = artifacts.load_npz(args.support)
     prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
     metrics = workflow.evaluate(distilled, prepared, config)
-    text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.json:
-        atomic.write_text(args.json, text + "\n")
-    print(text)
+        atomic.write_json(args.json, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -214,13 +238,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from pipeline.prepared import reprepare
 
     config = cfg.TrainConfig(**_section(args, "train"))
+    _check_outputs(args.json)
     distilled = artifacts.load_npz(args.support)
     prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
     metrics, _ = workflow.transfer(distilled, prepared, config)
-    text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.json:
-        atomic.write_text(args.json, text + "\n")
-    print(text)
+        atomic.write_json(args.json, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -236,6 +260,12 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(dataset.describe(), indent=2))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from pipeline.lockfile import repair
+
+    print(f"kip doctor: {repair(args.dir)}")
+
+
 def _version() -> str:
     from pipeline import __version__
 
@@ -246,19 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     runtime.tune_process()
+    runtime.stop_on_sigterm()
     handler = {
         "distill": _cmd_distill, "evaluate": _cmd_evaluate, "train": _cmd_train,
         "inspect": _cmd_inspect, "show": _cmd_inspect,
         "data": _cmd_data,
+        "doctor": _cmd_doctor, "repair": _cmd_doctor,
     }[args.command]
     try:
         handler(args)
     except UserError as err:
         print(f"kip {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"kip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, runtime.Terminated)
+        print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

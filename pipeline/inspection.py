@@ -1,8 +1,8 @@
 """`kip inspect`: validate a distilled artifact and summarise its lineage.
 
-Validation is the readers' own (`artifacts.load_npz`, `parquet.read_parquet`: schema, shapes,
-checksum); here we add the cross-file check a Parquet artifact needs when its ZCA matrix lives in
-the sibling .npz, and shape the answer for people.
+Validation is the readers' own (`artifacts.load_npz`, `parquet.read_parquet`: schema, per-part
+checksums, shapes, class range, lineage sections); here we add the cross-file check a Parquet
+artifact needs when its ZCA matrix lives in the sibling .npz, and shape the answer for people.
 """
 from __future__ import annotations
 
@@ -20,21 +20,16 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         distilled = artifacts.load_npz(path)
-        checks = ["npz readable", "shapes consistent", "values finite"]
+        checks = ["npz readable", "checksums", "shapes consistent", "values finite", "lineage"]
     elif suffix == ".parquet":
         distilled = parquet.read_parquet(path)
-        checks = ["schema", "checksum", "shapes consistent", "values finite"]
-        record = parquet.transform_record(path)
-        if "zca_matrix" in record:
-            sibling = path.parent / record["zca_matrix"]["file"]
-            npz = artifacts.load_npz(sibling)
-            if npz.transform.checksum() != record["sha256"]:
-                raise UserError(f"{sibling} holds a different preprocessing transform than {path} records")
-            checks.append(f"ZCA transform matches {sibling.name}")
+        checks = ["schema", "checksums", "shapes consistent", "values finite", "lineage"]
+        checks += _check_zca_sibling(path)
     else:
         raise UserError(f"{path} has suffix {suffix or '(none)'!r}; expected .parquet or .npz")
     meta = distilled.metadata
-    counts = np.bincount(distilled.classes, minlength=len(distilled.labels[0])).tolist()
+    # The readers have checked 0 <= class < label width, so this allocates one counter per class.
+    counts = np.bincount(distilled.classes, minlength=distilled.labels.shape[1]).tolist()
     return {
         "path": str(path),
         "valid": True,
@@ -51,17 +46,32 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         "steps": meta.get("steps"),
         "final_loss": meta.get("final_loss"),
         "code_version": meta.get("code_version"),
-        "privacy": _privacy_summary(meta.get("privacy")),
+        "privacy": _privacy_summary(path, meta.get("privacy")),
         "versions": meta.get("versions"),
     }
 
 
-def _privacy_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
+def _check_zca_sibling(path: Path) -> list[str]:
+    """A ZCA Parquet artifact is valid only with the sibling .npz whose transform it records."""
+    record = parquet.transform_record(path)
+    if record["method"] != "zca":
+        return []
+    sibling = parquet.zca_sibling(path, record)
+    npz = artifacts.load_npz(sibling)
+    if npz.transform.checksum() != record["sha256"]:
+        raise UserError(f"{sibling} holds a different preprocessing transform than {path} records")
+    return [f"ZCA transform matches {sibling.name}"]
+
+
+def _privacy_summary(path: Path, section: Any) -> dict[str, Any] | None:
     """The summary lines of the privacy section (the per-image lists stay in the file)."""
     if not section:
         return None
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: metadata privacy is a JSON {type(section).__name__}; expected an object")
     keys = ("metric", "support", "real_test_images", "median_ratio")
     summary = {k: section[k] for k in keys if k in section}
-    if "learned_pixels" in section:
-        summary["learned_pixels"] = {k: section["learned_pixels"][k] for k in keys if k in section["learned_pixels"]}
+    learned = section.get("learned_pixels")
+    if isinstance(learned, dict):
+        summary["learned_pixels"] = {k: learned[k] for k in keys if k in learned}
     return summary

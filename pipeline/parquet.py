@@ -3,51 +3,55 @@
 Columns: `index`, `class`, `class_name`, `label` (fixed-size list, one value per class) and
 `image` (fixed-size list of H*W*C float32, row-major NHWC; the shape is in the metadata).
 Schema metadata (`kip.*` keys, JSON values) carries what a reader needs to trust and use the rows:
-the run's metadata (data, preprocessing, kernel, params, seed, code version), the image shape, a
-sha256 over the arrays, and the preprocessing transform. Mean/std are embedded; a ZCA matrix
-(d x d, 75 MB for CIFAR) is not: the metadata points at the .npz that holds it, with its sha256.
+the run's metadata (data, preprocessing, kernel, params, seed, code version), the image shape, the
+preprocessing transform, and checksums: `kip.checksums` holds one sha256 per column and per
+`kip.*` value, `kip.checksum` the sha256 over those. Mean/std are embedded; a ZCA matrix (d x d,
+75 MB for CIFAR) is not: the metadata names the sibling .npz that holds it (a plain file name in
+the same directory, nothing else), with its sha256.
+
+The reader's checks are hand-written for the same reason as the .npz's (pipeline.artifacts): a
+file from anywhere must yield a usable set or one line naming what is wrong, within bounded
+memory (the declared table size is checked before any row is read).
 
 Read it in one line: `pandas.read_parquet("artifacts/distilled.parquet")`.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.artifacts import FORMAT_VERSION, DistilledSet, check_consistent
+from pipeline import artifacts, atomic
+from pipeline import config as cfg
+from pipeline.artifacts import FORMAT_VERSION, DistilledSet
 from pipeline.errors import UserError
 from pipeline.preprocess import Transform
 
+MAX_TABLE_BYTES = 1 << 30  # declared uncompressed size a reader accepts (a distilled set is MBs)
+_EXPECTED = "a distilled .parquet written by kip"
+_COLUMNS = ("index", "class", "class_name", "label", "image")
+_HASHED_KEYS = ("kip.format_version", "kip.image_shape", "kip.transform", "kip.metadata")
+_REQUIRED_KEYS = ("kip.format_version", "kip.image_shape", "kip.checksum", "kip.checksums", "kip.transform", "kip.metadata")
+_ZCA_KEY = "transform/zca_matrix"
 
-def array_checksum(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 over float32 little-endian images then labels: identical in .npz and .parquet."""
-    digest = hashlib.sha256()
-    for array in (images, labels):
-        digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
-    return digest.hexdigest()
 
+# --- writing ----------------------------------------------------------------------------------------
 
 def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], npz_name: str) -> None:
     """Write atomically; `npz_name` is the sibling .npz that holds the full transform."""
-    n = len(distilled.images)
-    shape = list(distilled.images.shape[1:])
-    flat = np.ascontiguousarray(distilled.images, np.float32).reshape(n, -1)
-    labels = np.ascontiguousarray(distilled.labels, np.float32)
-    table = pa.table({
-        "index": pa.array(np.arange(n, dtype=np.int32)),
-        "class": pa.array(np.asarray(distilled.classes, np.int32)),
-        "class_name": pa.array([class_names[c] for c in distilled.classes], pa.string()),
-        "label": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), labels.shape[1]),
-        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
-    })
+    path = Path(path)
+    _check_npz_name(path, npz_name, "npz_name")
     transform = distilled.transform
+    atomic.check_finite_arrays(path, {"images": distilled.images, "labels": distilled.labels,
+                                      **{f"transform/{k}": v for k, v in transform.to_arrays().items()}})
+    table = _table(path, distilled, class_names)
     transform_meta: dict[str, Any] = {
         "method": transform.method,
         "channel_mean": transform.channel_mean.tolist(),
@@ -56,49 +60,80 @@ def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], np
         "sha256": transform.checksum(),
     }
     if transform.method == "zca":
-        transform_meta["zca_matrix"] = {"file": npz_name, "key": "transform/zca_matrix"}
-    metadata = {
+        transform_meta["zca_matrix"] = {"file": npz_name, "key": _ZCA_KEY}
+    strings = {
         "kip.format_version": str(FORMAT_VERSION),
-        "kip.image_shape": json.dumps(shape),
-        "kip.checksum": array_checksum(distilled.images, distilled.labels),
-        "kip.transform": json.dumps(transform_meta, sort_keys=True),
-        "kip.metadata": json.dumps(distilled.metadata, sort_keys=True),
+        "kip.image_shape": json.dumps(list(distilled.images.shape[1:])),
+        "kip.transform": atomic.finite_json(transform_meta, f"{path}: kip.transform", sort_keys=True),
+        "kip.metadata": atomic.finite_json(distilled.metadata, f"{path}: metadata", sort_keys=True),
     }
-    table = table.replace_schema_metadata({k: v.encode() for k, v in metadata.items()})
-    with atomic.replace_on_success(Path(path)) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    with atomic.replace_on_success(path) as tmp:
+        pq.write_table(sealed(table, strings), tmp, compression="zstd")
 
+
+def sealed(table: pa.Table, strings: Mapping[str, str]) -> pa.Table:
+    """`table` with the `kip.*` schema metadata `strings` plus checksums over them and every column."""
+    record = artifacts.checksum_record(_parts(table, strings))
+    metadata = {**strings, "kip.checksum": record["all"], "kip.checksums": json.dumps(record, sort_keys=True)}
+    return table.replace_schema_metadata({k: v.encode() for k, v in metadata.items()})
+
+
+def _table(path: Path, distilled: DistilledSet, class_names: list[str]) -> pa.Table:
+    n = len(distilled.images)
+    classes = np.asarray(distilled.classes, np.int32)
+    if classes.size and (classes.min() < 0 or classes.max() >= len(class_names)):
+        raise UserError(f"{path}: classes must be in 0..{len(class_names) - 1} (one per class name); found {classes.max()}")
+    flat = np.ascontiguousarray(distilled.images, np.float32).reshape(n, -1)
+    labels = np.ascontiguousarray(distilled.labels, np.float32)
+    return pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int32)),
+        "class": pa.array(classes),
+        "class_name": pa.array([class_names[c] for c in classes], pa.string()),
+        "label": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), labels.shape[1]),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+    })
+
+
+def _parts(table: pa.Table, strings: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """What the checksums cover: every column, and every `kip.*` value but the checksums."""
+    parts = {f"column {name!r}": _column_array(table.column(name)) for name in table.column_names}
+    parts.update({key: np.frombuffer(strings[key].encode(), np.uint8) for key in _HASHED_KEYS})
+    return parts
+
+
+def _column_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as a deterministic array: numbers as numbers, anything else as its JSON text."""
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind) and _is_number(kind.value_type) and column.null_count == 0:
+        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), kind.list_size)
+    if _is_number(kind) and column.null_count == 0:
+        return column.to_numpy()
+    return np.frombuffer(json.dumps(column.to_pylist(), default=str).encode(), np.uint8)
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+# --- reading ----------------------------------------------------------------------------------------
 
 def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledSet:
-    """Read and verify a distilled Parquet file (schema, shapes, checksum).
+    """Read and verify a distilled Parquet file (schema, checksums, shapes, lineage).
 
     For ZCA artifacts pass `zca_matrix` (from the sibling .npz); without it the returned
     transform has an empty matrix and only describes the preprocessing.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; expected a distilled .parquet written by the distill stage")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {err})") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    missing = [k for k in ("kip.format_version", "kip.image_shape", "kip.checksum", "kip.transform", "kip.metadata") if k not in meta]
-    if missing:
-        raise UserError(f"{path} lacks schema metadata {missing[0]}; expected a distilled .parquet written by kip")
-    if meta["kip.format_version"] != str(FORMAT_VERSION):
-        raise UserError(f"{path} has format version {meta['kip.format_version']}; this kip reads version {FORMAT_VERSION}")
-    for column in ("class", "label", "image"):
-        if column not in table.column_names:
-            raise UserError(f"{path} lacks column {column!r}; expected index, class, class_name, label, image")
-    shape = tuple(json.loads(meta["kip.image_shape"]))
+    atomic.check_regular_file(path, _EXPECTED)
+    meta = _schema_metadata(path)
+    table = _read_table(path)
+    _verify(path, table, meta)
+    shape = _image_shape(path, meta["kip.image_shape"])
+    tmeta = parse_transform(path, meta["kip.transform"])
+    metadata = artifacts.parse_json_object(path, meta["kip.metadata"], "kip.metadata")
+    _check_column_types(path, table, shape)
     n = table.num_rows
-    images = _fixed_list_values(table, "image", path).reshape((n, *shape))
-    labels = _fixed_list_values(table, "label", path).reshape(n, -1)
-    classes = table.column("class").to_numpy().astype(np.int32)
-    if array_checksum(images, labels) != meta["kip.checksum"]:
-        raise UserError(f"{path}: images/labels do not match the stored checksum; the file was altered or damaged")
-    tmeta = json.loads(meta["kip.transform"])
     transform = Transform(
         method=tmeta["method"],
         channel_mean=np.asarray(tmeta["channel_mean"], np.float32),
@@ -106,19 +141,160 @@ def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledS
         zca_matrix=np.zeros((0, 0)) if zca_matrix is None else np.asarray(zca_matrix, np.float64),
         zca_reg=float(tmeta["zca_reg"]),
     )
-    distilled = DistilledSet(images, labels, classes, transform, json.loads(meta["kip.metadata"]))
-    check_consistent(path, distilled)
-    return distilled
+    distilled = DistilledSet(
+        images=_fixed_list_values(table, "image").reshape((n, *shape)),
+        labels=_fixed_list_values(table, "label").reshape(n, table.column("label").type.list_size),
+        classes=table.column("class").to_numpy(),
+        transform=transform,
+        metadata=metadata,
+    )
+    artifacts.check_consistent(path, distilled, zca_required=zca_matrix is not None)
+    artifacts.check_metadata(path, metadata, distilled.labels.shape[1])
+    return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
 
 
 def transform_record(path: Path) -> dict[str, Any]:
-    """The `kip.transform` metadata of a Parquet artifact (without reading the rows)."""
-    schema = pq.read_schema(path)
-    return json.loads((schema.metadata or {})[b"kip.transform"].decode())
+    """The checked `kip.transform` metadata of a Parquet artifact (without reading the rows)."""
+    path = Path(path)
+    atomic.check_regular_file(path, _EXPECTED)
+    return parse_transform(path, _schema_metadata(path)["kip.transform"])
 
 
-def _fixed_list_values(table: pa.Table, column: str, path: Path) -> np.ndarray:
+def zca_sibling(path: Path, record: Mapping[str, Any]) -> Path:
+    """The sibling .npz a ZCA record points at: a plain name in the same directory, a regular file."""
+    path = Path(path)
+    sibling = path.parent / record["zca_matrix"]["file"]
+    atomic.check_regular_file(sibling, f"the .npz holding the ZCA matrix of {path.name}")
+    return sibling
+
+
+def _schema_metadata(path: Path) -> dict[str, str]:
+    """The `kip.*` schema metadata, after the footer says the table is of a size we will read."""
+    try:
+        parquet_file = pq.ParquetFile(path)
+        schema = parquet_file.schema_arrow
+        file_meta = parquet_file.metadata
+        declared = sum(file_meta.row_group(i).total_byte_size for i in range(file_meta.num_row_groups))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {atomic.one_line(err)})") from None
+    try:
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: schema metadata is not UTF-8 text; the file was altered or damaged") from None
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if "kip.format_version" in missing:
+        raise UserError(f"{path} lacks schema metadata kip.format_version; expected {_EXPECTED}")
+    version = meta["kip.format_version"]
+    artifacts.check_format_version(path, int(version) if re.fullmatch(r"[0-9]{1,6}", version) else version)
+    if missing:
+        raise UserError(f"{path} lacks schema metadata {missing[0]}; expected {_EXPECTED}")
+    if declared > MAX_TABLE_BYTES:
+        raise UserError(
+            f"{path} declares {declared / 2**30:.1f} GiB of rows; a distilled set is far smaller "
+            f"(this reader accepts {MAX_TABLE_BYTES / 2**30:.0f} GiB)"
+        )
+    return meta
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {atomic.one_line(err)})") from None
+    for column in _COLUMNS:
+        if column not in table.column_names:
+            raise UserError(f"{path} lacks column {column!r}; expected {', '.join(_COLUMNS)}")
+    return table
+
+
+def _verify(path: Path, table: pa.Table, meta: Mapping[str, str]) -> None:
+    record = artifacts.parse_checksums(path, meta["kip.checksums"], "kip.checksums")
+    if record["all"] != meta["kip.checksum"]:
+        raise UserError(f"{path}: kip.checksum does not match kip.checksums; the file was altered or damaged")
+    artifacts.verify_checksums(path, record, _parts(table, meta))
+
+
+def _image_shape(path: Path, text: str) -> tuple[int, int, int]:
+    try:
+        shape = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        shape = None
+    valid = (
+        isinstance(shape, list) and len(shape) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
+    )
+    if not valid:
+        raise UserError(f"{path}: kip.image_shape={atomic.one_line(text, 60)} is not allowed; expected [H, W, C] positive integers")
+    return tuple(shape)
+
+
+def parse_transform(path: Path, text: str) -> dict[str, Any]:
+    """`kip.transform`, checked: a known method, numeric fitted values, a safe ZCA pointer."""
+    tmeta = artifacts.parse_json_object(path, text, "kip.transform")
+    method = tmeta.get("method")
+    if method not in cfg.PREPROCESS_METHODS:
+        allowed = "|".join(cfg.PREPROCESS_METHODS)
+        raise UserError(f"{path}: kip.transform method={artifacts.shown(method)} is not allowed; expected one of: {allowed}")
+    for key in ("channel_mean", "channel_std"):
+        values = tmeta.get(key)
+        if not isinstance(values, list) or not all(_is_finite_number(v) for v in values):
+            raise UserError(f"{path}: kip.transform {key} is not a list of finite numbers")
+    if not _is_finite_number(tmeta.get("zca_reg")) or tmeta["zca_reg"] < 0:
+        raise UserError(f"{path}: kip.transform zca_reg={artifacts.shown(tmeta.get('zca_reg'))}; expected a finite number >= 0")
+    if not isinstance(tmeta.get("sha256"), str):
+        raise UserError(f"{path}: kip.transform lacks sha256; expected {_EXPECTED}")
+    if method == "zca":
+        _check_zca_pointer(path, tmeta.get("zca_matrix"))
+    return tmeta
+
+
+def _check_zca_pointer(path: Path, pointer: object) -> None:
+    if not isinstance(pointer, dict) or pointer.get("key") != _ZCA_KEY:
+        raise UserError(f"{path}: kip.transform zca_matrix is not {{\"file\": ..., \"key\": \"{_ZCA_KEY}\"}}")
+    _check_npz_name(path, pointer.get("file"), "kip.transform zca_matrix.file")
+
+
+def _check_npz_name(path: Path, name: object, where: str) -> None:
+    """Only a plain file name: the pointer is data from the file, and following `../../dev/zero`
+    or an absolute path would let any file read anything on the machine."""
+    plain = (
+        isinstance(name, str) and name.endswith(".npz") and name not in (".npz",)
+        and "/" not in name and "\\" not in name and "\0" not in name and Path(name).name == name
+    )
+    if not plain:
+        raise UserError(f"{path}: {where}={artifacts.shown(name)} is not allowed; expected the plain file name of the sibling .npz")
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_column_types(path: Path, table: pa.Table, shape: tuple[int, ...]) -> None:
+    if table.num_rows == 0:
+        raise UserError(f"{path} has no rows; expected at least one support image")
+    for name in _COLUMNS:
+        if table.column(name).null_count:
+            raise UserError(f"{path}: column {name!r} has {table.column(name).null_count} null values; expected none")
+    expected = {
+        "index": (pa.types.is_integer, "integers"),
+        "class": (pa.types.is_integer, "integer class ids"),
+        "class_name": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "strings"),
+        "label": (_is_float_list, "a fixed-size list of float32"),
+        "image": (_is_float_list, "a fixed-size list of float32"),
+    }
+    for name, (accepts, wanted) in expected.items():
+        kind = table.column(name).type
+        if not accepts(kind):
+            raise UserError(f"{path}: column {name!r} has type {kind}; expected {wanted}")
+    size = table.column("image").type.list_size
+    if size != math.prod(shape):
+        raise UserError(f"{path}: column 'image' holds {size} values per row but kip.image_shape {list(shape)} needs {math.prod(shape)}")
+
+
+def _is_float_list(kind: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)
+
+
+def _fixed_list_values(table: pa.Table, column: str) -> np.ndarray:
     chunked = table.column(column).combine_chunks()
-    if not pa.types.is_fixed_size_list(chunked.type):
-        raise UserError(f"{path}: column {column!r} has type {chunked.type}; expected a fixed-size list of float32")
     return np.asarray(chunked.flatten().to_numpy(zero_copy_only=False), np.float32)

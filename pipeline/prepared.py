@@ -75,29 +75,32 @@ def _through(dataset: Dataset, transform: Transform, provenance: dict[str, Any])
 
 
 def save(path: Path, prepared: Prepared) -> None:
+    """Write atomically and byte-reproducibly; refuses NaN/Infinity in any array or the provenance."""
+    path = Path(path)
     arrays = {key: getattr(prepared, key) for key in _ARRAYS}
     arrays.update({f"transform/{k}": v for k, v in prepared.transform.to_arrays().items()})
-    arrays["provenance"] = np.array(json.dumps(prepared.provenance, sort_keys=True))
-    atomic.save_npz(Path(path), arrays)
+    atomic.check_finite_arrays(path, arrays)
+    arrays["provenance"] = np.array(atomic.finite_json(prepared.provenance, f"{path}: provenance", sort_keys=True))
+    atomic.save_npz(path, arrays)
 
 
 def load(path: Path) -> Prepared:
+    """Read the prepare stage's output; any defect is a one-line UserError naming the file."""
     path = Path(path)
-    if path.exists() and not zipfile.is_zipfile(path):
+    atomic.check_regular_file(path, "the output of the prepare stage (dvc repro prepare)")
+    if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; run the prepare stage first (dvc repro prepare)") from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise UserError(f"{path} is not a readable .npz file (corrupted or truncated: {err})") from None
-    missing = [k for k in (*_ARRAYS, "provenance") if k not in arrays]
+    arrays = atomic.read_npz(path)
+    missing = [k for k in (*_ARRAYS, "provenance", *(f"transform/{k}" for k in Transform.ARRAY_KEYS)) if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks {missing[0]}; expected the output of the prepare stage")
+    try:
+        provenance = json.loads(str(arrays["provenance"]))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: provenance is not valid JSON ({atomic.one_line(err)})") from None
     transform = Transform.from_arrays({k[len("transform/"):]: v for k, v in arrays.items() if k.startswith("transform/")})
     return Prepared(
         **{key: arrays[key] for key in _ARRAYS},
         transform=transform,
-        provenance=json.loads(str(arrays["provenance"])),
+        provenance=provenance,
     )

@@ -6,7 +6,6 @@ Reads params: seed, kernel.*, distill.* (and tracking.*)   Reads: the prepared .
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> None:
         if learned:  # corrupted supports: the distance over the pixels KIP could change
             metrics["privacy_learned_nn_distance_median"] = learned["support"]["median"]
             metrics["real_learned_nn_distance_median"] = learned["real_test_images"]["median"]
-        atomic.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+        atomic.write_json(args.metrics, metrics, sort_keys=False)
         atomic.write_text(args.loss_curve, csv_text([h for h in run.history if "loss" in h], ["step", "loss"]))
         atomic.write_text(args.accuracy_curve, csv_text(monitored, ["step", "monitor_accuracy"]))
         support_png = plots.support_figure(

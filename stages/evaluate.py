@@ -5,7 +5,6 @@ Reads params: seed, evaluate.* (and tracking.*)   Reads: the distilled .npz and 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "evaluation")
         tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "test")
         metrics = workflow.evaluate(distilled, prepared, config)
-        atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(args.metrics, metrics)
         tracker.log_metrics(metrics)
         tracker.log_summary(metrics)
         tracker.tag_files(read=[args.distilled, args.prepared], wrote=[args.metrics])

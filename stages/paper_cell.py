@@ -6,7 +6,6 @@ Reads params: shared.*, cells.<key>.*   Reads: the registry download cache. Writ
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from _stage import run_stage
@@ -28,7 +27,7 @@ def main(args: argparse.Namespace) -> None:
     data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset)
     prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
     result = {"key": args.key, **paper.run_cell(prepared, cell, progress=args.progress)}
-    atomic.write_text(args.out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic.write_json(args.out, result)
     line = ", ".join(f"{name} {paper.fmt(m['krr'])}" for name, m in result["methods"].items())
     print(f"cell {args.key}: KRR test accuracy (%) {line}")
 

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> None:
     with tracked("paper-report", params, args.params) as tracker:
         atomic.write_text(args.table, paper_report.table_markdown(cells, published, verdict))
         plots.save_png(args.figure, paper_report.figure(cells, published))
-        atomic.write_text(args.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(args.summary, summary)
         tracker.log_params({"cells": {cell["key"]: cell["config"] for cell in cells}})
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         tracker.log_summary({"kip_beats_baselines": verdict["kip_beats_baselines"], "cells": len(cells)})

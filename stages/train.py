@@ -6,7 +6,6 @@ Reads params: seed, train.* (and tracking.*)   Reads: the distilled .npz and the
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
         tracker.set_tags(dataset_tags(prepared.provenance["dataset"]))
         tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "training")
         metrics, curve = workflow.transfer(distilled, prepared, config)
-        atomic.write_text(args.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(args.metrics, metrics)
         atomic.write_text(args.curve, csv_text(curve, CURVE_COLUMNS))
         plots.save_png(args.curve_png, plots.transfer_figure(curve))
         tracker.log_history(curve)

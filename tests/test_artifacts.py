@@ -1,12 +1,34 @@
 """The distilled .npz: round trip, reproducible bytes, atomic writes, and clear errors."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pipeline import artifacts, atomic, preprocess
 from pipeline.config import PreprocessConfig
 from pipeline.errors import UserError
+
+
+def lineage(method: str = "zca", num_classes: int = 10) -> dict:
+    """The metadata sections every reader needs (what `kip distill` writes, minus the extras)."""
+    return {
+        "data": {"source": "embedded", "name": "digits", "data_dir": None},
+        "preprocess": {"method": method, "zca_reg": 0.1},
+        "kernel": {"architecture": "fc"},
+        "dataset": {"fingerprint": "ab" * 32, "class_names": [f"c{i}" for i in range(num_classes)]},
+    }
+
+
+def rewrite(path, **changes):
+    """Replace members of a written .npz and re-seal its checksums, so the reader's later checks
+    (not the checksum) are what a test exercises."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "checksums"}
+    arrays.update(changes)
+    arrays["checksums"] = np.array(json.dumps(artifacts.checksum_record(arrays), sort_keys=True))
+    atomic.save_npz(path, arrays)
 
 
 @pytest.fixture
@@ -18,7 +40,7 @@ def distilled(rng):
         labels=rng.standard_normal((20, 10)).astype(np.float32),
         classes=np.repeat(np.arange(10), 2).astype(np.int32),
         transform=transform,
-        metadata={"kernel": {"architecture": "fc"}, "seed": 0},
+        metadata={**lineage(), "seed": 0},
     )
 
 
@@ -52,9 +74,8 @@ def test_inconsistent_file_is_reported(distilled, tmp_path):
     path = tmp_path / "d.npz"
     artifacts.save_npz(path, distilled)
     with np.load(path) as data:
-        arrays = dict(data)
-    arrays["labels"] = arrays["labels"][:-1]
-    np.savez(path, **arrays)
+        labels = data["labels"]
+    rewrite(path, labels=labels[:-1])
     with pytest.raises(UserError, match="20 images but labels"):
         artifacts.load_npz(path)
 

@@ -14,6 +14,7 @@ from pipeline.cli import main
 from pipeline.config import PreprocessConfig
 from pipeline.errors import UserError
 from pipeline.inspection import inspect_artifact
+from test_artifacts import lineage
 
 CLASS_NAMES = [f"c{i}" for i in range(10)]
 
@@ -25,7 +26,7 @@ def _distilled(rng, method: str) -> artifacts.DistilledSet:
         labels=rng.standard_normal((20, 10)).astype(np.float32),
         classes=np.repeat(np.arange(10), 2).astype(np.int32),
         transform=transform,
-        metadata={"kernel": {"architecture": "fc"}, "dataset": {"name": "toy"}, "seed": 3, "steps": 7},
+        metadata={**lineage(method), "seed": 3, "steps": 7},
     )
 
 
@@ -81,7 +82,7 @@ def test_altered_rows_fail_the_checksum(written):
         pa.FixedSizeListArray.from_arrays(pa.array(values), images.type.list_size),
     )
     pq.write_table(altered.replace_schema_metadata(table.schema.metadata), path)
-    with pytest.raises(UserError, match="do not match the stored checksum"):
+    with pytest.raises(UserError, match="column 'image' does not match the stored checksum"):
         parquet.read_parquet(path)
 
 

