@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, safe_read
 from pipeline import config as cfg
 from pipeline.errors import UserError
 from pipeline.preprocess import Transform
@@ -37,6 +37,10 @@ _CHECKSUMS = "checksums"
 _EXPECTED = "a distilled .npz written by `kip distill`"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _METADATA_SECTIONS = {"data": cfg.DataConfig, "preprocess": cfg.PreprocessConfig, "kernel": cfg.KernelConfig}
+# Per array, the same cap as prepared.npz (pipeline.prepared.MAX_ARRAY_BYTES, 1 GiB): the largest
+# array a set holds is its ZCA matrix (float64, d x d), the very matrix prepared.npz holds, so any set
+# distilled from a readable prepared.npz must be readable too. Images and labels are far smaller.
+MAX_ARRAY_BYTES = 4 * safe_read.MAX_ARRAY_BYTES
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,10 @@ def check_format_version(path: Path, version: object) -> None:
 def load_npz(path: Path) -> DistilledSet:
     """Read and check a distilled .npz; any defect is a one-line UserError naming the file."""
     path = Path(path)
-    atomic.check_regular_file(path, _EXPECTED)
+    safe_read.check_regular(path, _EXPECTED)
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
-    arrays = atomic.read_npz(path)
+    arrays = safe_read.read_npz(path, max_array_bytes=MAX_ARRAY_BYTES, strings=True)  # metadata is a string
     _check_members_present(path, arrays)
     metadata = _parse_metadata(path, arrays["metadata"])
     check_format_version(path, metadata.get("format_version"))
@@ -192,7 +196,7 @@ def parse_json_object(path: Path, text: str, where: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
-        raise UserError(f"{path}: {where} is not valid JSON ({atomic.one_line(err)})") from None
+        raise UserError(f"{path}: {where} is not valid JSON ({safe_read.one_line(err)})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: {where} is a JSON {type(value).__name__}; expected a JSON object")
     return value
@@ -264,7 +268,7 @@ def check_metadata(path: Path, metadata: Mapping[str, Any], num_classes: int) ->
             cfg.from_mapping(record, section, name)
             record(**section)  # the raw values too: readers build the record from them directly
         except UserError as err:
-            raise UserError(f"{path}: metadata {atomic.one_line(err, 300)}") from None
+            raise UserError(f"{path}: metadata {safe_read.one_line(err, 300)}") from None
     dataset = _section(path, metadata, "dataset")
     fingerprint = dataset.get("fingerprint")
     if not isinstance(fingerprint, str) or not fingerprint:
@@ -276,7 +280,7 @@ def check_metadata(path: Path, metadata: Mapping[str, Any], num_classes: int) ->
 
 def shown(value: object) -> str:
     """A value from a file, as it may appear in a one-line message: repr, bounded."""
-    return atomic.one_line(repr(value), 80)
+    return safe_read.one_line(repr(value), 80)
 
 
 def _section(path: Path, metadata: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -1,11 +1,9 @@
-"""Files on disk: write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file;
-streaming digests; and a bounded reader for the .npz files we write.
+"""Writing files: write-to-temp-then-rename, so a reader (or DVC) never sees a half-written file;
+a deterministic .npz writer; strict (finite) JSON; and streaming digests of written files.
 
-Hand-written rather than `np.savez`/`np.load` because those cannot give what we need here:
-`np.savez` stamps members with the current time (artifacts would never be byte-reproducible), and
-`np.load` trusts each member's header, so a damaged or hostile file declaring a 400 GB array makes
-it allocate 400 GB. `read_npz` checks every member's declared dtype and shape against the bytes the
-archive really holds before allocating anything.
+`save_npz` is hand-written rather than `np.savez`, which stamps members with the current time
+(artifacts would never be byte-reproducible). Reading files that may be hostile or damaged,
+including the .npz files written here, is `pipeline.safe_read`.
 
 Writes only ever replace regular files (never a symlink's target, a device or a directory), turn a
 full or read-only disk into one `UserError` line, and sweep temp files that killed writers left.
@@ -35,8 +33,6 @@ from pipeline.errors import UserError
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _LEGACY_TEMP_AGE = 600  # seconds: temp files from before the pid was in the name, untouched this long, are stale
-_READ_CHUNK = 16 << 20
-MAX_INFLATED_BYTES = 1 << 30  # what compressed .npz members may inflate to in total
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -255,113 +251,7 @@ def check_finite_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             raise UserError(f"{path}: {name} has {count} NaN/Infinity values; refusing to write a non-finite array")
 
 
-# --- reading ----------------------------------------------------------------------------------------
-
-def check_regular_file(path: Path, expected: str) -> None:
-    """A reader opens only regular files (symlinks to them are fine): a FIFO would block forever
-    and /dev/zero would never end."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; expected {expected}") from None
-    except OSError as err:
-        raise UserError(f"{path} cannot be read ({err.strerror}); expected {expected}") from None
-    if stat.S_ISDIR(mode):
-        raise UserError(f"{path} is a directory; expected {expected}")
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path} is a device, FIFO or socket, not a regular file; expected {expected}")
-
-
-def read_npz(path: Path, max_inflated: int = MAX_INFLATED_BYTES) -> dict[str, np.ndarray]:
-    """Every member of an .npz as an array, allocating no more than the archive really holds.
-
-    Each member's .npy header (dtype, shape) must agree with the member's size before anything
-    is allocated; object dtypes are refused; compressed members may inflate to `max_inflated`
-    bytes in total. Any defect is a one-line UserError naming the file.
-    """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            _check_members(path, infos, path.stat().st_size, max_inflated)
-            return {info.filename[: -len(".npy")]: _read_member(path, archive, info) for info in infos}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
-        if isinstance(err, UserError):
-            raise
-        raise UserError(f"{path} is not a readable .npz file (corrupted or truncated: {one_line(err)})") from None
-
-
-def _check_members(path: Path, infos: list[zipfile.ZipInfo], archive_size: int, max_inflated: int) -> None:
-    names = [info.filename for info in infos]
-    for name in names:
-        if not name.endswith(".npy"):
-            raise UserError(f"{path} holds member {one_line(repr(name), 80)}; expected only .npy arrays")
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise UserError(f"{path} holds two members named {one_line(repr(duplicated[0]), 80)}; the archive was altered or damaged")
-    inflated = 0
-    for info in infos:
-        if info.compress_size > archive_size:
-            raise UserError(f"{path}: member {info.filename} claims {info.compress_size} bytes but the file has {archive_size}")
-        if info.compress_type == zipfile.ZIP_STORED:
-            if info.file_size != info.compress_size:
-                raise UserError(f"{path}: member {info.filename} is stored with inconsistent sizes; the file is damaged")
-        elif info.compress_type == zipfile.ZIP_DEFLATED:
-            inflated += info.file_size
-        else:
-            raise UserError(f"{path}: member {info.filename} uses compression {info.compress_type}; expected stored or deflated")
-    if inflated > max_inflated:
-        raise UserError(
-            f"{path}: compressed members would inflate to {inflated / 2**30:.1f} GiB; "
-            f"this reader accepts at most {max_inflated / 2**30:.1f} GiB"
-        )
-
-
-def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    with archive.open(info) as member:
-        shape, fortran, dtype = _read_header(path, info.filename, member)
-        count = math.prod(shape)
-        declared = count * dtype.itemsize
-        held = info.file_size - member.tell()
-        if declared != held:
-            raise UserError(
-                f"{path}: member {info.filename} declares shape {shape} of {dtype} ({declared} bytes) "
-                f"but holds {held} bytes; the file is damaged or hostile"
-            )
-        flat = np.empty(count, dtype)
-        if declared:
-            raw = flat.view(np.uint8)
-            for start in range(0, declared, _READ_CHUNK):
-                chunk = member.read(min(_READ_CHUNK, declared - start))
-                if len(chunk) != min(_READ_CHUNK, declared - start):
-                    raise EOFError(f"member {info.filename} ends early")
-                raw[start:start + len(chunk)] = np.frombuffer(chunk, np.uint8)
-        if member.read(1):  # also makes zipfile check the member's CRC
-            raise UserError(f"{path}: member {info.filename} holds more bytes than its header declares")
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def _read_header(path: Path, name: str, member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(member)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-    else:
-        raise UserError(f"{path}: member {name} has .npy format version {version}; expected 1.0 or 2.0")
-    if dtype.hasobject or dtype.kind not in "biufcUS" or dtype.subdtype is not None:
-        raise UserError(f"{path}: member {name} has dtype {dtype}; expected plain numbers or strings (no objects)")
-    if any(d < 0 for d in shape):
-        raise UserError(f"{path}: member {name} declares a negative shape {shape}")
-    return shape, fortran, dtype
-
-
-def one_line(err: object, limit: int = 200) -> str:
-    """An exception's text collapsed to one bounded line (hostile files can put anything in it)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
+# --- digests ----------------------------------------------------------------------------------------
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MB blocks (artifacts and downloads can be large)."""

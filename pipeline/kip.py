@@ -28,7 +28,7 @@ import optax
 from jax.experimental import enable_x64
 from tqdm.auto import tqdm
 
-from pipeline import atomic, devices, kernels, krr
+from pipeline import atomic, devices, kernels, krr, safe_read
 from pipeline.config import DistillConfig
 from pipeline.errors import UserError
 from pipeline.kernels import KernelFn
@@ -396,18 +396,14 @@ def _read_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
     if path.is_symlink() or not path.is_file() or not zipfile.is_zipfile(path):
         raise UserError(not_ours)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "meta" not in data.files:
-                raise UserError(not_ours)
-            meta = json.loads(str(data["meta"]))
-            count = len(data.files) - 1
-            if not isinstance(meta, dict) or sorted(data.files) != sorted(["meta", *(f"leaf_{i:03d}" for i in range(count))]):
-                raise UserError(not_ours)
-            leaves = [data[f"leaf_{i:03d}"] for i in range(count)]
-    except UserError:
-        raise
-    except Exception:  # unreadable zip member, bad JSON: whatever it is, it is not safe to overwrite
+        data = safe_read.read_npz(path, strings=True)  # bounded: a foreign file may be hostile
+        meta = json.loads(str(data.get("meta", "")))
+    except (UserError, ValueError):  # unreadable, or no JSON: whatever it is, it is not safe to overwrite
         raise UserError(not_ours) from None
+    count = len(data) - 1
+    if not isinstance(meta, dict) or sorted(data) != sorted(["meta", *(f"leaf_{i:03d}" for i in range(count))]):
+        raise UserError(not_ours)
+    leaves = [data[f"leaf_{i:03d}"] for i in range(count)]
     if meta.get("kind", _CHECKPOINT_KIND) != _CHECKPOINT_KIND or "key" not in meta or "step" not in meta:
         raise UserError(not_ours)
     return meta, leaves

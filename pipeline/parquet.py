@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import artifacts, atomic
+from pipeline import artifacts, atomic, safe_read
 from pipeline import config as cfg
 from pipeline.artifacts import FORMAT_VERSION, DistilledSet
 from pipeline.errors import UserError
@@ -125,7 +125,7 @@ def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledS
     transform has an empty matrix and only describes the preprocessing.
     """
     path = Path(path)
-    atomic.check_regular_file(path, _EXPECTED)
+    safe_read.check_regular(path, _EXPECTED)
     meta = _schema_metadata(path)
     table = _read_table(path)
     _verify(path, table, meta)
@@ -156,7 +156,7 @@ def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledS
 def transform_record(path: Path) -> dict[str, Any]:
     """The checked `kip.transform` metadata of a Parquet artifact (without reading the rows)."""
     path = Path(path)
-    atomic.check_regular_file(path, _EXPECTED)
+    safe_read.check_regular(path, _EXPECTED)
     return parse_transform(path, _schema_metadata(path)["kip.transform"])
 
 
@@ -164,7 +164,7 @@ def zca_sibling(path: Path, record: Mapping[str, Any]) -> Path:
     """The sibling .npz a ZCA record points at: a plain name in the same directory, a regular file."""
     path = Path(path)
     sibling = path.parent / record["zca_matrix"]["file"]
-    atomic.check_regular_file(sibling, f"the .npz holding the ZCA matrix of {path.name}")
+    safe_read.check_regular(sibling, f"the .npz holding the ZCA matrix of {path.name}")
     return sibling
 
 
@@ -176,7 +176,7 @@ def _schema_metadata(path: Path) -> dict[str, str]:
         file_meta = parquet_file.metadata
         declared = sum(file_meta.row_group(i).total_byte_size for i in range(file_meta.num_row_groups))
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {atomic.one_line(err)})") from None
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
     try:
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     except UnicodeDecodeError:
@@ -200,7 +200,7 @@ def _read_table(path: Path) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {atomic.one_line(err)})") from None
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
     for column in _COLUMNS:
         if column not in table.column_names:
             raise UserError(f"{path} lacks column {column!r}; expected {', '.join(_COLUMNS)}")
@@ -224,7 +224,7 @@ def _image_shape(path: Path, text: str) -> tuple[int, int, int]:
         and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
     )
     if not valid:
-        raise UserError(f"{path}: kip.image_shape={atomic.one_line(text, 60)} is not allowed; expected [H, W, C] positive integers")
+        raise UserError(f"{path}: kip.image_shape={safe_read.one_line(text, 60)} is not allowed; expected [H, W, C] positive integers")
     return tuple(shape)
 
 

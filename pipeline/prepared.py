@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import atomic, preprocess
+from pipeline import atomic, preprocess, safe_read
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.data import Dataset, load_dataset
@@ -22,6 +22,12 @@ from pipeline.errors import UserError
 from pipeline.preprocess import Transform
 
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# Per array, 4x the cap on raw data-source arrays (safe_read.MAX_ARRAY_BYTES, 256 MiB): x_train and
+# x_test are float32 copies of source arrays, 4 bytes per uint8 pixel, so a source array at its cap
+# becomes 1 GiB here. The ZCA matrix (float64, d x d) stays under it up to d = 11585 (about
+# 62x62x3 images), beyond which fitting it is impractical anyway. pipeline.artifacts.MAX_ARRAY_BYTES
+# must stay equal: a distilled set stores this same ZCA matrix.
+MAX_ARRAY_BYTES = 4 * safe_read.MAX_ARRAY_BYTES
 
 
 @dataclass(frozen=True)
@@ -87,17 +93,17 @@ def save(path: Path, prepared: Prepared) -> None:
 def load(path: Path) -> Prepared:
     """Read the prepare stage's output; any defect is a one-line UserError naming the file."""
     path = Path(path)
-    atomic.check_regular_file(path, "the output of the prepare stage (dvc repro prepare)")
+    safe_read.check_regular(path, "the output of the prepare stage (dvc repro prepare)")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
-    arrays = atomic.read_npz(path)
+    arrays = safe_read.read_npz(path, max_array_bytes=MAX_ARRAY_BYTES, strings=True)  # provenance is a string
     missing = [k for k in (*_ARRAYS, "provenance", *(f"transform/{k}" for k in Transform.ARRAY_KEYS)) if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks {missing[0]}; expected the output of the prepare stage")
     try:
         provenance = json.loads(str(arrays["provenance"]))
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: provenance is not valid JSON ({atomic.one_line(err)})") from None
+        raise UserError(f"{path}: provenance is not valid JSON ({safe_read.one_line(err)})") from None
     transform = Transform.from_arrays({k[len("transform/"):]: v for k, v in arrays.items() if k.startswith("transform/")})
     return Prepared(
         **{key: arrays[key] for key in _ARRAYS},

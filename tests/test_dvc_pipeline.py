@@ -59,19 +59,15 @@ def _bytes(root: Path) -> dict[str, bytes]:
     return {name: (root / "artifacts" / name).read_bytes() for name in ("distilled.npz", "distilled.parquet")}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A scratch clone of the project with small params, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("dvc") / "project"
-    home = root.parent / "home"
-    home.mkdir()
-    env = _env(home)
+def make_project(root: Path, env: dict[str, str], overrides: dict[str, dict]) -> None:
+    """A committed scratch git + DVC project at `root`: a snapshot of this project's sources,
+    dvc.yaml and DVC config, with `overrides` ({section: {key: value}}) applied to params.yaml."""
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in SMALL.items():
+    for section, values in overrides.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, env, "git", "init", "-q", "-b", "main")
@@ -79,6 +75,16 @@ def project(tmp_path_factory):
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     _run(root, env, "git", "add", "-A")
     _run(root, env, "git", "commit", "-qm", "project")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A scratch clone of the project with small params, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    home = root.parent / "home"
+    home.mkdir()
+    env = _env(home)
+    make_project(root, env, SMALL)
     first = _dvc(root, env, "repro")
     _run(root, env, "git", "add", "-A")
     _run(root, env, "git", "commit", "-qm", "first run")

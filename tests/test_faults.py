@@ -23,7 +23,7 @@ import pytest
 from pipeline import artifacts, config as cfg, parquet
 from pipeline.data import load_dataset
 from pipeline.errors import UserError
-from test_dvc_pipeline import REPO, SMALL, _dvc, _run
+from test_dvc_pipeline import SMALL, _dvc, _run, make_project
 from test_dvc_pipeline import _env as _dvc_env
 
 DISTILL = [
@@ -228,26 +228,12 @@ def _outputs(root: Path) -> dict[str, object]:
 def dvc_template(tmp_path_factory):
     """A committed scratch project (no run yet) that every fault test copies: one snapshot of the
     sources, so all runs here hash the same code even while pipeline/ is being edited."""
-    import yaml
-
     base = tmp_path_factory.mktemp("faults")
     root, home = base / "template", base / "home"
     home.mkdir()
     env = _dvc_env(home)
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in FAULT_PARAMS.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (base / "killer.py").write_text(_KILLER)
-    _run(root, env, "git", "init", "-q", "-b", "main")
-    _dvc(root, env, "init", "-q")
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    _run(root, env, "git", "add", "-A")
-    _run(root, env, "git", "commit", "-qm", "project")
+    make_project(root, env, FAULT_PARAMS)
     return root, env
 
 

@@ -3,7 +3,6 @@ run is marked KILLED (not left RUNNING), it exits with the signal's conventional
 run resumes from the checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+
+from test_faults import _checkpoint_step
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
@@ -39,14 +39,6 @@ def project(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "stages" / "prepare.py"), "prepared.npz"], cwd=root, env=_env(),
                    check=True, capture_output=True, timeout=300)
     return root
-
-
-def _checkpoint_step(path: Path) -> int:
-    try:
-        with np.load(path) as data:
-            return json.loads(str(data["meta"]))["step"]
-    except Exception:  # not written yet, or mid-rename
-        return 0
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -5,7 +5,7 @@ t10k-labels-idx1-ubyte (each optionally .gz). NPZ: train.npz and test.npz with a
 `x` (N, H, W[, C]) and `y` (N,) (`images`/`labels` also accepted). uint8 pixels are read as 0..255,
 float pixels as already in [0, 1].
 
-Files are read through `safe_read`: only regular files, each array at most
+Files are read through `pipeline.safe_read`: only regular files, each array at most
 `safe_read.MAX_ARRAY_BYTES` (256 MiB), declared sizes checked before reading. Labels must be class
 indices 0..MAX_CLASSES-1, checked before the class list is built from the largest label.
 """
@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.data import RawSplits
 from pipeline.errors import UserError
+from pipeline.safe_read import read_npz
 from pipeline.sources.idx import read_idx
-from pipeline.sources.safe_read import read_npz
 
 # At most 1000 classes (ImageNet-1k's count). KIP's support set holds support_per_class images of
 # every class and its kernel matrices grow with the square of that, so 1000 classes x 10 images is

@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pipeline import safe_read
 from pipeline.errors import UserError
-from pipeline.sources import safe_read
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"

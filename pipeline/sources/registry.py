@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, safe_read
 from pipeline.data import RawSplits
 from pipeline.errors import UserError
-from pipeline.sources import safe_read
 from pipeline.sources.idx import parse_idx
 
 FASHION_CLASSES = (
@@ -121,7 +120,7 @@ def _cached_arrays(decoded: Path, package: Package) -> dict[str, np.ndarray] | N
     if not os.path.lexists(decoded):
         return None
     try:
-        arrays = safe_read.read_npz(decoded, lambda names: SPLIT_KEYS)
+        arrays = safe_read.read_npz(decoded, SPLIT_KEYS)
     except UserError:
         arrays = None
     if arrays is not None and arrays_digest(arrays) == package.arrays_sha256:
