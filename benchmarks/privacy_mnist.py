@@ -47,7 +47,7 @@ def main() -> int:
             "krr_test_accuracy": metrics["krr_test_accuracy"],
             "random_subset_test_accuracy": metrics["baseline_test_accuracy"],
             "nn_distance_support": section["support"],
-            "nn_distance_real_test_images": section["real_test_images"],
+            "nn_distance_real_heldout_images": section["real_heldout_images"],
             "median_ratio": section["median_ratio"],
             "seconds": round(time.perf_counter() - t0, 1),
             "distill": asdict(config),

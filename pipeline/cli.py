@@ -50,6 +50,9 @@ _TRAIN_HELP = {
     "conv_width": "conv channels", "conv_depth": "conv blocks (3x3 conv, ReLU, 2x2 pooling)",
     "pooling": "|".join(cfg.POOLINGS), "parameterization": "|".join(cfg.PARAMETERIZATIONS),
     "w_std": "weight std at init", "b_std": "bias std at init", "loss": "|".join(cfg.LOSSES),
+    "temperature": "soft_xent: targets softmax(labels / temperature)",
+    "label_scale": "mse, mse_centered: fit label_scale x labels (> 1: further from the kernel regime)",
+    "label_scale_choice": "validation: the best of 0.1|1|10 on the validation split, per support; fixed: --label-scale",
     "optimizer": "|".join(cfg.OPTIMIZERS), "learning_rate": "optimizer step size", "momentum": "sgd only",
     "l2": "weight decay", "batch_size": "images per step", "steps": "optimizer steps per network",
     "seeds": "networks per side (distilled / random real)", "eval_every": "test accuracy every N steps",
@@ -189,6 +192,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", dest="data.name", default="mnist",
                        help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
     group.add_argument("--data-dir", dest="data.data_dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
+    group.add_argument("--validation-fraction", dest="data.validation_fraction", type=float, default=0.1,
+                       help="share of the training split held out for validation (monitoring, never KIP targets)")
     group.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
 
 
@@ -202,10 +207,10 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, workflow
     from pipeline.prepared import prepare
 
-    data = cfg.DataConfig(**_section(args, "data"))
+    distill = cfg.DistillConfig(**_section(args, "distill"))
+    data = cfg.DataConfig(**_section(args, "data"), seed=distill.seed)
     prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
     kernel = cfg.KernelConfig(**_section(args, "kernel"))
-    distill = cfg.DistillConfig(**_section(args, "distill"))
     _check_outputs(args.out, args.history, args.checkpoint)
     prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
     run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
@@ -219,15 +224,19 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, workflow
-    from pipeline.prepared import reprepare
+    from pipeline.prepared import prepare, reprepare
 
     config = cfg.EvaluateConfig(
         reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
     )
     _check_outputs(args.json)
     distilled = artifacts.load_npz(args.support)
-    prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
-    metrics = workflow.evaluate(distilled, prepared, config)
+    cache_dir = args.cache_dir or default_cache_dir()
+    prepared = reprepare(distilled, cache_dir=cache_dir)
+    default = None
+    if prepared.transform.method != cfg.PreprocessConfig().method:  # the strongest baseline may be there
+        default = prepare(cfg.DataConfig(**distilled.metadata["data"]), cfg.PreprocessConfig(), cache_dir=cache_dir)
+    metrics = workflow.evaluate(distilled, prepared, config, default)
     if args.json:
         atomic.write_json(args.json, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -2,6 +2,10 @@
 
 The baseline answers the only question that matters for a distilled set: is it better than the
 same number of real images picked at random (class-balanced)?
+
+The baseline lives in the run's preprocessing. Under ZCA an FC/RBF kernel makes random real images
+much weaker than under standardisation (docs/reproduction.md, "ZCA and the random baseline"), so a
+ZCA run must also be held against random images under the default preprocessing.
 """
 from __future__ import annotations
 

@@ -6,12 +6,15 @@ parameterisation every layer computes (w_std / sqrt(fan_in)) * x @ W + b_std * b
 the parameterisation whose infinite-width limit is the kernel KIP distilled against. `standard`
 draws W ~ N(0, w_std^2 / fan_in), b ~ N(0, b_std^2) and computes x @ W + b.
 
-`train` is one run (one init seed); it returns the final test accuracy and a learning curve.
+`train` is one run (one init seed); it returns the final test accuracy and a learning curve. Losses:
+xent on the integer classes; mse, mse_centered (the network minus its initial function, the finite
+counterpart of KRR with the NTK) and soft_xent (softmax(labels / temperature) as targets) on the
+support's labels, learned ones included. docs/reproduction.md says which transfers best.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -115,6 +118,8 @@ class TrainResult:
     test_accuracy: float
     train_accuracy: float
     curve: list[dict[str, float]]  # step, train_loss, test_accuracy (every eval_every steps)
+    # The trained network's outputs (centred for centred losses) on any images, for inspection and tests.
+    predict: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
 
 def train(
@@ -130,18 +135,23 @@ def train(
 ) -> TrainResult:
     """Train one network on (x, y) from init seed `seed`; score it on the test split.
 
-    y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse loss;
-    classes are the integer classes used by the xent loss and for train accuracy.
+    y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse,
+    mse_centered and soft_xent losses; classes are the integer classes used by the xent loss and
+    for train accuracy. With mse_centered the network is f(x) - f_0(x) throughout (training,
+    train and test accuracy), f_0 the same network at its initial parameters, kept fixed.
     """
     model = make_model(config, tuple(x.shape[1:]), num_classes)
     key_init, key_batches = jax.random.split(jax.random.PRNGKey(seed))
     params = model.init(key_init, jnp.zeros((1, *x.shape[1:]), jnp.float32))
+    apply = centered_apply(model.apply) if config.loss in CENTERED_LOSSES else _anchored(model.apply)
+    anchor = params  # the initial parameters: f_0 for centred losses, unused otherwise
     optimizer = _optimizer(config)
     opt_state = optimizer.init(params)
-    step_fn = _make_step(model.apply, optimizer, config)
-    predict = jax.jit(model.apply)
+    step_fn = _make_step(apply, optimizer, config)
+    apply_jit = jax.jit(apply)  # anchor passed as an argument, not baked into the compiled function
+    predict = lambda p, batch: apply_jit(p, anchor, batch)  # noqa: E731
 
-    x_dev, y_dev = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    x_dev, y_dev = jnp.asarray(x, jnp.float32), jnp.asarray(training_targets(y, config), jnp.float32)
     c_dev = jnp.asarray(classes, jnp.int32)
     n, batch = len(x), min(config.batch_size, len(x))
     curve: list[dict[str, float]] = []
@@ -150,7 +160,7 @@ def train(
             idx = jax.random.choice(jax.random.fold_in(key_batches, step), n, (batch,), replace=False)
         else:
             idx = jnp.arange(n)
-        params, opt_state, loss = step_fn(params, opt_state, x_dev[idx], y_dev[idx], c_dev[idx])
+        params, opt_state, loss = step_fn(params, anchor, opt_state, x_dev[idx], y_dev[idx], c_dev[idx])
         done = step + 1
         if not np.isfinite(float(loss)):
             raise UserError(
@@ -161,7 +171,38 @@ def train(
             curve.append({"step": done, "train_loss": float(loss),
                           "test_accuracy": _accuracy(predict, params, x_test, y_test, eval_batch)})
     test_accuracy = curve[-1]["test_accuracy"] if curve else _accuracy(predict, params, x_test, y_test, eval_batch)
-    return TrainResult(test_accuracy, _accuracy(predict, params, x, classes, eval_batch), curve)
+    scale = config.label_scale if config.loss in ("mse", "mse_centered") else 1.0
+    outputs = lambda images: np.asarray(predict(params, jnp.asarray(images, jnp.float32))) / scale  # noqa: E731
+    return TrainResult(test_accuracy, _accuracy(predict, params, x, classes, eval_batch), curve, outputs)
+
+
+CENTERED_LOSSES = ("mse_centered",)
+
+
+def centered_apply(apply: Callable) -> Callable:
+    """(params, params_0, x) -> f(x; params) - f(x; params_0): zero at init, and under gradient descent
+    on MSE in the kernel regime the kernel-regression predictor with the network's NTK (no random
+    initial function added, as KRR has none)."""
+    def centered(params: Any, anchor: Any, x: jax.Array) -> jax.Array:
+        return apply(params, x) - jax.lax.stop_gradient(apply(anchor, x))
+    return centered
+
+
+def _anchored(apply: Callable) -> Callable:
+    def plain(params: Any, anchor: Any, x: jax.Array) -> jax.Array:
+        return apply(params, x)
+    return plain
+
+
+def training_targets(y: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """What the loss fits: soft_xent's class probabilities softmax(y / temperature), xent's nothing
+    (it reads the classes), else label_scale * y."""
+    y = np.asarray(y, np.float64)
+    if config.loss != "soft_xent":
+        return config.label_scale * y if config.loss in ("mse", "mse_centered") else y
+    z = y / config.temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -171,10 +212,12 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def _make_step(apply: Callable, optimizer: optax.GradientTransformation, config: TrainConfig):
-    def loss_fn(params: Any, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
-        out = apply(params, x)
+    def loss_fn(params: Any, anchor: Any, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
+        out = apply(params, anchor, x)
         if config.loss == "xent":
             loss = optax.softmax_cross_entropy_with_integer_labels(out, classes).mean()
+        elif config.loss == "soft_xent":
+            loss = optax.softmax_cross_entropy(out, y).mean()
         else:
             loss = 0.5 * jnp.sum((out - y) ** 2, axis=-1).mean()
         if config.l2:
@@ -182,8 +225,8 @@ def _make_step(apply: Callable, optimizer: optax.GradientTransformation, config:
         return loss
 
     @jax.jit
-    def step(params, opt_state, x, y, classes):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, classes)
+    def step(params, anchor, opt_state, x, y, classes):
+        loss, grads = jax.value_and_grad(loss_fn)(params, anchor, x, y, classes)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -69,7 +69,7 @@ def _privacy_summary(path: Path, section: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(section, dict):
         raise UserError(f"{path}: metadata privacy is a JSON {type(section).__name__}; expected an object")
-    keys = ("metric", "support", "real_test_images", "median_ratio")
+    keys = ("metric", "support", "real_heldout_images", "median_ratio")
     summary = {k: section[k] for k in keys if k in section}
     learned = section.get("learned_pixels")
     if isinstance(learned, dict):

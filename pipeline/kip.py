@@ -221,7 +221,7 @@ def distill(
     if config.support_per_class * num_classes > len(y_train):
         raise UserError(
             f"distill.support_per_class={config.support_per_class} needs "
-            f"{config.support_per_class * num_classes} training images; the dataset has {len(y_train)}"
+            f"{config.support_per_class * num_classes} training images; the training split has {len(y_train)} (without the validation split)"
         )
     with enable_x64(config.float64):
         return _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, checkpoint_key, monitor, progress)

@@ -71,7 +71,8 @@ def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any]) ->
         raise UserError(f"cells.{key}.{unknown[0]} is not a known key; expected one of: {'|'.join(sorted(known))}")
     spc = merged.get("support_per_class")
     seed = int(merged.get("seed", 0))
-    common = {"support_per_class": spc, "reg": merged.get("reg", 1e-6), "seed": seed, "checkpoint_every": 0}
+    common = {"support_per_class": spc, "reg": merged.get("reg", 1e-6), "seed": seed, "checkpoint_every": 0,
+              "eval_every": 0}
     return CellConfig(
         dataset=merged.get("dataset"),
         kernel=from_mapping(KernelConfig, merged.get("kernel"), f"cells.{key}.kernel"),
@@ -88,7 +89,8 @@ def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any]) ->
 
 @dataclass
 class MethodResult:
-    krr_accuracy: list[float] = field(default_factory=list)  # one per seed
+    krr_accuracy: list[float] = field(default_factory=list)  # one per seed, test split
+    krr_val_accuracy: list[float] = field(default_factory=list)  # the same supports on the validation split
     nn_accuracy: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -99,38 +101,47 @@ class MethodResult:
                 return {"mean": None, "std": None, "n": 0}
             return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
-        return {"krr": stats(self.krr_accuracy), "nn": stats(self.nn_accuracy),
+        return {"krr": stats(self.krr_accuracy), "krr_val": stats(self.krr_val_accuracy), "nn": stats(self.nn_accuracy),
                 "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
 
 
-def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> dict[str, Any]:
-    """All four methods of one cell; JSON-ready."""
+def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
+    """All four methods of one cell: the JSON-ready result, and every support set behind a number in
+    it (Label Solve per repeat, both KIP rows), with full lineage, so `kip evaluate` re-scores them.
+
+    Each support is scored on the test split (the reported number) and on the validation split
+    (what settings are chosen on).
+    """
     from pipeline import workflow
 
     kernel_fn = kernels.make(cell.kernel)
     classes = prepared.num_classes
     results = {name: MethodResult() for name in METHODS}
+    supports: dict[str, DistilledSet] = {}
 
-    def score(images: np.ndarray, labels: np.ndarray) -> float:
-        return scoring.krr_scores(kernel_fn, images, labels, prepared.x_test, prepared.y_test, classes, cell.reg)["accuracy"]
+    def score(result: MethodResult, images: np.ndarray, labels: np.ndarray) -> None:
+        for x, y, scores in ((prepared.x_test, prepared.y_test, result.krr_accuracy),
+                             (prepared.x_val, prepared.y_val, result.krr_val_accuracy)):
+            if len(y):
+                scores.append(scoring.krr_scores(kernel_fn, images, labels, x, y, classes, cell.reg)["accuracy"])
 
     with _cpu(results["random"]):
         for repeat in range(cell.repeats):
             rng = np.random.default_rng([cell.seed, 2, repeat])
             idx = kip.class_balanced_indices(prepared.y_train, cell.support_per_class, classes, rng)
-            results["random"].krr_accuracy.append(
-                score(prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes)))
+            score(results["random"], prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes))
     with _cpu(results["label_solve"]):
         for repeat in range(cell.repeats):
             config = dataclasses.replace(cell.kip, method="label_solve", seed=cell.seed + repeat)
-            solved = kip.label_solve(prepared.x_train, prepared.y_train, classes, kernel_fn, config)
-            results["label_solve"].krr_accuracy.append(score(solved.images, solved.labels))
+            solved = workflow.distill(prepared, cell.kernel, config, progress=False).distilled
+            score(results["label_solve"], solved.images, solved.labels)
+            supports[f"label_solve_{repeat}"] = solved
     for name in ("kip", "kip_labels"):
         config = getattr(cell, name)
         with _cpu(results[name]):
-            learned = kip.distill(prepared.x_train, prepared.y_train, classes, kernel_fn, config, progress=progress)
-            results[name].krr_accuracy.append(score(learned.images, learned.labels))
-            distilled = DistilledSet(learned.images, learned.labels, learned.classes.astype(np.int32), prepared.transform, {})
+            distilled = workflow.distill(prepared, cell.kernel, config, progress=progress).distilled
+            score(results[name], distilled.images, distilled.labels)
+            supports[name] = distilled
             runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip")
             results[name].nn_accuracy.extend(r.test_accuracy for r in runs["distilled"])
             # the random-subset networks, trained once beside the first KIP support (their time counts there)
@@ -144,7 +155,8 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> di
         "methods": {name: result.summary() for name, result in results.items()},
         "config": {"kip": dataclasses.asdict(cell.kip), "kip_labels": dataclasses.asdict(cell.kip_labels),
                    "train": dataclasses.asdict(cell.train), "repeats": cell.repeats, "reg": cell.reg},
-    }
+        "validation": prepared.provenance.get("validation"),
+    }, supports
 
 
 def kernel_name(spec: KernelConfig) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from pipeline.errors import UserError
 from pipeline.paper import DATASETS, METHODS, fmt
 
 METHOD_NAMES = {"random": "random real", "label_solve": "Label Solve", "kip": "KIP", "kip_labels": "KIP + labels"}
@@ -14,9 +15,16 @@ DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "digits": "
 KERNEL_ORDER = ("FC NTK", "FC NNGP", "RBF")
 
 
+# KRR test accuracy goals with the FC NTK, chosen above the numbers the paper reports (issue 13:
+# beat the paper, not a lowered bar). A cell that is missing counts as not met.
+GOALS = {("mnist", 10): 0.90, ("mnist", 100): 0.975, ("mnist", 500): 0.983,
+         ("fashion_mnist", 10): 0.84, ("fashion_mnist", 100): 0.89, ("fashion_mnist", 500): 0.90}
+SOURCE_PARTS = ("paper", "table", "row")
+
+
 def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """KIP (its better row) beats Label Solve and random at every size, per dataset and kernel; and
-    MNIST with the FC NTK kernel reaches the paper's ~85 % / ~97 % at 10 / 100 images."""
+    the FC NTK cells reach GOALS."""
     failures = []
     for cell in cells:
         methods = cell["methods"]
@@ -24,14 +32,27 @@ def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for rival in ("label_solve", "random"):
             if not kip_best > methods[rival]["krr"]["mean"]:
                 failures.append(f"{cell['key']}: KIP {kip_best:.4f} <= {rival} {methods[rival]['krr']['mean']:.4f}")
-    thresholds = {}
-    for images, target in ((10, 0.85), (100, 0.97)):
-        cell = _find(cells, "mnist", "FC NTK", images)
+    goals = {}
+    for (dataset, images), goal in GOALS.items():
+        cell = _find(cells, dataset, "FC NTK", images)
         value = None if cell is None else max(cell["methods"]["kip"]["krr"]["mean"], cell["methods"]["kip_labels"]["krr"]["mean"])
-        thresholds[f"mnist_fc_ntk_{images}"] = {"kip_accuracy": value, "paper_target": target,
-                                                "met": value is not None and value >= target}
-    return {"kip_beats_baselines": not failures, "failures": failures, "mnist_fc_ntk": thresholds,
-            "cells": len(cells)}
+        goals[f"{dataset}_fc_ntk_{images}"] = {"kip_accuracy": value, "goal": goal,
+                                               "met": value is not None and value >= goal}
+    return {"kip_beats_baselines": not failures, "failures": failures, "fc_ntk_goals": goals, "cells": len(cells)}
+
+
+def published_entries(paper: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The `paper:` entries, each required to name its source as {paper, table, row} and its kernel:
+    a number whose source cannot be named is not shown (an empty cell beats one filled from memory)."""
+    entries = list(paper or [])
+    for i, entry in enumerate(entries):
+        source = entry.get("source") if isinstance(entry, Mapping) else None
+        if not isinstance(source, Mapping) or any(not str(source.get(k) or "").strip() for k in SOURCE_PARTS):
+            raise UserError(f"paper[{i}].source={source!r} is not allowed; expected a mapping naming paper, table and row")
+        for key in ("dataset", "images", "method", "kernel", "accuracy"):
+            if key not in entry:
+                raise UserError(f"paper[{i}] lacks {key}; expected dataset, images, method, kernel, accuracy, source")
+    return entries
 
 
 def summary(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -61,13 +82,12 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
     else:
         out.append(f"- KIP beats Label Solve and random real images in every cell: **no**, in {len(verdict['failures'])}:")
         out += [f"  - {failure}" for failure in verdict["failures"]]
-    for name, check in verdict["mnist_fc_ntk"].items():
-        images = int(name.rsplit("_", 1)[1])
+    for (dataset, images), check in zip(GOALS, verdict["fc_ntk_goals"].values()):
         value = "missing" if check["kip_accuracy"] is None else f"{100 * check['kip_accuracy']:.2f} %"
-        paper_value = published.get(("mnist", images, "kip_labels"))
+        paper_value = published.get((dataset, images, "kip_labels", "FC NTK"))
         beside = f" (the paper: {paper_value} %)" if paper_value else ""
-        out.append(f"- MNIST, FC NTK, {images} images: KIP {value} against the bar of "
-                   f"≈ {100 * check['paper_target']:.0f} %{beside}: {'met' if check['met'] else '**not met**'}.")
+        out.append(f"- {DATASET_NAMES.get(dataset, dataset)}, FC NTK, {images} images: KIP {value} against the goal of "
+                   f"{100 * check['goal']:.1f} %{beside}: {'met' if check['met'] else '**not met**'}.")
     total_cpu = sum(_cpu_seconds(c) for c in cells) / 60
     total_wall = sum(_wall_seconds(c) for c in cells) / 60
     out += [f"- Compute: {total_cpu:.0f} CPU minutes, {total_wall:.0f} minutes of wall time inside the cells.", ""]
@@ -82,15 +102,14 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
         for cell in rows:
             for method in METHODS:
                 result = cell["methods"][method]
-                reference = published.get((dataset, cell["images"], method), "")
+                reference = published.get((dataset, cell["images"], method, cell["kernel_name"]), "")
                 out.append(f"| {cell['kernel_name']} | {cell['images']} | {METHOD_NAMES[method]} | {fmt(result['krr'])} "
                            f"| {fmt(result['nn'])} | {reference} | {result['cpu_seconds'] / 60:.1f} |")
         out.append("")
-    out += ["Paper column: KRR test accuracy as published, with the paper's kernel named where it differs",
-            "from the row's (its Label Solve numbers use a ConvNet NTK). The values are the ones recorded in",
-            "the project's design notes from the paper and public summaries of it, not re-read from the PDF",
-            "here; the source of each is in `experiments/paper/params.yaml`. CPU minutes are all threads of",
-            "the cell's process; the random-subset networks are trained, and counted, with the KIP row.", ""]
+    out += ["Paper column: KRR test accuracy as published, only for the row's own kernel and only where",
+            "`experiments/paper/params.yaml` names the source (paper, table, row); an empty cell means no",
+            "number could be checked against the paper itself. CPU minutes are all threads of the cell's",
+            "process; the random-subset networks are trained, and counted, with the KIP row.", ""]
     return "\n".join(out)
 
 
@@ -100,7 +119,7 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
     datasets = _datasets(cells)
     fig = Figure(figsize=(4.0 * max(1, len(kernels)), 3.5 * len(datasets)), dpi=100)
     axes = fig.subplots(len(datasets), max(1, len(kernels)), squeeze=False, sharex=True)
-    entries = list(paper)
+    entries = published_entries(paper)
     for row, dataset in enumerate(datasets):
         for col, kernel in enumerate(kernels):
             ax = axes[row][col]
@@ -137,10 +156,11 @@ def _datasets(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _published(paper: Iterable[Mapping[str, Any]]) -> dict[tuple, str]:
+    """(dataset, images, method, kernel) -> the published value(s), for entries that name their source."""
     grouped: dict[tuple, list[str]] = defaultdict(list)
-    for entry in paper:
-        note = "" if entry["kernel"] == "FC NTK" else f" ({entry['kernel']})"
-        grouped[(entry["dataset"], entry["images"], entry["method"])].append(f"{entry['accuracy']:.1f}{note}")
+    for entry in published_entries(paper):
+        key = (entry["dataset"], entry["images"], entry["method"], entry["kernel"])
+        grouped[key].append(f"{entry['accuracy']:.1f}")
     return {key: ", ".join(values) for key, values in grouped.items()}
 
 

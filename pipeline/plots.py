@@ -72,17 +72,17 @@ def support_figure(
 
 
 def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
-    """KIP loss per step (log scale) and, where monitored, KRR accuracy on held-out test images."""
+    """KIP loss per step (log scale) and, where monitored, KRR accuracy on the validation split."""
     fig = Figure(figsize=(9, 3.2), dpi=100, layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     losses = [h for h in history if "loss" in h]
     loss_ax.plot([h["step"] for h in losses], [h["loss"] for h in losses], linewidth=0.8)
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="step", ylabel="KIP loss", title="loss")
-    monitored = [h for h in history if "monitor_accuracy" in h]
+    monitored = [h for h in history if "val_accuracy" in h]
     if monitored:
-        acc_ax.plot([h["step"] for h in monitored], [h["monitor_accuracy"] for h in monitored], marker="o")
-    acc_ax.set(xlabel="step", ylabel="KRR accuracy", title="accuracy (monitoring subset of test)")
+        acc_ax.plot([h["step"] for h in monitored], [h["val_accuracy"] for h in monitored], marker="o")
+    acc_ax.set(xlabel="step", ylabel="KRR accuracy", title="accuracy on the validation split")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
     return fig

@@ -1,7 +1,8 @@
 """The prepare step: a dataset mapped into the space the kernel sees, with its transform.
 
-`prepare` loads a dataset and fits the preprocessing on its training split; `reprepare` rebuilds
-the same view for a distilled set from the transform stored in it. `save`/`load` keep a Prepared
+`prepare` loads a dataset, sets the validation split aside (`pipeline.splits`) and fits the
+preprocessing on the rest of the training split; `reprepare` rebuilds the same view for a
+distilled set from the transform and the split recorded in it. `save`/`load` keep a Prepared
 as one .npz (the prepare stage's output), written atomically and byte-reproducibly.
 """
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import atomic, preprocess, safe_read
+from pipeline import atomic, preprocess, safe_read, splits
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.data import Dataset, load_dataset
 from pipeline.errors import UserError
 from pipeline.preprocess import Transform
 
-_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+_ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 # Per array, 4x the cap on raw data-source arrays (safe_read.MAX_ARRAY_BYTES, 256 MiB): x_train and
 # x_test are float32 copies of source arrays, 4 bytes per uint8 pixel, so a source array at its cap
 # becomes 1 GiB here. The ZCA matrix (float64, d x d) stays under it up to d = 11585 (about
@@ -34,12 +35,14 @@ MAX_ARRAY_BYTES = 4 * safe_read.MAX_ARRAY_BYTES
 class Prepared:
     """A dataset in the space the kernel sees, with the transform that put it there."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray  # the training split without the validation images
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_val: np.ndarray  # held-out training images: for choosing settings and monitoring
+    y_val: np.ndarray
+    x_test: np.ndarray  # read only for reported numbers
     y_test: np.ndarray
     transform: Transform
-    provenance: dict[str, Any]  # {"data": ..., "preprocess": ..., "dataset": Dataset.describe()}
+    provenance: dict[str, Any]  # {"data", "preprocess", "dataset": Dataset.describe(), "validation"}
 
     @property
     def num_classes(self) -> int:
@@ -52,12 +55,15 @@ class Prepared:
 
 def prepare(data: DataConfig, prep: PreprocessConfig, *, cache_dir: Path) -> Prepared:
     dataset = load_dataset(data, cache_dir)
-    transform = preprocess.fit(prep, dataset.x_train)
-    return _through(dataset, transform, {"data": asdict(data), "preprocess": asdict(prep), "dataset": dataset.describe()})
+    val = _validation(data, dataset)
+    transform = preprocess.fit(prep, np.delete(dataset.x_train, val, axis=0))
+    provenance = {"data": asdict(data), "preprocess": asdict(prep), "dataset": dataset.describe(),
+                  "validation": _validation_record(data, val)}
+    return _through(dataset, transform, val, provenance)
 
 
 def reprepare(distilled: DistilledSet, *, cache_dir: Path) -> Prepared:
-    """The data a support set was distilled from, mapped through the transform stored with it."""
+    """The data a support set was distilled from, split and mapped as it was when distilled."""
     data = DataConfig(**distilled.metadata["data"])
     dataset = load_dataset(data, cache_dir)
     expected = distilled.metadata["dataset"]["fingerprint"]
@@ -66,13 +72,36 @@ def reprepare(distilled: DistilledSet, *, cache_dir: Path) -> Prepared:
             f"dataset {data.source}:{data.name} has fingerprint {dataset.fingerprint[:12]}, but the support set was "
             f"distilled from {expected[:12]}; expected the same data"
         )
-    return _through(dataset, distilled.transform, {k: distilled.metadata[k] for k in ("data", "preprocess", "dataset")})
+    val = _validation(data, dataset)
+    recorded = distilled.metadata.get("validation")
+    if recorded is not None and recorded != _validation_record(data, val):
+        raise UserError(
+            "the validation split rebuilt from the support set's metadata differs from the one it records; "
+            "expected the same data.validation_fraction, seed and dataset"
+        )
+    provenance = {k: distilled.metadata[k] for k in ("data", "preprocess", "dataset")}
+    return _through(dataset, distilled.transform, val, {**provenance, "validation": _validation_record(data, val)})
 
 
-def _through(dataset: Dataset, transform: Transform, provenance: dict[str, Any]) -> Prepared:
+def _validation(data: DataConfig, dataset: Dataset) -> np.ndarray:
+    size = int(round(data.validation_fraction * len(dataset.y_train)))
+    return splits.validation_indices(dataset.y_train, dataset.num_classes, size, data.seed)
+
+
+def _validation_record(data: DataConfig, val: np.ndarray) -> dict[str, Any]:
+    """What metadata says of the split: enough to rebuild it and to check the rebuild."""
+    return {"of": "training split", "fraction": data.validation_fraction, "seed": data.seed,
+            "size": int(len(val)), "sha256": splits.split_digest(val)}
+
+
+def _through(dataset: Dataset, transform: Transform, val: np.ndarray, provenance: dict[str, Any]) -> Prepared:
+    keep = np.ones(len(dataset.y_train), bool)
+    keep[val] = False
     return Prepared(
-        x_train=transform.apply(dataset.x_train),
-        y_train=dataset.y_train,
+        x_train=transform.apply(dataset.x_train[keep]),
+        y_train=dataset.y_train[keep],
+        x_val=transform.apply(dataset.x_train[val]),
+        y_val=dataset.y_train[val],
         x_test=transform.apply(dataset.x_test),
         y_test=dataset.y_test,
         transform=transform,

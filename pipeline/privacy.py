@@ -2,7 +2,7 @@
 
 For each support image: the L2 distance, in the stored preprocessing space, to its nearest training
 image and that image's index. The same statistic for held-out real images (a seeded sample of the
-test split, never seen in training) is the yardstick: a support image much closer to a training
+validation split: real images KIP never used as targets) is the yardstick: a support image much closer to a training
 image than real images usually are is close to a copy of it. Distances come from
 |q|^2 - 2 q.x + |x|^2 in float64, in blocks of training images, so memory stays at one block.
 """
@@ -38,7 +38,7 @@ def nearest_train(
 
 
 def report(
-    images: np.ndarray, x_train: np.ndarray, x_test: np.ndarray, seed: int, learned: np.ndarray | None = None
+    images: np.ndarray, x_train: np.ndarray, x_heldout: np.ndarray, seed: int, learned: np.ndarray | None = None
 ) -> dict[str, Any]:
     """The privacy section of an artifact's metadata (JSON-ready).
 
@@ -47,7 +47,7 @@ def report(
     masked alike: whole-image distances of a corrupted support mostly measure its noise.
     """
     rng = np.random.default_rng([seed, 5])
-    sample = x_test[rng.choice(len(x_test), size=min(len(images), len(x_test)), replace=False)]
+    sample = x_heldout[rng.choice(len(x_heldout), size=min(len(images), len(x_heldout)), replace=False)]
     section = _comparison("L2 distance to the nearest training image, in the preprocessed space",
                           images, sample, x_train, mask=None)
     if learned is not None and not np.all(learned):
@@ -68,7 +68,7 @@ def _comparison(metric: str, images: np.ndarray, sample: np.ndarray, x_train: np
         "nearest_train_distance": [float(d) for d in distance],
         "nearest_train_index": [int(i) for i in index],
         "support": _summary(distance),
-        "real_test_images": _summary(real),
+        "real_heldout_images": _summary(real),
         "median_ratio": float(np.median(distance) / max(np.median(real), 1e-12)),
     }
 

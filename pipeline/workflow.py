@@ -8,6 +8,7 @@ These take config records and values; reading params files and choosing paths is
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -25,13 +26,10 @@ from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig, TrainCo
 from pipeline.errors import UserError
 from pipeline.prepared import Prepared
 
-MONITOR_TEST_IMAGES = 2000
-
-
 @dataclass(frozen=True)
 class DistillRun:
     distilled: DistilledSet
-    history: list[dict[str, float]]  # one record per step: step, loss (+ monitor_accuracy)
+    history: list[dict[str, float]]  # one record per step: step, loss (+ val_accuracy)
     initial_images: np.ndarray  # the support before distillation, for before/after pictures
 
 
@@ -47,15 +45,20 @@ def distill(
     kernel_fn = kernels.make(kernel)
     monitor = None
     if config.eval_every:
-        # Monitoring only: the result is the last step's support, never one picked on test data.
-        x_mon = prepared.x_test[:MONITOR_TEST_IMAGES]
-        y_mon = prepared.y_test[:MONITOR_TEST_IMAGES]
+        # The learning curve is scored on the validation split, never the test split; and the
+        # result is the last step's support whatever the curve says.
+        if len(prepared.y_val) == 0:
+            raise UserError(
+                f"distill.eval_every={config.eval_every} scores a validation split, and data.validation_fraction=0 "
+                "gives none; set distill.eval_every: 0 or data.validation_fraction > 0"
+            )
 
         def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             scores = scoring.krr_scores(
-                kernel_fn, images, labels, x_mon, y_mon, prepared.num_classes, config.reg, reg_name="distill.reg"
+                kernel_fn, images, labels, prepared.x_val, prepared.y_val, prepared.num_classes, config.reg,
+                reg_name="distill.reg",
             )
-            return {"monitor_accuracy": scores["accuracy"]}
+            return {"val_accuracy": scores["accuracy"]}
 
     configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
     params_hash = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
@@ -74,43 +77,75 @@ def distill(
         "steps": config.steps if config.method == "kip" else 0,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "code_version": pipeline.__version__,
-        "privacy": privacy.report(
-            result.images, prepared.x_train, prepared.x_test, config.seed,
-            learned=~kip.corruption_mask(result.images.shape, config),
-        ),
+        "privacy": _privacy(result.images, prepared, config),
         "versions": _library_versions(),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
     return DistillRun(distilled, result.history, result.initial_images)
 
 
-def evaluate(distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig) -> dict[str, float]:
-    """KRR test accuracy/MSE of the support set and of random real subsets of the same size."""
+def _privacy(images: np.ndarray, prepared: Prepared, config: DistillConfig) -> dict[str, Any]:
+    """The privacy report; its yardstick of held-out real images is the validation split (never a
+    KIP target), or the test split when the run has no validation split. The section says which."""
+    split = "validation" if len(prepared.y_val) else "test"
+    heldout = prepared.x_val if split == "validation" else prepared.x_test
+    section = privacy.report(images, prepared.x_train, heldout, config.seed,
+                             learned=~kip.corruption_mask(images.shape, config))
+    return {**section, "heldout_split": split}
+
+
+def evaluate(
+    distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig, default_prepared: Prepared | None = None
+) -> dict[str, Any]:
+    """KRR test accuracy/MSE of the support set beside the strongest simple baselines of its size.
+
+    Baselines: class-balanced random real subsets under the run's preprocessing and, when that is
+    not the default, under the default one (`default_prepared`: the same data and split,
+    standardised), of which the better is `baseline_test_accuracy` (`baseline_preprocessing` says
+    which); and Label Solve (the same kind of real images with closed-form labels).
+    """
     if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
         raise UserError(
             f"support images have shape {tuple(distilled.images.shape[1:])}; "
             f"the test images are {tuple(prepared.x_test.shape[1:])}"
         )
-    kernel_fn = kernels.make(KernelConfig(**distilled.metadata["kernel"]))
-    reg = config.reg
+    kernel = KernelConfig(**distilled.metadata["kernel"])
+    kernel_fn = kernels.make(kernel)
     scores = scoring.krr_scores(
         kernel_fn, distilled.images, distilled.labels, prepared.x_test, prepared.y_test,
-        prepared.num_classes, reg, config.batch_size,
+        prepared.num_classes, config.reg, config.batch_size,
     )
     per_class = max(1, len(distilled.images) // prepared.num_classes)
-    baseline = scoring.random_subset_baseline(
-        kernel_fn, prepared.x_train, prepared.y_train, prepared.x_test, prepared.y_test,
-        prepared.num_classes, per_class, reg, config.baseline_repeats, config.seed, config.batch_size,
-    )
-    return {
+    candidates = {prepared.transform.method: prepared}
+    if default_prepared is not None:
+        candidates.setdefault(default_prepared.transform.method, default_prepared)
+    random_real = {
+        method: scoring.random_subset_baseline(
+            kernel_fn, data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes, per_class,
+            config.reg, config.baseline_repeats, config.seed, config.batch_size,
+        )
+        for method, data in candidates.items()
+    }
+    best = max(random_real, key=lambda method: random_real[method]["accuracy"])
+    solved = kip.label_solve(prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn,
+                             DistillConfig(method="label_solve", support_per_class=per_class, reg=config.reg,
+                                           seed=config.seed))
+    label_solve = scoring.krr_scores(kernel_fn, solved.images, solved.labels, prepared.x_test, prepared.y_test,
+                                     prepared.num_classes, config.reg, config.batch_size)
+    metrics: dict[str, Any] = {
         "krr_test_accuracy": scores["accuracy"],
         "krr_test_mse": scores["mse"],
-        "baseline_test_accuracy": baseline["accuracy"],
-        "baseline_test_accuracy_std": baseline["accuracy_std"],
-        "baseline_test_mse": baseline["mse"],
+        "baseline_test_accuracy": random_real[best]["accuracy"],
+        "baseline_test_accuracy_std": random_real[best]["accuracy_std"],
+        "baseline_test_mse": random_real[best]["mse"],
+        "baseline_preprocessing": best,
+        "label_solve_test_accuracy": label_solve["accuracy"],
         "support_size": int(len(distilled.images)),
         "test_size": int(len(prepared.y_test)),
     }
+    for method, result in random_real.items():
+        metrics[f"baseline_{method}_test_accuracy"] = result["accuracy"]
+    return metrics
 
 
 def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
@@ -126,6 +161,8 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
         "nn_test_accuracy": float(np.mean(distilled_acc)),
         "nn_test_accuracy_std": float(np.std(distilled_acc)),
         "nn_train_accuracy": float(np.mean([r.train_accuracy for r in runs["distilled"]])),
+        "nn_label_scale": runs["label_scale"]["distilled"],
+        "nn_baseline_label_scale": runs["label_scale"]["baseline"],
         "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
         "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
         "seeds": config.seeds,
@@ -143,9 +180,9 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     return metrics, curve
 
 
-def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True) -> dict[str, list]:
-    """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]}
-    (baseline empty unless `baseline`)."""
+def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True) -> dict[str, Any]:
+    """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]
+    (empty unless `baseline`), "label_scale": {side: the scale each side trained with}}."""
     from pipeline import finite
 
     if distilled.transform.checksum() != prepared.transform.checksum():
@@ -161,20 +198,56 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
         )
     per_class = max(1, len(distilled.images) // prepared.num_classes)
     runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
+    chosen = {"distilled": config, "baseline": config}
     for index in range(config.seeds):
         seed = config.seed * 1000 + index
+        if index == 0:
+            chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config)
         runs["distilled"].append(finite.train(
             distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
-            prepared.num_classes, config, seed,
+            prepared.num_classes, chosen["distilled"], seed,
         ))
         if not baseline:
             continue
         idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, np.random.default_rng([config.seed, 3, index]))
+        x, classes = prepared.x_train[idx], prepared.y_train[idx]
+        y = np.asarray(krr.centered_one_hot(classes, prepared.num_classes))
+        if index == 0:
+            chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config)
         runs["baseline"].append(finite.train(
-            prepared.x_train[idx], np.asarray(krr.centered_one_hot(prepared.y_train[idx], prepared.num_classes)),
-            prepared.y_train[idx], prepared.x_test, prepared.y_test, prepared.num_classes, config, seed,
+            x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes, chosen["baseline"], seed,
         ))
+    runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
+                           "baseline": chosen["baseline"].label_scale if baseline else None}
     return runs
+
+
+def choose_label_scale(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
+                       config: TrainConfig) -> TrainConfig:
+    """`config` with the label scale its network does best with on the validation split (one
+    network per candidate in AUTO_LABEL_SCALES; one that diverges is skipped), when
+    `label_scale_choice` is validation and the loss scales labels; else `config` unchanged."""
+    from pipeline import finite
+    from pipeline.config import AUTO_LABEL_SCALES
+
+    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
+        return config
+    if len(prepared.y_val) == 0:
+        raise UserError("train.label_scale_choice=validation needs a validation split; set data.validation_fraction > 0 "
+                        "or train.label_scale_choice: fixed")
+    scores = {}
+    for scale in AUTO_LABEL_SCALES:
+        candidate = dataclasses.replace(config, label_scale=scale, eval_every=0)
+        try:
+            result = finite.train(x, y, classes, prepared.x_val, prepared.y_val, prepared.num_classes, candidate,
+                                  config.seed * 1000 + 999)
+        except UserError:  # diverged at this scale
+            continue
+        scores[scale] = result.test_accuracy  # on the validation images passed as "test"
+    if not scores:
+        raise UserError(f"network training diverged at every label scale {AUTO_LABEL_SCALES}; lower train.learning_rate "
+                        f"(now {config.learning_rate})")
+    return dataclasses.replace(config, label_scale=max(scores, key=scores.get))
 
 
 PACKAGE_DIR = Path(pipeline.__file__).resolve().parent

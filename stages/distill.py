@@ -36,23 +36,23 @@ def main(args: argparse.Namespace) -> None:
         distilled = run.distilled
         artifacts.save_npz(args.npz, distilled)
         parquet.save_parquet(args.parquet, distilled, prepared.class_names, npz_name=args.npz.name)
-        monitored = [h for h in run.history if "monitor_accuracy" in h]
+        monitored = [h for h in run.history if "val_accuracy" in h]
         metrics = {
             "support_size": len(distilled.images),
             "steps": distilled.metadata["steps"],
             "final_loss": distilled.metadata["final_loss"],
-            "final_monitor_accuracy": monitored[-1]["monitor_accuracy"] if monitored else None,
+            "final_val_accuracy": monitored[-1]["val_accuracy"] if monitored else None,
             "privacy_nn_distance_min": distilled.metadata["privacy"]["support"]["min"],
             "privacy_nn_distance_median": distilled.metadata["privacy"]["support"]["median"],
-            "real_nn_distance_median": distilled.metadata["privacy"]["real_test_images"]["median"],
+            "real_nn_distance_median": distilled.metadata["privacy"]["real_heldout_images"]["median"],
         }
         learned = distilled.metadata["privacy"].get("learned_pixels")
         if learned:  # corrupted supports: the distance over the pixels KIP could change
             metrics["privacy_learned_nn_distance_median"] = learned["support"]["median"]
-            metrics["real_learned_nn_distance_median"] = learned["real_test_images"]["median"]
+            metrics["real_learned_nn_distance_median"] = learned["real_heldout_images"]["median"]
         atomic.write_json(args.metrics, metrics, sort_keys=False)
         atomic.write_text(args.loss_curve, csv_text([h for h in run.history if "loss" in h], ["step", "loss"]))
-        atomic.write_text(args.accuracy_curve, csv_text(monitored, ["step", "monitor_accuracy"]))
+        atomic.write_text(args.accuracy_curve, csv_text(monitored, ["step", "val_accuracy"]))
         support_png = plots.support_figure(
             run.initial_images, distilled.images, distilled.classes, prepared.class_names, distilled.transform
         )

@@ -1,7 +1,8 @@
 """DVC stage `cell@<key>` of experiments/paper: one (dataset, kernel, images per class) of the KIP
 paper's comparison (random, Label Solve, KIP, KIP + learned labels; KRR and finite networks).
 
-Reads params: shared.*, cells.<key>.*   Reads: the registry download cache. Writes: one JSON.
+Reads params: shared.*, cells.<key>.*   Reads: the registry download cache.
+Writes: one JSON, and the support sets behind its numbers (npz + Parquet, with lineage).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from _stage import run_stage
 
-from pipeline import atomic, paper
+from pipeline import artifacts, atomic, paper, parquet
 from pipeline.cli import default_cache_dir
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.errors import UserError
@@ -24,9 +25,13 @@ def main(args: argparse.Namespace) -> None:
     if args.key not in cells:
         raise UserError(f"cell {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(cells))}")
     cell = paper.cell_config(args.key, params.get("shared") or {}, cells[args.key])
-    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset)
+    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset, seed=cell.seed)
     prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
-    result = {"key": args.key, **paper.run_cell(prepared, cell, progress=args.progress)}
+    summary, supports = paper.run_cell(prepared, cell, progress=args.progress)
+    for name, distilled in supports.items():  # every support set behind a number, re-scorable by `kip evaluate`
+        artifacts.save_npz(args.supports / f"{name}.npz", distilled)
+        parquet.save_parquet(args.supports / f"{name}.parquet", distilled, prepared.class_names, npz_name=f"{name}.npz")
+    result = {"key": args.key, **summary, "supports": {name: f"{name}.npz" for name in supports}}
     atomic.write_json(args.out, result)
     line = ", ".join(f"{name} {paper.fmt(m['krr'])}" for name, m in result["methods"].items())
     print(f"cell {args.key}: KRR test accuracy (%) {line}")
@@ -36,6 +41,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("key")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--supports", type=Path, required=True, help="directory for the cell's support sets (.npz + .parquet)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--progress", action="store_true", help="show KIP progress bars")
     run_stage("cell", main, parser)

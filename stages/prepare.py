@@ -1,6 +1,6 @@
 """DVC stage `prepare`: load the dataset, fit the preprocessing on train, write data/prepared.npz.
 
-Reads params: data.*, preprocess.* (and tracking.*)   Writes: the prepared .npz given as OUT.
+Reads params: seed (the validation split), data.*, preprocess.* (and tracking.*)   Writes: the prepared .npz given as OUT.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from _stage import run_stage, tracked
 from pipeline import prepared as prep_io
 from pipeline.cli import default_cache_dir
 from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.params import read_params, section
+from pipeline.params import read_params, section, seed
 from pipeline.tracking import dataset_tags
 
 
 def main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
-    data = section(params, "data", DataConfig)
+    data = section(params, "data", DataConfig, seed=seed(params))
     prep = section(params, "preprocess", PreprocessConfig)
     with tracked("prepare", params, args.params) as tracker:
         tracker.log_params({"data": asdict(data), "preprocess": asdict(prep)})
@@ -28,9 +28,11 @@ def main(args: argparse.Namespace) -> None:
         dataset = prepared.provenance["dataset"]
         tracker.set_tags(dataset_tags(dataset))
         tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "source")
-        tracker.log_metrics({"train_size": dataset["train_size"], "test_size": dataset["test_size"]})
+        tracker.log_metrics({"train_size": len(prepared.y_train), "validation_size": len(prepared.y_val),
+                             "test_size": dataset["test_size"]})
         tracker.tag_files(wrote=[args.out])
-    print(f"prepare: {dataset['name']} ({dataset['train_size']} train / {dataset['test_size']} test) -> {args.out}")
+    print(f"prepare: {dataset['name']} ({len(prepared.y_train)} train / {len(prepared.y_val)} validation / "
+          f"{dataset['test_size']} test) -> {args.out}")
 
 
 if __name__ == "__main__":

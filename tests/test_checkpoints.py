@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from pipeline import workflow
-from pipeline.config import DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
 from pipeline.errors import UserError
-from pipeline.prepared import Prepared, _through
+from pipeline.prepared import Prepared, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = DistillConfig(support_per_class=1, steps=2, target_batch=100, checkpoint_every=1, learning_rate=0.01)
@@ -43,11 +43,8 @@ def test_every_distill_dep_is_covered_by_the_key():
 
 
 @pytest.fixture(scope="module")
-def prepared(digits) -> Prepared:
-    from pipeline import preprocess
-
-    transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
-    return _through(digits, transform, {"data": {}, "preprocess": {}, "dataset": digits.describe()})
+def prepared() -> Prepared:
+    return prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
 
 
 def _run(prepared: Prepared, checkpoint: Path, capsys) -> str:

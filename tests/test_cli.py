@@ -30,13 +30,13 @@ def run_cli(capsys, *argv):
     (["distill", "-o", "x.npz", "--lr", "0"], "distill.learning_rate=0.0 is not allowed; expected a positive finite number"),
     (["distill", "-o", "x.npz", "--preprocess", "pca"], "preprocess.method='pca' is not allowed; expected one of: none|standardize|zca"),
     (["distill", "-o", "x.npz", "--source", "embedded", "--dataset", "digits", "--support-per-class", "500"],
-     "distill.support_per_class=500 needs 5000 training images; the dataset has 1437"),
+     "distill.support_per_class=500 needs 5000 training images; the training split has 1297 (without the validation split)"),
     (["evaluate", "missing.npz"], "missing.npz does not exist"),
     # A name MLflow cannot store used to fail after the whole run ("the MLflow store failed").
     (["distill", "-o", "x.npz", "--source", "files", "--data-dir", ".", "--dataset", "x" * 6000],
      "data.name='" + "x" * 40 + "'... is not allowed; expected 1 to 100 letters"),
     (["distill", "-o", "x.npz", "--source", "tfds", "--dataset", "mnist; rm -rf"], "data.name='mnist; rm -rf' is not allowed"),
-    (["train", "missing.npz", "--loss", "hinge"], "train.loss='hinge' is not allowed; expected one of: mse|xent"),
+    (["train", "missing.npz", "--loss", "hinge"], "train.loss='hinge' is not allowed; expected one of: mse|xent|mse_centered|soft_xent"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)

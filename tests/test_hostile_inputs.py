@@ -978,7 +978,8 @@ def test_prepared_save_refuses_non_finite_values(tmp_path):
     rng = np.random.default_rng(0)
     transform = preprocess.fit(PreprocessConfig("standardize"), rng.random((10, 4, 4, 1)).astype(np.float32))
     x = rng.random((10, 4, 4, 1)).astype(np.float32)
-    good = prepared_io.Prepared(x, np.arange(10), x, np.arange(10), transform, {"dataset": {"class_names": ["a"]}})
+    good = prepared_io.Prepared(x, np.arange(10), x[:2], np.arange(2), x, np.arange(10), transform,
+                                {"dataset": {"class_names": ["a"]}})
     path = tmp_path / "prepared.npz"
     x_bad = x.copy()
     x_bad[0, 0, 0, 0] = np.inf

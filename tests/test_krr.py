@@ -86,3 +86,27 @@ def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
     labels = np.array([[1.0, -1.0], [-1.0, 1.0]])
     with pytest.raises(UserError, match=r"singular or too ill-conditioned to solve with evaluate.reg=0.0; raise evaluate.reg"):
         krr_scores(kernels.make(KernelConfig()), support, labels, image, np.array([0]), 2, reg=0.0)
+
+
+def test_the_random_baseline_is_krr_on_class_balanced_real_images_as_given(rng):
+    """The baseline scores the training images it is handed, untouched, in the test images' space:
+    the mean of KRR on each repeat's class-balanced subset (rng [seed, 2, repeat])."""
+    from pipeline import kernels
+    from pipeline.config import KernelConfig
+    from pipeline.evaluate import krr_scores, random_subset_baseline
+    from pipeline.kip import class_balanced_indices
+
+    x_train = rng.standard_normal((60, 3, 3, 1)).astype(np.float32)
+    y_train = np.arange(60) % 3
+    x_test = rng.standard_normal((25, 3, 3, 1)).astype(np.float32)
+    y_test = np.arange(25) % 3
+    kernel_fn = kernels.make(KernelConfig())
+    got = random_subset_baseline(kernel_fn, x_train, y_train, x_test, y_test, 3, 4, 1e-6, repeats=3, seed=7)
+    accuracies = []
+    for repeat in range(3):
+        idx = class_balanced_indices(y_train, 4, 3, np.random.default_rng([7, 2, repeat]))
+        assert np.array_equal(np.bincount(y_train[idx], minlength=3), [4, 4, 4])
+        scores = krr_scores(kernel_fn, x_train[idx], krr.centered_one_hot(y_train[idx], 3), x_test, y_test, 3, 1e-6)
+        accuracies.append(scores["accuracy"])
+    assert got["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert got["accuracy_std"] == pytest.approx(np.std(accuracies))

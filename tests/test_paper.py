@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -44,10 +45,35 @@ def test_bad_cells_are_one_line_errors(cell, message):
 
 
 @pytest.fixture(scope="module")
-def digits_cell():
+def digits_run():
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
     cell = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2})
-    return {"key": "digits-fc_ntk-2", **paper.run_cell(prepared, cell)}
+    summary, supports = paper.run_cell(prepared, cell)
+    return {"key": "digits-fc_ntk-2", **summary}, supports
+
+
+@pytest.fixture(scope="module")
+def digits_cell(digits_run):
+    return digits_run[0]
+
+
+def test_every_support_behind_a_number_is_rescored_to_it_by_kip_evaluate(digits_run, tmp_path, capsys):
+    """The published numbers are re-scorable: each saved support, through `kip evaluate`, gives the
+    cell's own test accuracy (the same computation on the same data: equal, not close)."""
+    from pipeline import artifacts
+    from pipeline.cli import main
+
+    cell, supports = digits_run
+    assert sorted(supports) == ["kip", "kip_labels", "label_solve_0", "label_solve_1"]
+    scored = {}
+    for name, distilled in supports.items():
+        artifacts.save_npz(tmp_path / f"{name}.npz", distilled)
+        assert main(["evaluate", str(tmp_path / f"{name}.npz"), "--cache-dir", "/nonexistent"]) == 0
+        scored[name] = json.loads(capsys.readouterr().out)["krr_test_accuracy"]
+    assert scored["kip"] == cell["methods"]["kip"]["krr"]["mean"]
+    assert scored["kip_labels"] == cell["methods"]["kip_labels"]["krr"]["mean"]
+    assert np.mean([scored["label_solve_0"], scored["label_solve_1"]]) == cell["methods"]["label_solve"]["krr"]["mean"]
+    assert cell["validation"]["size"] > 0 and all(m["krr_val"]["n"] == m["krr"]["n"] for m in cell["methods"].values())
 
 
 def test_a_cell_runs_all_four_methods(digits_cell):
@@ -69,7 +95,8 @@ def test_report_states_failed_checks_with_their_numbers(digits_cell):
     verdict = paper_report.checks([digits_cell, worse])
     assert not verdict["kip_beats_baselines"]
     assert len(verdict["failures"]) == 1 and verdict["failures"][0].startswith("digits-fc_ntk-2-worse: KIP")
-    assert not verdict["mnist_fc_ntk"]["mnist_fc_ntk_10"]["met"]  # no MNIST cell: reported missing, not passed
+    assert not verdict["fc_ntk_goals"]["mnist_fc_ntk_10"]["met"]  # no MNIST cell: reported missing, not passed
+    assert verdict["fc_ntk_goals"]["mnist_fc_ntk_100"]["goal"] == 0.975
     table = paper_report.table_markdown([digits_cell, worse], [], verdict)
     assert "**no**" in table and "**not met**" in table and "| FC NTK | 20 | KIP |" in table
     flat = paper_report.summary([digits_cell])
@@ -121,3 +148,14 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     assert json.loads((results / "cells" / "digits-rbf-1.json").read_text())["config"]["kip"]["steps"] == 25
     assert _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml")) == set()
 
+
+
+def test_paper_numbers_must_name_their_source_and_show_only_for_their_kernel(digits_cell):
+    entry = {"dataset": "digits", "images": 20, "method": "kip", "kernel": "RBF", "accuracy": 99.0}
+    with pytest.raises(UserError, match=r"paper\[0\].source='recalled' is not allowed; expected a mapping naming paper"):
+        paper_report.table_markdown([digits_cell], [{**entry, "source": "recalled"}], paper_report.checks([digits_cell]))
+    sourced = {**entry, "source": {"paper": "p", "table": "Table 1", "row": "KIP"}}
+    table = paper_report.table_markdown([digits_cell], [sourced], paper_report.checks([digits_cell]))
+    assert "99.0" not in table  # an RBF number never stands beside the FC NTK row
+    table = paper_report.table_markdown([digits_cell], [{**sourced, "kernel": "FC NTK"}], paper_report.checks([digits_cell]))
+    assert "| FC NTK | 20 | KIP | " in table and "| 99.0 |" in table

@@ -39,7 +39,7 @@ def test_figures_render_to_identical_png_bytes(rng):
     before = rng.standard_normal((20, 8, 8, 1))
     classes = np.repeat(np.arange(10), 2)
     names = [str(i) for i in range(10)]
-    history = [{"step": s, "loss": 1.0 / s, **({"monitor_accuracy": 0.5} if s % 5 == 0 else {})} for s in range(1, 21)]
+    history = [{"step": s, "loss": 1.0 / s, **({"val_accuracy": 0.5} if s % 5 == 0 else {})} for s in range(1, 21)]
     first = plots.png_bytes(plots.support_figure(before, before + 0.1, classes, names, transform))
     again = plots.png_bytes(plots.support_figure(before, before + 0.1, classes, names, transform))
     assert first.startswith(b"\x89PNG") and first == again

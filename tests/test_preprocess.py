@@ -58,3 +58,25 @@ def test_fit_uses_only_the_images_it_is_given(colour_images):
     a = preprocess.fit(PreprocessConfig("standardize"), colour_images[:200])
     b = preprocess.fit(PreprocessConfig("standardize"), colour_images)
     assert not np.allclose(a.channel_mean, b.channel_mean)
+
+
+def test_zca_maps_new_images_through_the_train_fit(colour_images):
+    """Test images meet ZCA as the training images did: each is centred and scaled to unit norm on
+    its own, then multiplied by the matrix fitted on the training split (never refitted)."""
+    train, new = colour_images[:300], colour_images[300:] * 2.0 + 0.5
+    transform = preprocess.fit(PreprocessConfig("zca"), train)
+    flat = new.reshape(len(new), -1).astype(np.float64)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    expected = (centred / np.linalg.norm(centred, axis=1, keepdims=True)) @ transform.zca_matrix
+    np.testing.assert_allclose(transform.apply(new).reshape(len(new), -1), expected, rtol=1e-5, atol=1e-6)
+    refitted = preprocess.fit(PreprocessConfig("zca"), new)
+    assert not np.allclose(refitted.apply(new), transform.apply(new), atol=1e-3)
+
+
+def test_zca_ignores_each_images_brightness_and_contrast(colour_images):
+    """The per-image normalisation makes ZCA blind to x -> a x + b per image (a > 0), so a
+    support, a random subset and the test images land in one space whatever their pixel scale."""
+    transform = preprocess.fit(PreprocessConfig("zca"), colour_images)
+    scale = np.linspace(0.5, 3.0, len(colour_images), dtype=np.float32)[:, None, None, None]
+    shift = np.linspace(-1.0, 1.0, len(colour_images), dtype=np.float32)[:, None, None, None]
+    np.testing.assert_allclose(transform.apply(colour_images * scale + shift), transform.apply(colour_images), atol=1e-4)

@@ -39,8 +39,8 @@ def test_copies_of_training_images_are_found_at_distance_zero(rng):
     section = privacy.report(train[picked], train, test, seed=0)
     assert section["nearest_train_index"] == picked.tolist()
     assert max(section["nearest_train_distance"]) < 1e-3
-    assert section["support"]["count"] == 3 and section["real_test_images"]["count"] == 3
-    assert section["real_test_images"]["median"] > 1.0 and section["median_ratio"] < 1e-3
+    assert section["support"]["count"] == 3 and section["real_heldout_images"]["count"] == 3
+    assert section["real_heldout_images"]["median"] > 1.0 and section["median_ratio"] < 1e-3
     assert "learned_pixels" not in section  # nothing corrupted: the whole image is the learned part
 
 
@@ -50,7 +50,7 @@ def test_a_copy_hidden_under_frozen_noise_is_found_on_the_learned_pixels(rng):
     learned = rng.random((2, 8, 8, 1)) < 0.1
     support = np.where(learned, train[[3, 7]], 10 * rng.standard_normal((2, 8, 8, 1)))  # 90 % loud noise
     section = privacy.report(support, train, test, seed=0, learned=learned)
-    assert section["support"]["median"] > section["real_test_images"]["median"]  # whole images look far
+    assert section["support"]["median"] > section["real_heldout_images"]["median"]  # whole images look far
     assert section["learned_pixels"]["nearest_train_index"] == [3, 7]
     assert max(section["learned_pixels"]["nearest_train_distance"]) < 1e-6  # but the learned pixels are copies
 

@@ -1,0 +1,89 @@
+"""The validation split: carved from the training split, never a KIP target, and the only data a
+run looks at while it runs. The test split is read for reported numbers only.
+
+The leak tests poison a split with NaN: one NaN image among KIP's targets makes the loss NaN (and
+the run stops), and one among the images a monitor or report reads makes its number NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import splits, workflow
+from pipeline.artifacts import DistilledSet
+from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.errors import UserError
+from pipeline.prepared import prepare, reprepare
+
+DIGITS = DataConfig("embedded", "digits", validation_fraction=0.2, seed=3)
+RUN = DistillConfig(support_per_class=2, steps=3, target_batch=100000, eval_every=1, checkpoint_every=0)
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare(DIGITS, PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+
+
+def test_the_split_is_class_balanced_seeded_and_disjoint_from_training(digits, prepared):
+    idx = splits.validation_indices(digits.y_train, 10, 287, seed=3)
+    assert len(idx) == 280 and np.all(np.bincount(digits.y_train[idx], minlength=10) == 28)
+    assert np.array_equal(idx, splits.validation_indices(digits.y_train, 10, 287, seed=3))
+    assert not np.array_equal(idx, splits.validation_indices(digits.y_train, 10, 287, seed=4))
+    assert len(prepared.y_val) == 280 and len(prepared.y_train) + 280 == len(digits.y_train)
+    train_rows = {row.tobytes() for row in prepared.x_train}
+    assert not any(row.tobytes() in train_rows for row in prepared.x_val)
+    record = prepared.provenance["validation"]
+    assert record == {"of": "training split", "fraction": 0.2, "seed": 3, "size": 280, "sha256": splits.split_digest(idx)}
+
+
+def test_a_validation_image_is_never_a_kip_target_or_support(prepared):
+    poisoned = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
+    run = workflow.distill(poisoned, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False)
+    assert all(math.isfinite(h["loss"]) for h in run.history)
+    assert np.isfinite(run.distilled.images).all() and np.isfinite(run.distilled.labels).all()
+
+
+def test_distilling_never_reads_the_test_split(prepared):
+    """Learning curve, privacy yardstick, everything a distill run computes: none of it is NaN when
+    every test image is NaN. (The same poison in the validation split does show: the control.)"""
+    poisoned = dataclasses.replace(prepared, x_test=np.full_like(prepared.x_test, np.nan))
+    run = workflow.distill(poisoned, KernelConfig(), RUN, progress=False)
+    assert [h["step"] for h in run.history if "val_accuracy" in h] == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for h in run.history for v in h.values())
+    json.dumps(run.distilled.metadata, allow_nan=False)  # raises on any NaN in the privacy report
+    assert run.distilled.metadata["privacy"]["heldout_split"] == "validation"
+
+    control = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
+    with pytest.raises(ValueError):
+        json.dumps(workflow.distill(control, KernelConfig(), dataclasses.replace(RUN, eval_every=0),
+                                    progress=False).distilled.metadata, allow_nan=False)
+
+
+def test_reprepare_rebuilds_the_recorded_split(prepared):
+    run = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False)
+    again = reprepare(run.distilled, cache_dir=Path("/nonexistent"))
+    assert np.array_equal(again.x_val, prepared.x_val) and np.array_equal(again.x_train, prepared.x_train)
+    metadata = json.loads(json.dumps(run.distilled.metadata))
+    metadata["validation"]["sha256"] = "0" * 64
+    altered = DistilledSet(run.distilled.images, run.distilled.labels, run.distilled.classes,
+                           run.distilled.transform, metadata)
+    with pytest.raises(UserError, match="validation split rebuilt"):
+        reprepare(altered, cache_dir=Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, True, "x"])
+def test_bad_fractions_are_one_line(fraction):
+    with pytest.raises(UserError, match=r"data.validation_fraction=.* is not allowed; expected a number in \[0, 1\)"):
+        DataConfig("embedded", "digits", validation_fraction=fraction)
+
+
+def test_monitoring_without_a_validation_split_is_refused():
+    bare = prepare(dataclasses.replace(DIGITS, validation_fraction=0.0), PreprocessConfig("standardize"),
+                   cache_dir=Path("/nonexistent"))
+    with pytest.raises(UserError, match="distill.eval_every=1 scores a validation split"):
+        workflow.distill(bare, KernelConfig(), RUN, progress=False)
