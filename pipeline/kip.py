@@ -268,8 +268,7 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
             if done % 10 == 0 or done == config.steps:
                 bar.set_postfix(loss=f"{loss:.4g}")
             if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-                if not _finite(support):  # never let a checkpoint hold a diverged support
-                    _check_result(np.nan, first_loss, support, config)
+                _check_finite(support, config)  # never let a checkpoint hold a diverged support
                 _save_checkpoint(checkpoint, checkpoint_key, support, opt_state, done, history)
                 last_saved = done
     # The run's verdict on its own result: the final support, scored on the first step's target
@@ -302,15 +301,16 @@ def _check_loss(loss: float, first_loss: float, step: int, config: DistillConfig
     )
 
 
-def _finite(support: Support) -> bool:
-    return bool(np.isfinite(np.asarray(support.images)).all() and np.isfinite(np.asarray(support.labels)).all())
-
-
-def _check_result(end_loss: float, first_loss: float | None, support: Support, config: DistillConfig) -> None:
-    if not _finite(support) or not np.isfinite(end_loss):
+def _check_finite(support: Support, config: DistillConfig, end_loss: float = 0.0) -> None:
+    finite = np.isfinite(np.asarray(support.images)).all() and np.isfinite(np.asarray(support.labels)).all()
+    if not finite or not np.isfinite(end_loss):
         raise DivergenceError(
             f"KIP produced non-finite support images or labels: lower distill.learning_rate (now {config.learning_rate})"
         )
+
+
+def _check_result(end_loss: float, first_loss: float | None, support: Support, config: DistillConfig) -> None:
+    _check_finite(support, config, end_loss)
     if first_loss is not None and end_loss > first_loss:
         raise DivergenceError(
             f"KIP ended with loss {end_loss:.4g} on its first target batch, above the {first_loss:.4g} it started "

@@ -270,6 +270,15 @@ def _dvc_fails(root: Path, env: dict[str, str], *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def _repro_matches(root: Path, env: dict[str, str], reference) -> str:
+    """`dvc repro` after a repair: every output and dvc.lock as in the uninterrupted reference run, and
+    a clean git tree. Returns what DVC printed."""
+    printed = _dvc(root, env, "repro")
+    assert _outputs(root) == reference[1]
+    assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+    return printed
+
+
 def _doctor(root: Path, env: dict[str, str]) -> str:
     """`kip doctor` as a user runs it (the project's own copy of the package): one line."""
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor"], cwd=root, env=env,
@@ -311,9 +320,7 @@ def test_repro_killed_partway_through_dvc_lock_is_restored_from_git(dvc_template
     line = _doctor(root, env)
     assert "dvc.lock was cut off mid-write" in line and "replaced it by the version staged in git" in line, line
     assert (root / "dvc.lock").read_bytes() == (reference[0] / "dvc.lock").read_bytes()
-    _dvc(root, env, "repro")
-    assert _outputs(root) == reference[1]
-    assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+    _repro_matches(root, env, reference)
 
 
 @needs_git
@@ -328,9 +335,7 @@ def test_repro_killed_while_writing_its_rwlock_runs_again_after_kip_doctor(dvc_t
 
     line = _doctor(root, env)
     assert "removed the empty .dvc/tmp/rwlock" in line, line
-    _dvc(root, env, "repro")
-    assert _outputs(root) == reference[1]
-    assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+    _repro_matches(root, env, reference)
 
 
 @needs_git
@@ -356,10 +361,7 @@ def test_repro_killed_with_its_process_group_during_distill_resumes_from_the_che
 
     line = _doctor(root, env)  # DVC would drop the dead process's rwlock entries itself; doctor says so too
     assert "cleared .dvc/tmp/rwlock of killed DVC processes" in line or "nothing to repair" in line, line
-    resumed = _dvc(root, env, "repro")
-    assert f"{RESUMED} {killed_at}" in resumed
-    assert _outputs(root) == reference[1]
-    assert _run(root, env, "git", "status", "--porcelain").strip() == ""
+    assert f"{RESUMED} {killed_at}" in _repro_matches(root, env, reference)
 
 
 @needs_git
