@@ -113,7 +113,7 @@ def score(sets, names, x_eval, y_eval, split, method, seeds, kernel_fn, x_val, y
                 if c.loss == "soft_xent":
                     c = replace(c, temperature=fit_temperature(kernel_fn, x, y, x_val, y_val, 10))
                 try:
-                    acc = finite.train(x, y, classes, x_eval, y_eval, 10, c, seed).test_accuracy
+                    acc = finite.train(x, y, classes, x_eval, y_eval, 10, c, seed).accuracy
                 except UserError:  # diverged
                     acc = None
                 cache.put(key, {"accuracy": acc, "temperature": c.temperature if c.loss == "soft_xent" else None})

@@ -6,7 +6,9 @@ parameterisation every layer computes (w_std / sqrt(fan_in)) * x @ W + b_std * b
 the parameterisation whose infinite-width limit is the kernel KIP distilled against. `standard`
 draws W ~ N(0, w_std^2 / fan_in), b ~ N(0, b_std^2) and computes x @ W + b.
 
-`train` is one run (one init seed); it returns the final test accuracy and a learning curve. Losses:
+`train` is one run (one init seed); it returns the final accuracy on the split it is given to score
+and, when given a monitoring split (the validation split, never the test split), a learning curve on
+that split. Losses:
 xent on the integer classes; mse, mse_centered (the network minus its initial function, the finite
 counterpart of KRR with the NTK) and soft_xent (softmax(labels / temperature) as targets) on the
 support's labels, learned ones included. docs/reproduction.md says which transfers best.
@@ -115,9 +117,9 @@ def make_model(config: TrainConfig, image_shape: tuple[int, ...], num_classes: i
 
 @dataclass(frozen=True)
 class TrainResult:
-    test_accuracy: float
+    accuracy: float  # on the scored split (x_eval, y_eval), once, after the last step
     train_accuracy: float
-    curve: list[dict[str, float]]  # step, train_loss, test_accuracy (every eval_every steps)
+    curve: list[dict[str, float]]  # step, train_loss (+ val_accuracy on the monitoring split), every eval_every steps
     # The trained network's outputs (centred for centred losses) on any images, for inspection and tests.
     predict: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
@@ -126,14 +128,20 @@ def train(
     x: np.ndarray,
     y: np.ndarray,
     classes: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
     num_classes: int,
     config: TrainConfig,
     seed: int,
+    *,
+    monitor: tuple[np.ndarray, np.ndarray] | None = None,
     eval_batch: int = 2000,
 ) -> TrainResult:
-    """Train one network on (x, y) from init seed `seed`; score it on the test split.
+    """Train one network on (x, y) from init seed `seed`; score it once on (x_eval, y_eval) at the end.
+
+    The learning curve (every config.eval_every steps) is scored on `monitor` (images, classes), the
+    validation split: a curve is something people choose settings from, so it never reads x_eval
+    when that is the test split. Without `monitor` the curve holds the training loss only.
 
     y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse,
     mse_centered and soft_xent losses; classes are the integer classes used by the xent loss and
@@ -168,12 +176,14 @@ def train(
                 f"(now {config.learning_rate})"
             )
         if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-            curve.append({"step": done, "train_loss": float(loss),
-                          "test_accuracy": _accuracy(predict, params, x_test, y_test, eval_batch)})
-    test_accuracy = curve[-1]["test_accuracy"] if curve else _accuracy(predict, params, x_test, y_test, eval_batch)
+            point = {"step": done, "train_loss": float(loss)}
+            if monitor is not None:
+                point["val_accuracy"] = _accuracy(predict, params, monitor[0], monitor[1], eval_batch)
+            curve.append(point)
+    accuracy = _accuracy(predict, params, x_eval, y_eval, eval_batch)
     scale = config.label_scale if config.loss in ("mse", "mse_centered") else 1.0
     outputs = lambda images: np.asarray(predict(params, jnp.asarray(images, jnp.float32))) / scale  # noqa: E731
-    return TrainResult(test_accuracy, _accuracy(predict, params, x, classes, eval_batch), curve, outputs)
+    return TrainResult(accuracy, _accuracy(predict, params, x, classes, eval_batch), curve, outputs)
 
 
 CENTERED_LOSSES = ("mse_centered",)

@@ -9,7 +9,7 @@ all scored by KRR with the cell's kernel on the full test split:
     kip_labels   KIP with the labels learned too
 
 and trains finite networks (TrainConfig, several seeds) on the two KIP supports and on random real
-subsets of the same size. Each method's CPU time (all threads) is part of the result. Cells share
+subsets of the same size, each side with its own label scale chosen on the validation split. Each method's CPU time (all threads) is part of the result. Cells share
 nothing, so DVC reruns exactly the cells whose params changed (experiments/paper/dvc.yaml).
 """
 from __future__ import annotations
@@ -92,6 +92,7 @@ class MethodResult:
     krr_accuracy: list[float] = field(default_factory=list)  # one per seed, test split
     krr_val_accuracy: list[float] = field(default_factory=list)  # the same supports on the validation split
     nn_accuracy: list[float] = field(default_factory=list)
+    nn_label_scale: float | None = None  # the train.label_scale the networks used (chosen on validation)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -102,7 +103,7 @@ class MethodResult:
             return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
         return {"krr": stats(self.krr_accuracy), "krr_val": stats(self.krr_val_accuracy), "nn": stats(self.nn_accuracy),
-                "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
+                "nn_label_scale": self.nn_label_scale, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
 
 
 def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
@@ -143,9 +144,12 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
             score(results[name], distilled.images, distilled.labels)
             supports[name] = distilled
             runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip")
-            results[name].nn_accuracy.extend(r.test_accuracy for r in runs["distilled"])
-            # the random-subset networks, trained once beside the first KIP support (their time counts there)
-            results["random"].nn_accuracy.extend(r.test_accuracy for r in runs["baseline"])
+            results[name].nn_accuracy.extend(r.accuracy for r in runs["distilled"])
+            results[name].nn_label_scale = runs["label_scale"]["distilled"]
+            if runs["baseline"]:
+                # the random-subset networks, trained once beside the first KIP support (their time counts there)
+                results["random"].nn_accuracy.extend(r.accuracy for r in runs["baseline"])
+                results["random"].nn_label_scale = runs["label_scale"]["baseline"]
     return {
         "dataset": cell.dataset,
         "kernel": dataclasses.asdict(cell.kernel),

@@ -101,13 +101,13 @@ def save_png(path: Path, fig: Figure) -> None:
 
 
 def transfer_figure(curve: Sequence[dict[str, float]]) -> Figure:
-    """Test accuracy of finite networks during training: distilled support vs random real images."""
+    """Validation accuracy of finite networks during training: distilled support vs random real images."""
     fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
     ax = fig.subplots()
     steps = [p["step"] for p in curve]
-    ax.plot(steps, [p["distilled_test_accuracy"] for p in curve], marker="o", label="distilled support")
-    ax.plot(steps, [p["baseline_test_accuracy"] for p in curve], marker="s", label="random real images")
-    ax.set(xlabel="training step", ylabel="test accuracy (mean over seeds)", title="finite network")
+    ax.plot(steps, [p["distilled_val_accuracy"] for p in curve], marker="o", label="distilled support")
+    ax.plot(steps, [p["baseline_val_accuracy"] for p in curve], marker="s", label="random real images")
+    ax.set(xlabel="training step", ylabel="validation accuracy (mean over seeds)", title="finite network")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

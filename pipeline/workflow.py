@@ -152,11 +152,12 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     """Train `config.seeds` networks on the support set and as many on class-balanced random real
     subsets of the same size (same budget), all scored on the full test split.
 
-    Returns the metrics and the learning curve (test accuracy per eval step, mean over seeds).
+    Returns the metrics and the learning curve (validation accuracy per eval step, mean over seeds;
+    empty without a validation split: the test split is scored once, at the end).
     """
     runs = train_networks(distilled, prepared, config)
-    distilled_acc = [r.test_accuracy for r in runs["distilled"]]
-    baseline_acc = [r.test_accuracy for r in runs["baseline"]]
+    distilled_acc = [r.accuracy for r in runs["distilled"]]
+    baseline_acc = [r.accuracy for r in runs["baseline"]]
     metrics = {
         "nn_test_accuracy": float(np.mean(distilled_acc)),
         "nn_test_accuracy_std": float(np.std(distilled_acc)),
@@ -172,10 +173,11 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     curve = [
         {
             "step": point["step"],
-            "distilled_test_accuracy": float(np.mean([r.curve[i]["test_accuracy"] for r in runs["distilled"]])),
-            "baseline_test_accuracy": float(np.mean([r.curve[i]["test_accuracy"] for r in runs["baseline"]])),
+            "distilled_val_accuracy": float(np.mean([r.curve[i]["val_accuracy"] for r in runs["distilled"]])),
+            "baseline_val_accuracy": float(np.mean([r.curve[i]["val_accuracy"] for r in runs["baseline"]])),
         }
         for i, point in enumerate(runs["distilled"][0].curve)
+        if "val_accuracy" in point
     ]
     return metrics, curve
 
@@ -198,6 +200,7 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
         )
     per_class = max(1, len(distilled.images) // prepared.num_classes)
     runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
+    monitor = (prepared.x_val, prepared.y_val) if len(prepared.y_val) else None  # learning curves: validation only
     chosen = {"distilled": config, "baseline": config}
     for index in range(config.seeds):
         seed = config.seed * 1000 + index
@@ -205,7 +208,7 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
             chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config)
         runs["distilled"].append(finite.train(
             distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
-            prepared.num_classes, chosen["distilled"], seed,
+            prepared.num_classes, chosen["distilled"], seed, monitor=monitor,
         ))
         if not baseline:
             continue
@@ -216,6 +219,7 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
             chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config)
         runs["baseline"].append(finite.train(
             x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes, chosen["baseline"], seed,
+            monitor=monitor,
         ))
     runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
                            "baseline": chosen["baseline"].label_scale if baseline else None}
@@ -243,7 +247,7 @@ def choose_label_scale(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepar
                                   config.seed * 1000 + 999)
         except UserError:  # diverged at this scale
             continue
-        scores[scale] = result.test_accuracy  # on the validation images passed as "test"
+        scores[scale] = result.accuracy  # scored on the validation images
     if not scores:
         raise UserError(f"network training diverged at every label scale {AUTO_LABEL_SCALES}; lower train.learning_rate "
                         f"(now {config.learning_rate})")

@@ -1,5 +1,6 @@
 """DVC stage `train`: finite networks (Flax) trained on the distilled set and, on the same budget, on
-random real subsets of the same size; all scored on the full test split over several seeds.
+random real subsets of the same size; all scored once on the full test split over several seeds,
+with learning curves on the validation split.
 
 Reads params: seed, train.* (and tracking.*)   Reads: the distilled .npz and the prepared .npz.
 """
@@ -17,7 +18,7 @@ from pipeline.config import TrainConfig
 from pipeline.params import read_params, section, seed
 from pipeline.tracking import dataset_tags, file_md5
 
-CURVE_COLUMNS = ("step", "distilled_test_accuracy", "baseline_test_accuracy")
+CURVE_COLUMNS = ("step", "distilled_val_accuracy", "baseline_val_accuracy")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -50,7 +51,7 @@ if __name__ == "__main__":
     parser.add_argument("distilled", type=Path)
     parser.add_argument("prepared", type=Path)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--curve", type=Path, required=True, help="CSV: test accuracy per eval step")
+    parser.add_argument("--curve", type=Path, required=True, help="CSV: validation accuracy per eval step")
     parser.add_argument("--curve-png", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     run_stage("train", main, parser)

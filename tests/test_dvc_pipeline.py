@@ -180,7 +180,7 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
         assert train.data.metrics[key] == pytest.approx(written[key])
         assert parent.data.metrics[key] == pytest.approx(written[key])
     assert train.data.params["train.width"] == "64" and train.data.params["seed"] == "0"
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "distilled_test_accuracy")] == [20, 40]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "distilled_val_accuracy")] == [20, 40]
 
 
 def test_mlflow_server_on_the_store_returns_the_runs(project):

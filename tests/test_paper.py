@@ -92,13 +92,20 @@ def test_report_states_failed_checks_with_their_numbers(digits_cell):
     worse = copy.deepcopy(digits_cell)
     worse["key"] = "digits-fc_ntk-2-worse"
     worse["methods"]["label_solve"]["krr"]["mean"] = 0.999
+    worse["methods"]["random"]["nn"]["mean"] = 0.999
     verdict = paper_report.checks([digits_cell, worse])
     assert not verdict["kip_beats_baselines"]
     assert len(verdict["failures"]) == 1 and verdict["failures"][0].startswith("digits-fc_ntk-2-worse: KIP")
+    assert not verdict["networks_beat_random"]
+    assert [f.split(" networks")[0] for f in verdict["network_failures"]] == \
+        ["digits-fc_ntk-2-worse: KIP", "digits-fc_ntk-2-worse: KIP + labels"]
     assert not verdict["fc_ntk_goals"]["mnist_fc_ntk_10"]["met"]  # no MNIST cell: reported missing, not passed
     assert verdict["fc_ntk_goals"]["mnist_fc_ntk_100"]["goal"] == 0.975
     table = paper_report.table_markdown([digits_cell, worse], [], verdict)
     assert "**no**" in table and "**not met**" in table and "| FC NTK | 20 | KIP |" in table
+    kip = digits_cell["methods"]["kip"]
+    assert f"| {paper.fmt(kip['krr'])} | {paper.fmt(kip['krr_val'])} | {paper.fmt(kip['nn'])} | × {kip['nn_label_scale']:g} |" in table
+    assert "mse_centered" in table  # the NN column says how the networks were trained, from the cells' config
     flat = paper_report.summary([digits_cell])
     assert flat["digits.fc_ntk.20.kip.krr"] == digits_cell["methods"]["kip"]["krr"]["mean"]
     assert paper_report.figure([digits_cell], []).axes

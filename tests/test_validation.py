@@ -87,3 +87,42 @@ def test_monitoring_without_a_validation_split_is_refused():
                    cache_dir=Path("/nonexistent"))
     with pytest.raises(UserError, match="distill.eval_every=1 scores a validation split"):
         workflow.distill(bare, KernelConfig(), RUN, progress=False)
+
+
+def _poison_test(prepared):
+    return dataclasses.replace(prepared, x_test=np.full_like(prepared.x_test, np.nan))
+
+
+def test_choosing_kip_settings_never_reads_the_test_split(prepared, monkeypatch):
+    """benchmarks/select_kip_settings.py picks the matrix's learning rates and step counts: on a
+    test split of NaN it picks the same, from the same (finite) validation curves."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import select_kip_settings as selection
+
+    grid = {"spcs": [1], "every": 2, "budgets": {(1, False): 4, (1, True): 4}, "learning_rates": (0.01, 0.04)}
+    clean = selection.select_settings(prepared, KernelConfig(), **grid)
+    poisoned = selection.select_settings(_poison_test(prepared), KernelConfig(), **grid)
+    strip = lambda runs: [{k: v for k, v in run.items() if k != "cpu_seconds"} for run in runs]  # noqa: E731
+    assert poisoned[0] == clean[0] and strip(poisoned[1]) == strip(clean[1])
+    assert set(clean[0]) == {"spc1_fixed", "spc1_labels"}
+    assert all(math.isfinite(p["val_accuracy"]) for run in clean[1] for p in run["curve"])
+    control = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
+    _, runs = selection.select_settings(control, KernelConfig(), **grid)
+    assert strip(runs) != strip(clean[1])  # the control: poison where it does read shows
+
+
+def test_network_settings_and_learning_curves_never_read_the_test_split(prepared):
+    """The label scale a network trains with, and the train stage's learning curve, come from the
+    validation split: a NaN test split changes neither (it only spoils the final test number)."""
+    from pipeline.config import TrainConfig
+
+    distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
+    config = TrainConfig(width=32, steps=20, seeds=1, eval_every=10)
+    clean = workflow.train_networks(distilled, prepared, config)
+    poisoned = workflow.train_networks(distilled, _poison_test(prepared), config)
+    assert poisoned["label_scale"] == clean["label_scale"]
+    for side in ("distilled", "baseline"):
+        assert [r.curve for r in poisoned[side]] == [r.curve for r in clean[side]]
+        assert [p["step"] for p in clean[side][0].curve] == [10, 20] and "val_accuracy" in clean[side][0].curve[0]
+    _, curve = workflow.transfer(distilled, _poison_test(prepared), config)
+    assert [p["step"] for p in curve] == [10, 20] and all(math.isfinite(v) for p in curve for v in p.values())
