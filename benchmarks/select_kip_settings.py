@@ -36,7 +36,7 @@ from pipeline.prepared import Prepared, prepare
 LEARNING_RATES = (0.01, 0.04)
 # Step budgets per (images per class, learn labels): the longest run tried; every `--every` steps of it
 # is a candidate. Learned labels at 10 per class are known to keep improving for ~10k steps; 50 per
-# class cost ~150 CPU ms a step, so 1000 steps is what the matrix can afford in its 90-minute budget.
+# class cost ~280 CPU ms a step, so 1000 steps is what the matrix can afford in its 90-minute budget.
 BUDGETS = {(1, False): 4000, (1, True): 4000, (10, False): 4000, (10, True): 10000, (50, False): 1000, (50, True): 1000}
 
 

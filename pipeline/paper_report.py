@@ -38,7 +38,8 @@ def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for name in ("kip", "kip_labels"):
             nn = methods[name]["nn"]["mean"]
             if nn is None or random_nn is None or not nn > random_nn:
-                network_failures.append(f"{cell['key']}: {METHOD_NAMES[name]} networks {nn} <= random real {random_nn}")
+                shown = [f"{100 * v:.2f} %" if v is not None else "missing" for v in (nn, random_nn)]
+                network_failures.append(f"{cell['key']}: {METHOD_NAMES[name]} networks {shown[0]} <= random real {shown[1]}")
     goals = {}
     for (dataset, images), goal in GOALS.items():
         cell = _find(cells, dataset, "FC NTK", images)

@@ -166,3 +166,26 @@ def test_paper_numbers_must_name_their_source_and_show_only_for_their_kernel(dig
     assert "99.0" not in table  # an RBF number never stands beside the FC NTK row
     table = paper_report.table_markdown([digits_cell], [{**sourced, "kernel": "FC NTK"}], paper_report.checks([digits_cell]))
     assert "| FC NTK | 20 | KIP | " in table and "| 99.0 |" in table
+
+
+def test_the_committed_matrix_ran_the_settings_chosen_on_validation():
+    """experiments/paper's sizes are benchmarks/select_kip_settings.py's choices, and each committed
+    MNIST FC NTK cell's KIP support scores on the validation split exactly what the selection saw at
+    the chosen step: the matrix ran the selected runs, and its validation numbers are re-checkable."""
+    root = Path(__file__).resolve().parents[1]
+    selection = json.loads((root / "benchmarks" / "results" / "select_kip_settings.json").read_text())
+    params = yaml.safe_load((root / "experiments" / "paper" / "params.yaml").read_text())
+    for spc in (1, 10, 50):
+        for name, mode in (("kip", "fixed"), ("kip_labels", "labels")):
+            chosen = selection["chosen"][f"spc{spc}_{mode}"]
+            assert params["sizes"][f"spc{spc}"][name] == {"steps": chosen["steps"], "learning_rate": chosen["learning_rate"]}
+            cell = json.loads((root / "experiments" / "paper" / "results" / "cells" / f"mnist-fc_ntk-{spc}.json").read_text())
+            assert cell["config"][name]["steps"] == chosen["steps"]
+            assert cell["config"][name]["learning_rate"] == chosen["learning_rate"]
+            assert cell["validation"] == selection["validation"]
+            # The same run reproduces the selection's validation score exactly, except the 500-image
+            # fixed-label run: re-run in the matrix's process it differed by one of 6000 validation
+            # predictions (97.00 vs 96.98 %), so that KIP run is not bit-identical across processes here
+            # (an open question, docs/reproduction.md); a second flip would mean another cause.
+            slack = 1 / selection["validation"]["size"] if (spc, mode) == (50, "fixed") else 0.0
+            assert abs(cell["methods"][name]["krr_val"]["mean"] - chosen["val_accuracy"]) <= slack + 1e-12
