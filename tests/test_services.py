@@ -9,8 +9,10 @@ the environment it lands; anonymous clients are refused; a read-only user can lo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -144,31 +146,43 @@ def _client(server, user: tuple[str, str] | None, monkeypatch):
     return mlflow.MlflowClient(tracking_uri=server.uri)
 
 
-def test_the_pipeline_logs_to_the_team_server_with_a_users_credentials(tracking, s3, tmp_path, monkeypatch):
-    import mlflow.exceptions
+@pytest.fixture(scope="module")
+def logged(tracking, s3, tmp_path_factory):
+    """Ada (a user the admin created) runs `dvc repro` and one `dvc exp run` logging to the server
+    with her login from the environment. Returns her project root and the experiment's id."""
     from mlflow.server.auth.client import AuthServiceClient
 
-    _client(tracking, (tracking.admin, tracking.admin_password), monkeypatch)
-    AuthServiceClient(tracking.uri).create_user(*ADA)
-
-    (tmp_path / "home").mkdir()
-    env = _clean_env(tmp_path / "home")
-    root = tmp_path / "project"
+    with pytest.MonkeyPatch.context() as patch:
+        _client(tracking, (tracking.admin, tracking.admin_password), patch)
+        AuthServiceClient(tracking.uri).create_user(*ADA)
+    base = tmp_path_factory.mktemp("ada-tracked")
+    (base / "home").mkdir()
+    env = _clean_env(base / "home")
+    root = base / "project"
     make_project(root, env, {**SMALL, "tracking": {"enabled": True, "uri": tracking.uri, "experiment": "team-kip"}})
     user = {"MLFLOW_TRACKING_USERNAME": ADA[0], "MLFLOW_TRACKING_PASSWORD": ADA[1], **s3.env()}
-    run = _dvc_as(root, env, user, "repro")
-    assert run.returncode == 0, run.stderr
+    for command in (["repro"], ["exp", "run", "-n", "fewer-steps", "-S", "distill.steps=20"]):
+        run = _dvc_as(root, env, user, *command)
+        assert run.returncode == 0, run.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        experiment = _client(tracking, ADA, patch).get_experiment_by_name("team-kip")
+    return root, experiment.experiment_id
 
-    ada_client = _client(tracking, ADA, monkeypatch)
-    experiment = ada_client.get_experiment_by_name("team-kip")
-    runs = {r.info.run_name: r for r in ada_client.search_runs([experiment.experiment_id])}
-    assert {"prepare", "distill", "evaluate", "train"} <= set(runs)
+
+def test_the_pipeline_logs_to_the_team_server_with_a_users_credentials(logged, tracking, s3, monkeypatch):
+    root, experiment_id = logged
+    client = _client(tracking, ADA, monkeypatch)
+    runs = client.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'")
+    assert len(runs) == 2  # the repro and the experiment, both landed, not merged
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
-    assert runs["evaluate"].data.metrics["krr_test_accuracy"] == metrics["krr_test_accuracy"]
+    assert metrics["krr_test_accuracy"] in {r.data.metrics["krr_test_accuracy"] for r in runs}
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="mlflow/").get("Contents", [])]
     assert any(key.endswith(".png") for key in keys), keys  # the support images went to the bucket
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # Anonymous: refused, by the client and over plain HTTP.
+
+def test_anonymous_clients_are_refused(logged, tracking, monkeypatch):
+    import mlflow.exceptions
 
     with pytest.raises(mlflow.exceptions.MlflowException, match="401|UNAUTHENTICATED|credentials"):
         _client(tracking, None, monkeypatch).search_experiments()
@@ -176,15 +190,64 @@ def test_the_pipeline_logs_to_the_team_server_with_a_users_credentials(tracking,
         urllib.request.urlopen(f"{tracking.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
     assert anonymous.value.code == 401
 
-    # A read-only teammate: sees the runs, cannot change them, cannot see what he was not granted.
-    admin = AuthServiceClient(tracking.uri)
+
+def test_a_read_only_teammate_can_look_but_not_write(logged, tracking, monkeypatch):
+    import mlflow.exceptions
+    from mlflow.server.auth.client import AuthServiceClient
+
+    _, experiment_id = logged
     _client(tracking, (tracking.admin, tracking.admin_password), monkeypatch)
+    admin = AuthServiceClient(tracking.uri)
     admin.create_user(*READER)
-    admin.grant_user_permission(READER[0], "experiment", experiment.experiment_id, "READ")
+    admin.grant_user_permission(READER[0], "experiment", experiment_id, "READ")
     reader = _client(tracking, READER, monkeypatch)
-    assert reader.get_run(runs["evaluate"].info.run_id).data.metrics["krr_test_accuracy"] == metrics["krr_test_accuracy"]
+    (run,) = reader.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'", max_results=1)
+    assert "krr_test_accuracy" in reader.get_run(run.info.run_id).data.metrics
     with pytest.raises(mlflow.exceptions.MlflowException) as denied:
-        reader.log_metric(runs["evaluate"].info.run_id, "krr_test_accuracy", 1.0)
+        reader.log_metric(run.info.run_id, "krr_test_accuracy", 1.0)
     assert denied.value.error_code == "PERMISSION_DENIED"
     with pytest.raises(mlflow.exceptions.MlflowException):
-        reader.create_run(experiment.experiment_id)
+        reader.create_run(experiment_id)
+
+
+SCREENSHOTS = os.environ.get("KIP_SCREENSHOTS")  # a folder: keep the screenshots there (docs/ for the README)
+
+
+def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tracking, monkeypatch, tmp_path):
+    """Through a real browser, logged in as Ada: the experiment opens on its runs table, the compare
+    view shows both executions' metrics, and a support-image PNG decodes."""
+    from browser import chromium
+
+    from pipeline.tracking import experiment_url
+
+    _, experiment_id = logged
+    client = _client(tracking, ADA, monkeypatch)
+    parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    names = [run.info.run_name for run in parents]
+    accuracy = [f"{run.data.metrics['krr_test_accuracy']:.4g}"[:5] for run in parents]
+    shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    with chromium(login=ADA) as page:
+        text = page.open(experiment_url(tracking.uri, experiment_id), *names)
+        page.screenshot(shots / "mlflow-runs.png")
+        assert "Run Name" in text and "Observability" not in text  # the runs table, not MLflow 3's GenAI overview
+
+        ids = json.dumps([run.info.run_id for run in parents])
+        text = page.open(f"{tracking.uri}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
+                         "&workflowType=machine_learning",
+                         *names, "krr_test_accuracy")
+        page.screenshot(shots / "mlflow-compare.png")
+        assert all(value in text for value in accuracy), (accuracy, text[:500])
+
+        (distill,) = client.search_runs([experiment_id], f"tags.`kip.stage` = 'distill' and tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        images = [a.path for a in client.list_artifacts(distill.info.run_id, "images")]
+        assert "images/support_images.png" in images, images
+        page.open(f"{tracking.uri}/#/experiments/{experiment_id}/runs/{distill.info.run_id}/artifacts/images/"
+                  "support_images.png?workflowType=machine_learning", "support_images.png")
+        deadline = time.monotonic() + 30
+        while not page.evaluate("[...document.images].some(i => i.complete && i.naturalWidth > 100)"):
+            assert time.monotonic() < deadline, "the support-image PNG never decoded in the page"
+            time.sleep(0.3)
+        page.screenshot(shots / "mlflow-support-images.png")
+    for name in ("mlflow-runs.png", "mlflow-compare.png", "mlflow-support-images.png"):
+        assert (shots / name).read_bytes()[:4] == b"\x89PNG"
