@@ -148,15 +148,14 @@ def evaluate(
     return metrics
 
 
-def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig,
-             progress: bool = True) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Train `config.seeds` networks on the support set and as many on class-balanced random real
     subsets of the same size (same budget), all scored on the full test split.
 
     Returns the metrics and the learning curve (validation accuracy per eval step, mean over seeds;
     empty without a validation split: the test split is scored once, at the end).
     """
-    runs = train_networks(distilled, prepared, config, progress=progress)
+    runs = train_networks(distilled, prepared, config)
     distilled_acc = [r.accuracy for r in runs["distilled"]]
     baseline_acc = [r.accuracy for r in runs["baseline"]]
     metrics = {
@@ -183,13 +182,9 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig,
     return metrics, curve
 
 
-def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True,
-                   progress: bool = False) -> dict[str, Any]:
+def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True) -> dict[str, Any]:
     """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]
-    (empty unless `baseline`), "label_scale": {side: the scale each side trained with}}.
-    `progress` shows one bar over every network trained (label-scale candidates included)."""
-    from tqdm.auto import tqdm
-
+    (empty unless `baseline`), "label_scale": {side: the scale each side trained with}}."""
     from pipeline import finite
 
     if distilled.transform.checksum() != prepared.transform.checksum():
@@ -207,66 +202,54 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
     runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
     monitor = (prepared.x_val, prepared.y_val) if len(prepared.y_val) else None  # learning curves: validation only
     chosen = {"distilled": config, "baseline": config}
-    networks = (2 if baseline else 1) * (config.seeds + len(_label_scale_candidates(config)))
-    with tqdm(total=networks, desc="networks", unit="net", disable=not progress, dynamic_ncols=True) as bar:
-        for index in range(config.seeds):
-            seed = config.seed * 1000 + index
-            sides = [("distilled", distilled.images, distilled.labels, distilled.classes)]
-            if baseline:
-                rng = np.random.default_rng([config.seed, 3, index])
-                idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, rng)
-                classes = prepared.y_train[idx]
-                sides.append(("baseline", prepared.x_train[idx], np.asarray(krr.centered_one_hot(classes, prepared.num_classes)),
-                              classes))
-            for side, x, y, classes in sides:
-                if index == 0:
-                    chosen[side] = choose_label_scale(x, y, classes, prepared, config, bar)
-                bar.set_postfix_str(f"{'support' if side == 'distilled' else 'random real'}, seed {index}")
-                runs[side].append(finite.train(x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes,
-                                               chosen[side], seed, monitor=monitor))
-                bar.update()
+    for index in range(config.seeds):
+        seed = config.seed * 1000 + index
+        if index == 0:
+            chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config)
+        runs["distilled"].append(finite.train(
+            distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
+            prepared.num_classes, chosen["distilled"], seed, monitor=monitor,
+        ))
+        if not baseline:
+            continue
+        idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes, np.random.default_rng([config.seed, 3, index]))
+        x, classes = prepared.x_train[idx], prepared.y_train[idx]
+        y = np.asarray(krr.centered_one_hot(classes, prepared.num_classes))
+        if index == 0:
+            chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config)
+        runs["baseline"].append(finite.train(
+            x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes, chosen["baseline"], seed,
+            monitor=monitor,
+        ))
     runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
                            "baseline": chosen["baseline"].label_scale if baseline else None}
     return runs
 
 
-def _label_scale_candidates(config: TrainConfig) -> tuple[float, ...]:
-    """The label scales choose_label_scale tries for `config` (none when the choice is off)."""
-    from pipeline.config import AUTO_LABEL_SCALES
-
-    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
-        return ()
-    return AUTO_LABEL_SCALES
-
-
 def choose_label_scale(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
-                       config: TrainConfig, bar: Any = None) -> TrainConfig:
+                       config: TrainConfig) -> TrainConfig:
     """`config` with the label scale its network does best with on the validation split (one
     network per candidate in AUTO_LABEL_SCALES; one that diverges is skipped), when
     `label_scale_choice` is validation and the loss scales labels; else `config` unchanged."""
     from pipeline import finite
+    from pipeline.config import AUTO_LABEL_SCALES
 
-    candidates = _label_scale_candidates(config)
-    if not candidates:
+    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
         return config
     if len(prepared.y_val) == 0:
         raise UserError("train.label_scale_choice=validation needs a validation split; set data.validation_fraction > 0 "
                         "or train.label_scale_choice: fixed")
     scores = {}
-    for scale in candidates:
-        if bar is not None:
-            bar.set_postfix_str(f"choosing label scale, x {scale:g}")
+    for scale in AUTO_LABEL_SCALES:
         candidate = dataclasses.replace(config, label_scale=scale, eval_every=0)
         try:
             result = finite.train(x, y, classes, prepared.x_val, prepared.y_val, prepared.num_classes, candidate,
                                   config.seed * 1000 + 999)
-            scores[scale] = result.accuracy  # scored on the validation images
         except UserError:  # diverged at this scale
-            pass
-        if bar is not None:
-            bar.update()
+            continue
+        scores[scale] = result.accuracy  # scored on the validation images
     if not scores:
-        raise UserError(f"network training diverged at every label scale {candidates}; lower train.learning_rate "
+        raise UserError(f"network training diverged at every label scale {AUTO_LABEL_SCALES}; lower train.learning_rate "
                         f"(now {config.learning_rate})")
     return dataclasses.replace(config, label_scale=max(scores, key=scores.get))
 
