@@ -254,13 +254,28 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         mlflow.MlflowClient().set_terminated(parent_id, "FINISHED")
 
 
+# MLflow 3's UI opens an experiment on its GenAI "Overview" page. Which page it opens follows the
+# experiment's kind tag, and in 3.17 a browser-wide "GenAI / Model training" switch that a URL can set
+# (workflowType=machine_learning, remembered by the browser): our experiments carry the tag, and the
+# links we print set the switch, so they open on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI served at `server`."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _experiment_id(name: str, artifact_location: str | None) -> str:
     import mlflow
 
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    if not set(EXPERIMENT_KIND) <= set(experiment.tags):  # made by an older version, or by hand: only add, never overwrite
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict) -> str:

@@ -1,0 +1,253 @@
+"""Sharing with a team, against real services on 127.0.0.1 (tests/services.py): the README section
+"Sharing with a team" runs these commands.
+
+Two people, two clones, two HOMEs: Ada runs the pipeline and pushes to the S3 remote; Ben clones,
+pulls with his own credentials and gets byte-identical artifacts. The pipeline logs to an MLflow
+server (PostgreSQL store, artifacts in the same bucket, basic-auth): with a user's credentials from
+the environment it lands; anonymous clients are refused; a read-only user can look but not write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from services import mlflow_server, postgres_server, s3_server
+from test_dvc_pipeline import SMALL, _bytes, _dvc, _env, _run, make_project
+
+pytestmark = pytest.mark.services
+
+READER = ("reader", "kip-reader-password-1")
+ADA = ("ada", "kip-ada-password-123")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tracking(s3):
+    with postgres_server(("mlflow", "mlflow_auth")) as database, mlflow_server(database, s3) as server:
+        yield server
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """A person's shell: no cloud or MLflow settings inherited from whoever runs the tests."""
+    env = {k: v for k, v in _env(home).items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # a refused login fails now, not after retries
+    return env
+
+
+def _use_remote(root: Path, env: dict[str, str], s3) -> None:
+    """The remote lives in the committed .dvc/config; nobody's keys do (they go in the environment)."""
+    _dvc(root, env, "remote", "add", "-d", "-f", "team", f"s3://{s3.bucket}/dvc")
+    _dvc(root, env, "remote", "modify", "team", "endpointurl", s3.endpoint)
+
+
+@pytest.fixture(scope="module")
+def ada(tmp_path_factory, s3):
+    """Ada's clone after `dvc repro` and `dvc push` to the S3 remote, tagged distilled@v1.0.0."""
+    base = tmp_path_factory.mktemp("ada")
+    (base / "home").mkdir()
+    env = _clean_env(base / "home")
+    root = base / "project"
+    make_project(root, env, {**SMALL, "tracking": {"enabled": False}})
+    _use_remote(root, env, s3)
+    _dvc(root, env, "repro")
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "first run, S3 remote")
+    _run(root, env, "git", "tag", "-a", "distilled@v1.0.0", "-m", "first distilled set")
+    pushed = _dvc_as(root, env, s3.env(), "push")
+    assert pushed.returncode == 0, pushed.stderr
+    return root, env
+
+
+def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
+    (tmp_path / "home").mkdir()
+    env = _clean_env(tmp_path / "home")
+    clone = tmp_path / "clone"
+    _run(tmp_path, env, "git", "clone", "-q", str(ada_root), str(clone))
+    return clone, env
+
+
+def _dvc_as(root: Path, env: dict[str, str], extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env={**env, **extra},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_bucket_refuses_wrong_and_missing_keys(s3):
+    from botocore.exceptions import ClientError
+
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="probe", Body=b"kip")
+    for key, secret in (("nobody", "nothing-at-all-here"), (s3.access_key, "not-the-secret-key")):
+        with pytest.raises(ClientError) as refused:
+            s3.client(key, secret).get_object(Bucket=s3.bucket, Key="probe")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_a_teammate_pulls_byte_identical_artifacts_from_s3(ada, s3, tmp_path):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    assert not (clone / "artifacts" / "distilled.npz").exists()
+    pulled = _dvc_as(clone, env, s3.env(), "pull", "distill")
+    assert pulled.returncode == 0, pulled.stderr
+    assert _bytes(clone) == _bytes(root)
+    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
+    assert json.loads(report[report.index("{"):])["valid"]
+
+
+def test_artifacts_get_fetches_a_tagged_version_from_s3(ada, s3, tmp_path):
+    root, env = ada
+    got = _dvc_as(tmp_path, env, s3.env(), "artifacts", "get", str(root), "distilled", "--rev", "v1.0.0", "-o", "got.parquet")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "got.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
+
+
+@pytest.mark.parametrize("keys", [{"AWS_SECRET_ACCESS_KEY": "not-the-secret-key"}, {}], ids=["wrong-secret", "no-keys"])
+def test_bad_credentials_fail_clearly_and_leave_nothing(ada, s3, tmp_path, keys):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    credentials = {**s3.env(), **keys} if keys else {k: v for k, v in s3.env().items() if not k.startswith("AWS_")}
+    pulled = _dvc_as(clone, env, credentials, "pull", "distill")
+    assert pulled.returncode != 0
+    errors = [line for line in pulled.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors, pulled.stderr
+    assert not (clone / "artifacts" / "distilled.npz").exists() and not (clone / "artifacts" / "distilled.parquet").exists()
+
+
+def test_a_stopped_server_fails_clearly_and_leaves_nothing(ada, tmp_path):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    _dvc(clone, env, "remote", "modify", "--local", "team", "endpointurl", "http://127.0.0.1:9")  # nothing listens
+    pulled = _dvc_as(clone, env, {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "pull", "distill")
+    assert pulled.returncode != 0 and any(line.startswith("ERROR") for line in pulled.stderr.splitlines())
+    assert not (clone / "artifacts" / "distilled.npz").exists()
+
+
+def _client(server, user: tuple[str, str] | None, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for name, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), user or (None, None)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return mlflow.MlflowClient(tracking_uri=server.uri)
+
+
+@pytest.fixture(scope="module")
+def logged(tracking, s3, tmp_path_factory):
+    """Ada (a user the admin created) runs `dvc repro` and one `dvc exp run` logging to the server
+    with her login from the environment. Returns her project root and the experiment's id."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        _client(tracking, (tracking.admin, tracking.admin_password), patch)
+        AuthServiceClient(tracking.uri).create_user(*ADA)
+    base = tmp_path_factory.mktemp("ada-tracked")
+    (base / "home").mkdir()
+    env = _clean_env(base / "home")
+    root = base / "project"
+    make_project(root, env, {**SMALL, "tracking": {"enabled": True, "uri": tracking.uri, "experiment": "team-kip"}})
+    user = {"MLFLOW_TRACKING_USERNAME": ADA[0], "MLFLOW_TRACKING_PASSWORD": ADA[1], **s3.env()}
+    for command in (["repro"], ["exp", "run", "-n", "fewer-steps", "-S", "distill.steps=20"]):
+        run = _dvc_as(root, env, user, *command)
+        assert run.returncode == 0, run.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        experiment = _client(tracking, ADA, patch).get_experiment_by_name("team-kip")
+    return root, experiment.experiment_id
+
+
+def test_the_pipeline_logs_to_the_team_server_with_a_users_credentials(logged, tracking, s3, monkeypatch):
+    root, experiment_id = logged
+    client = _client(tracking, ADA, monkeypatch)
+    runs = client.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'")
+    assert len(runs) == 2  # the repro and the experiment, both landed, not merged
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert metrics["krr_test_accuracy"] in {r.data.metrics["krr_test_accuracy"] for r in runs}
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="mlflow/").get("Contents", [])]
+    assert any(key.endswith(".png") for key in keys), keys  # the support images went to the bucket
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_anonymous_clients_are_refused(logged, tracking, monkeypatch):
+    import mlflow.exceptions
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="401|UNAUTHENTICATED|credentials"):
+        _client(tracking, None, monkeypatch).search_experiments()
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{tracking.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert anonymous.value.code == 401
+
+
+def test_a_read_only_teammate_can_look_but_not_write(logged, tracking, monkeypatch):
+    import mlflow.exceptions
+    from mlflow.server.auth.client import AuthServiceClient
+
+    _, experiment_id = logged
+    _client(tracking, (tracking.admin, tracking.admin_password), monkeypatch)
+    admin = AuthServiceClient(tracking.uri)
+    admin.create_user(*READER)
+    admin.grant_user_permission(READER[0], "experiment", experiment_id, "READ")
+    reader = _client(tracking, READER, monkeypatch)
+    (run,) = reader.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'", max_results=1)
+    assert "krr_test_accuracy" in reader.get_run(run.info.run_id).data.metrics
+    with pytest.raises(mlflow.exceptions.MlflowException) as denied:
+        reader.log_metric(run.info.run_id, "krr_test_accuracy", 1.0)
+    assert denied.value.error_code == "PERMISSION_DENIED"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        reader.create_run(experiment_id)
+
+
+SCREENSHOTS = os.environ.get("KIP_SCREENSHOTS")  # a folder: keep the screenshots there (docs/ for the README)
+
+
+def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tracking, monkeypatch, tmp_path):
+    """Through a real browser, logged in as Ada: the experiment opens on its runs table, the compare
+    view shows both executions' metrics, and a support-image PNG decodes."""
+    from browser import chromium
+
+    from pipeline.tracking import experiment_url
+
+    _, experiment_id = logged
+    client = _client(tracking, ADA, monkeypatch)
+    parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    names = [run.info.run_name for run in parents]
+    accuracy = [f"{run.data.metrics['krr_test_accuracy']:.4g}"[:5] for run in parents]
+    shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    with chromium(login=ADA) as page:
+        text = page.open(experiment_url(tracking.uri, experiment_id), *names)
+        page.screenshot(shots / "mlflow-runs.png")
+        assert "Run Name" in text and "Observability" not in text  # the runs table, not MLflow 3's GenAI overview
+
+        ids = json.dumps([run.info.run_id for run in parents])
+        text = page.open(f"{tracking.uri}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
+                         "&workflowType=machine_learning",
+                         *names, "krr_test_accuracy")
+        page.screenshot(shots / "mlflow-compare.png")
+        assert all(value in text for value in accuracy), (accuracy, text[:500])
+
+        (distill,) = client.search_runs([experiment_id], f"tags.`kip.stage` = 'distill' and tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        images = [a.path for a in client.list_artifacts(distill.info.run_id, "images")]
+        assert "images/support_images.png" in images, images
+        page.open(f"{tracking.uri}/#/experiments/{experiment_id}/runs/{distill.info.run_id}/artifacts/images/"
+                  "support_images.png?workflowType=machine_learning", "support_images.png")
+        deadline = time.monotonic() + 30
+        while not page.evaluate("[...document.images].some(i => i.complete && i.naturalWidth > 100)"):
+            assert time.monotonic() < deadline, "the support-image PNG never decoded in the page"
+            time.sleep(0.3)
+        page.screenshot(shots / "mlflow-support-images.png")
+    for name in ("mlflow-runs.png", "mlflow-compare.png", "mlflow-support-images.png"):
+        assert (shots / name).read_bytes()[:4] == b"\x89PNG"
