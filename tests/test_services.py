@@ -166,11 +166,11 @@ def logged(tracking, s3, tmp_path_factory):
         assert run.returncode == 0, run.stderr
     with pytest.MonkeyPatch.context() as patch:
         experiment = _client(tracking, ADA, patch).get_experiment_by_name("team-kip")
-    return root, experiment.experiment_id
+    return root, experiment.experiment_id, env, user
 
 
 def test_the_pipeline_logs_to_the_team_server_with_a_users_credentials(logged, tracking, s3, monkeypatch):
-    root, experiment_id = logged
+    root, experiment_id, *_ = logged
     client = _client(tracking, ADA, monkeypatch)
     runs = client.search_runs([experiment_id], "tags.`kip.stage` = 'evaluate'")
     assert len(runs) == 2  # the repro and the experiment, both landed, not merged
@@ -195,7 +195,7 @@ def test_a_read_only_teammate_can_look_but_not_write(logged, tracking, monkeypat
     import mlflow.exceptions
     from mlflow.server.auth.client import AuthServiceClient
 
-    _, experiment_id = logged
+    _, experiment_id, *_ = logged
     _client(tracking, (tracking.admin, tracking.admin_password), monkeypatch)
     admin = AuthServiceClient(tracking.uri)
     admin.create_user(*READER)
@@ -220,7 +220,7 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
 
     from pipeline.tracking import experiment_url
 
-    _, experiment_id = logged
+    _, experiment_id, *_ = logged
     client = _client(tracking, ADA, monkeypatch)
     parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
@@ -251,3 +251,25 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
         page.screenshot(shots / "mlflow-support-images.png")
     for name in ("mlflow-runs.png", "mlflow-compare.png", "mlflow-support-images.png"):
         assert (shots / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_queued_experiments_run_at_once_and_both_land_with_their_lineage(logged, tracking, monkeypatch):
+    """`dvc exp run --queue` twice, then `--run-all -j 2`: two temp-directory executions at once, each
+    its own parent run with its own params, marked dirty against the commit they started from."""
+    root, experiment_id, env, user = logged
+    for name, steps in (("queued-a", 15), ("queued-b", 25)):
+        queued = _dvc_as(root, env, user, "exp", "run", "--queue", "-n", name, "-S", f"distill.steps={steps}")
+        assert queued.returncode == 0, queued.stderr
+    ran = _dvc_as(root, env, user, "exp", "run", "--run-all", "-j", "2")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    head = _run(root, env, "git", "rev-parse", "HEAD").strip()
+    client = _client(tracking, ADA, monkeypatch)
+    for name, steps in (("queued-a", "15"), ("queued-b", "25")):
+        (parent,) = client.search_runs([experiment_id], f"tags.`kip.role` = 'pipeline' and attributes.run_name = '{name}'")
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        stages = {run.info.run_name: run for run in children}
+        assert {"distill", "evaluate", "train"} <= set(stages), sorted(stages)
+        assert stages["distill"].data.params["distill.steps"] == steps
+        for run in (parent, *children):
+            assert run.data.tags["mlflow.source.git.commit"] == head
+            assert run.data.tags["kip.git_dirty"] == "true"  # params.yaml differs from that commit
