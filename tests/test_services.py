@@ -1,5 +1,5 @@
-"""Sharing with a team, against real services on 127.0.0.1 (tests/services.py): the README section
-"Sharing with a team" runs these commands.
+"""Sharing with a team, against real services on 127.0.0.1 (tests/services.py): the commands of the
+README section "Sharing with a team".
 
 Two people, two clones, two HOMEs: Ada runs the pipeline and pushes to the S3 remote; Ben clones,
 pulls with his own credentials and gets byte-identical artifacts. The pipeline logs to an MLflow
@@ -84,7 +84,7 @@ def _dvc_as(root: Path, env: dict[str, str], extra: dict[str, str], *args: str) 
                           capture_output=True, text=True, timeout=600)
 
 
-def test_the_bucket_refuses_wrong_and_missing_keys(s3):
+def test_the_bucket_refuses_unknown_keys_and_wrong_secrets(s3):
     from botocore.exceptions import ClientError
 
     client = s3.client()
