@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
     "seed": 0,
     "data": {"source": "embedded", "name": "digits"},
-    "distill": {"support_per_class": 2, "steps": 3000, "target_batch": 300, "checkpoint_every": 20, "eval_every": 0},
+    # Far more steps than run before the signal: 3000 took 2.2 s on an idle machine, and a run that
+    # finished between the poll and the signal was a flaky failure; 100,000 take over a minute.
+    "distill": {"support_per_class": 2, "steps": 100_000, "target_batch": 300, "checkpoint_every": 20, "eval_every": 0},
 }
 DISTILL_OUTS = ["--npz", "d.npz", "--parquet", "d.parquet", "--metrics", "m.json", "--loss-curve", "l.csv",
                 "--accuracy-curve", "a.csv", "--images", "s.png", "--curves", "c.png", "--checkpoint", "run.ckpt.npz"]
@@ -47,13 +49,18 @@ def test_a_signalled_stage_is_marked_killed(project, signum, code):
     checkpoint.unlink(missing_ok=True)
     stage = subprocess.Popen([sys.executable, str(REPO / "stages" / "distill.py"), "prepared.npz", *DISTILL_OUTS],
                              cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while _checkpoint_step(checkpoint) < 20:
-        assert stage.poll() is None, stage.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    stage.send_signal(signum)
-    _, err = stage.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 240
+        while _checkpoint_step(checkpoint) < 20:
+            assert stage.poll() is None, stage.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stage.send_signal(signum)
+        _, err = stage.communicate(timeout=60)
+    finally:  # never leave a stage running to write the next case's checkpoint
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
     assert stage.returncode == code, err[-2000:]
     assert "resumes from the last checkpoint" in err.splitlines()[-1] and "Traceback" not in err
 
