@@ -213,10 +213,10 @@ def _transform(path: Path, stored: Mapping[str, np.ndarray]) -> Transform:
     return Transform.from_arrays(dict(stored))
 
 
-def check_consistent(path: Path, distilled: DistilledSet, *, zca_required: bool = True) -> None:
+def check_consistent(path: Path, distilled: DistilledSet) -> None:
     """Shapes, kinds, class range and finiteness: what every consumer of a set relies on."""
     _check_support(path, distilled.images, distilled.labels, distilled.classes)
-    check_transform(path, distilled.transform, tuple(distilled.images.shape[1:]), zca_required=zca_required)
+    check_transform(path, distilled.transform, tuple(distilled.images.shape[1:]))
 
 
 def _check_support(path: Path, images: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> None:
@@ -239,7 +239,7 @@ def _check_support(path: Path, images: np.ndarray, labels: np.ndarray, classes: 
         raise UserError(f"{path}: images or labels contain NaN/Inf")
 
 
-def check_transform(path: Path, transform: Transform, image_shape: tuple[int, ...], *, zca_required: bool = True) -> None:
+def check_transform(path: Path, transform: Transform, image_shape: tuple[int, ...]) -> None:
     """The preprocessing must be a known method whose fitted values fit these images."""
     if transform.method not in cfg.PREPROCESS_METHODS:
         allowed = "|".join(cfg.PREPROCESS_METHODS)
@@ -253,7 +253,7 @@ def check_transform(path: Path, transform: Transform, image_shape: tuple[int, ..
         raise UserError(f"{path}: transform channel_std has values <= 0; expected positive standard deviations")
     if not (np.isfinite(transform.zca_reg) and transform.zca_reg >= 0):
         raise UserError(f"{path}: transform zca_reg={transform.zca_reg!r}; expected a finite number >= 0")
-    if transform.method == "zca" and (zca_required or transform.zca_matrix.size):
+    if transform.method == "zca":
         dim = int(np.prod(image_shape))
         matrix = transform.zca_matrix
         if matrix.shape != (dim, dim) or not np.isfinite(matrix).all():

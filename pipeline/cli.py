@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     train.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
     train.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     inspect = commands.add_parser(
         "inspect", aliases=["show"], help="validate a distilled .parquet or .npz and print its metadata",
@@ -250,7 +251,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _check_outputs(args.json)
     distilled = artifacts.load_npz(args.support)
     prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
-    metrics, _ = workflow.transfer(distilled, prepared, config)
+    metrics, _ = workflow.transfer(distilled, prepared, config, progress=not args.quiet)
     if args.json:
         atomic.write_json(args.json, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))

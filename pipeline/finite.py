@@ -136,12 +136,14 @@ def train(
     *,
     monitor: tuple[np.ndarray, np.ndarray] | None = None,
     eval_batch: int = 2000,
+    on_step: Callable[[], object] | None = None,
 ) -> TrainResult:
     """Train one network on (x, y) from init seed `seed`; score it once on (x_eval, y_eval) at the end.
 
     The learning curve (every config.eval_every steps) is scored on `monitor` (images, classes), the
     validation split: a curve is something people choose settings from, so it never reads x_eval
     when that is the test split. Without `monitor` the curve holds the training loss only.
+    `on_step` is called after every step (a progress bar's update).
 
     y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse,
     mse_centered and soft_xent losses; classes are the integer classes used by the xent loss and
@@ -175,6 +177,8 @@ def train(
                 f"network training diverged (loss {float(loss)} at step {done}); lower train.learning_rate "
                 f"(now {config.learning_rate})"
             )
+        if on_step is not None:
+            on_step()
         if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
             point = {"step": done, "train_loss": float(loss)}
             if monitor is not None:

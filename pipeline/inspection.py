@@ -1,8 +1,8 @@
 """`kip inspect`: validate a distilled artifact and summarise its lineage.
 
 Validation is the readers' own (`artifacts.load_npz`, `parquet.read_parquet`: schema, per-part
-checksums, shapes, class range, lineage sections); here we add the cross-file check a Parquet
-artifact needs when its ZCA matrix lives in the sibling .npz, and shape the answer for people.
+checksums, shapes, class range, lineage sections, the transform's sha256); here we shape the
+answer for people.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         checks = ["npz readable", "checksums", "shapes consistent", "values finite", "lineage"]
     elif suffix == ".parquet":
         distilled = parquet.read_parquet(path)
-        checks = ["schema", "checksums", "shapes consistent", "values finite", "lineage"]
-        checks += _check_zca_sibling(path)
+        checks = ["schema", "checksums", "shapes consistent", "values finite", "lineage", "transform sha256"]
     else:
         raise UserError(f"{path} has suffix {suffix or '(none)'!r}; expected .parquet or .npz")
     meta = distilled.metadata
@@ -49,18 +48,6 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
         "privacy": _privacy_summary(path, meta.get("privacy")),
         "versions": meta.get("versions"),
     }
-
-
-def _check_zca_sibling(path: Path) -> list[str]:
-    """A ZCA Parquet artifact is valid only with the sibling .npz whose transform it records."""
-    record = parquet.transform_record(path)
-    if record["method"] != "zca":
-        return []
-    sibling = parquet.zca_sibling(path, record)
-    npz = artifacts.load_npz(sibling)
-    if npz.transform.checksum() != record["sha256"]:
-        raise UserError(f"{sibling} holds a different preprocessing transform than {path} records")
-    return [f"ZCA transform matches {sibling.name}"]
 
 
 def _privacy_summary(path: Path, section: Any) -> dict[str, Any] | None:

@@ -143,7 +143,7 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
             distilled = workflow.distill(prepared, cell.kernel, config, progress=progress).distilled
             score(results[name], distilled.images, distilled.labels)
             supports[name] = distilled
-            runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip")
+            runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip", progress=progress)
             results[name].nn_accuracy.extend(r.accuracy for r in runs["distilled"])
             results[name].nn_label_scale = runs["label_scale"]["distilled"]
             if runs["baseline"]:

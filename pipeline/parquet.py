@@ -5,9 +5,13 @@ Columns: `index`, `class`, `class_name`, `label` (fixed-size list, one value per
 Schema metadata (`kip.*` keys, JSON values) carries what a reader needs to trust and use the rows:
 the run's metadata (data, preprocessing, kernel, params, seed, code version), the image shape, the
 preprocessing transform, and checksums: `kip.checksums` holds one sha256 per column and per
-`kip.*` value, `kip.checksum` the sha256 over those. Mean/std are embedded; a ZCA matrix (d x d,
-75 MB for CIFAR) is not: the metadata names the sibling .npz that holds it (a plain file name in
-the same directory, nothing else), with its sha256.
+`kip.*` value, `kip.checksum` the sha256 over those. The file holds the whole preprocessing
+transform, so it can be shared alone (`dvc artifacts get ... distilled` delivers just this file):
+mean/std in `kip.transform`, and a ZCA matrix (d x d float64, 4.9 MB for MNIST, 75 MB for CIFAR)
+as raw little-endian bytes in the file's key-value metadata under `kip.zca_matrix`. That key is
+written to the Parquet footer only, not to the Arrow schema, so pandas never loads it with the rows
+and it is not stored twice; `kip.transform` records the transform's sha256, which the reader checks
+against the matrix it finds.
 
 The reader's checks are hand-written for the same reason as the .npz's (pipeline.artifacts): a
 file from anywhere must yield a usable set or one line naming what is wrong, within bounded
@@ -39,15 +43,15 @@ _EXPECTED = "a distilled .parquet written by kip"
 _COLUMNS = ("index", "class", "class_name", "label", "image")
 _HASHED_KEYS = ("kip.format_version", "kip.image_shape", "kip.transform", "kip.metadata")
 _REQUIRED_KEYS = ("kip.format_version", "kip.image_shape", "kip.checksum", "kip.checksums", "kip.transform", "kip.metadata")
-_ZCA_KEY = "transform/zca_matrix"
+_ZCA_KEY = "kip.zca_matrix"  # footer key-value metadata: the d x d ZCA matrix, float64 little-endian
+_ZCA_RECORD = {"key": _ZCA_KEY, "dtype": "<f8"}
 
 
 # --- writing ----------------------------------------------------------------------------------------
 
-def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], npz_name: str) -> None:
-    """Write atomically; `npz_name` is the sibling .npz that holds the full transform."""
+def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str]) -> None:
+    """Write atomically, with everything a reader needs (the ZCA matrix included)."""
     path = Path(path)
-    _check_npz_name(path, npz_name, "npz_name")
     transform = distilled.transform
     atomic.check_finite_arrays(path, {"images": distilled.images, "labels": distilled.labels,
                                       **{f"transform/{k}": v for k, v in transform.to_arrays().items()}})
@@ -59,8 +63,10 @@ def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], np
         "zca_reg": transform.zca_reg,
         "sha256": transform.checksum(),
     }
+    footer: dict[str, bytes] = {}
     if transform.method == "zca":
-        transform_meta["zca_matrix"] = {"file": npz_name, "key": _ZCA_KEY}
+        transform_meta["zca_matrix"] = dict(_ZCA_RECORD)
+        footer[_ZCA_KEY] = np.ascontiguousarray(transform.zca_matrix, "<f8").tobytes()
     strings = {
         "kip.format_version": str(FORMAT_VERSION),
         "kip.image_shape": json.dumps(list(distilled.images.shape[1:])),
@@ -68,7 +74,15 @@ def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str], np
         "kip.metadata": atomic.finite_json(distilled.metadata, f"{path}: metadata", sort_keys=True),
     }
     with atomic.replace_on_success(path) as tmp:
-        pq.write_table(sealed(table, strings), tmp, compression="zstd")
+        write_sealed(tmp, sealed(table, strings), footer)
+
+
+def write_sealed(path: Path, table: pa.Table, footer: Mapping[str, bytes]) -> None:
+    """Write `table` (its schema metadata included) plus `footer` key-values outside the Arrow schema."""
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        writer.write_table(table)
+        if footer:
+            writer.add_key_value_metadata(dict(footer))
 
 
 def sealed(table: pa.Table, strings: Mapping[str, str]) -> pa.Table:
@@ -118,12 +132,8 @@ def _is_number(kind: pa.DataType) -> bool:
 
 # --- reading ----------------------------------------------------------------------------------------
 
-def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledSet:
-    """Read and verify a distilled Parquet file (schema, checksums, shapes, lineage).
-
-    For ZCA artifacts pass `zca_matrix` (from the sibling .npz); without it the returned
-    transform has an empty matrix and only describes the preprocessing.
-    """
+def read_parquet(path: Path) -> DistilledSet:
+    """Read and verify a distilled Parquet file (schema, checksums, shapes, lineage, transform)."""
     path = Path(path)
     safe_read.check_regular(path, _EXPECTED)
     meta = _schema_metadata(path)
@@ -138,7 +148,7 @@ def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledS
         method=tmeta["method"],
         channel_mean=np.asarray(tmeta["channel_mean"], np.float32),
         channel_std=np.asarray(tmeta["channel_std"], np.float32),
-        zca_matrix=np.zeros((0, 0)) if zca_matrix is None else np.asarray(zca_matrix, np.float64),
+        zca_matrix=_zca_matrix(path, int(np.prod(shape))) if tmeta["method"] == "zca" else np.zeros((0, 0)),
         zca_reg=float(tmeta["zca_reg"]),
     )
     distilled = DistilledSet(
@@ -148,24 +158,27 @@ def read_parquet(path: Path, zca_matrix: np.ndarray | None = None) -> DistilledS
         transform=transform,
         metadata=metadata,
     )
-    artifacts.check_consistent(path, distilled, zca_required=zca_matrix is not None)
+    artifacts.check_consistent(path, distilled)
+    if transform.checksum() != tmeta["sha256"]:
+        raise UserError(f"{path}: the preprocessing transform does not match the sha256 kip.transform records; "
+                        "the file was altered or damaged")
     artifacts.check_metadata(path, metadata, distilled.labels.shape[1])
     return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
 
 
-def transform_record(path: Path) -> dict[str, Any]:
-    """The checked `kip.transform` metadata of a Parquet artifact (without reading the rows)."""
-    path = Path(path)
-    safe_read.check_regular(path, _EXPECTED)
-    return parse_transform(path, _schema_metadata(path)["kip.transform"])
-
-
-def zca_sibling(path: Path, record: Mapping[str, Any]) -> Path:
-    """The sibling .npz a ZCA record points at: a plain name in the same directory, a regular file."""
-    path = Path(path)
-    sibling = path.parent / record["zca_matrix"]["file"]
-    safe_read.check_regular(sibling, f"the .npz holding the ZCA matrix of {path.name}")
-    return sibling
+def _zca_matrix(path: Path, dim: int) -> np.ndarray:
+    """The embedded d x d ZCA matrix; its size is checked before it is interpreted."""
+    try:
+        footer = pq.ParquetFile(path).metadata.metadata or {}
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+    raw = footer.get(_ZCA_KEY.encode())
+    if raw is None:
+        raise UserError(f"{path} records ZCA preprocessing but lacks its matrix ({_ZCA_KEY}); "
+                        "expected a file written by this kip (older ones kept it in the sibling .npz)")
+    if len(raw) != dim * dim * 8:
+        raise UserError(f"{path}: {_ZCA_KEY} holds {len(raw)} bytes; expected {dim} x {dim} float64 ({dim * dim * 8} bytes)")
+    return np.frombuffer(raw, "<f8").reshape(dim, dim).astype(np.float64)
 
 
 def _schema_metadata(path: Path) -> dict[str, str]:
@@ -243,26 +256,14 @@ def parse_transform(path: Path, text: str) -> dict[str, Any]:
         raise UserError(f"{path}: kip.transform zca_reg={artifacts.shown(tmeta.get('zca_reg'))}; expected a finite number >= 0")
     if not isinstance(tmeta.get("sha256"), str):
         raise UserError(f"{path}: kip.transform lacks sha256; expected {_EXPECTED}")
-    if method == "zca":
-        _check_zca_pointer(path, tmeta.get("zca_matrix"))
+    pointer = tmeta.get("zca_matrix")
+    if method == "zca" and isinstance(pointer, dict) and pointer.get("key") == "transform/zca_matrix":
+        raise UserError(f"{path} was written by an older kip that kept the ZCA matrix in the sibling .npz; "
+                        "inspect or use that .npz, or re-run distill to write a self-contained Parquet file")
+    if method == "zca" and pointer != _ZCA_RECORD:
+        raise UserError(f"{path}: kip.transform zca_matrix={artifacts.shown(tmeta.get('zca_matrix'))}; "
+                        f"expected {json.dumps(_ZCA_RECORD)} (the matrix embedded in this file)")
     return tmeta
-
-
-def _check_zca_pointer(path: Path, pointer: object) -> None:
-    if not isinstance(pointer, dict) or pointer.get("key") != _ZCA_KEY:
-        raise UserError(f"{path}: kip.transform zca_matrix is not {{\"file\": ..., \"key\": \"{_ZCA_KEY}\"}}")
-    _check_npz_name(path, pointer.get("file"), "kip.transform zca_matrix.file")
-
-
-def _check_npz_name(path: Path, name: object, where: str) -> None:
-    """Only a plain file name: the pointer is data from the file, and following `../../dev/zero`
-    or an absolute path would let any file read anything on the machine."""
-    plain = (
-        isinstance(name, str) and name.endswith(".npz") and name not in (".npz",)
-        and "/" not in name and "\\" not in name and "\0" not in name and Path(name).name == name
-    )
-    if not plain:
-        raise UserError(f"{path}: {where}={artifacts.shown(name)} is not allowed; expected the plain file name of the sibling .npz")
 
 
 def _is_finite_number(value: object) -> bool:

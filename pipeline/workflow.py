@@ -14,7 +14,7 @@ import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -148,14 +148,15 @@ def evaluate(
     return metrics
 
 
-def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, *,
+             progress: bool = True) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Train `config.seeds` networks on the support set and as many on class-balanced random real
     subsets of the same size (same budget), all scored on the full test split.
 
     Returns the metrics and the learning curve (validation accuracy per eval step, mean over seeds;
     empty without a validation split: the test split is scored once, at the end).
     """
-    runs = train_networks(distilled, prepared, config)
+    runs = train_networks(distilled, prepared, config, progress=progress)
     distilled_acc = [r.accuracy for r in runs["distilled"]]
     baseline_acc = [r.accuracy for r in runs["baseline"]]
     metrics = {
@@ -182,9 +183,13 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig) -
     return metrics, curve
 
 
-def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True) -> dict[str, Any]:
+def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True, *,
+                   progress: bool = True) -> dict[str, Any]:
     """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]
-    (empty unless `baseline`), "label_scale": {side: the scale each side trained with}}."""
+    (empty unless `baseline`), "label_scale": {side: the scale each side trained with}}.
+    `progress` shows one bar over every training step of every network, label-scale candidates included."""
+    from tqdm.auto import tqdm
+
     from pipeline import finite
 
     if distilled.transform.checksum() != prepared.transform.checksum():
@@ -198,17 +203,31 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
             f"distilled images have shape {tuple(distilled.images.shape[1:])} but the test images are "
             f"{tuple(prepared.x_test.shape[1:])}; expected the same shape"
         )
-    per_class = max(1, len(distilled.images) // prepared.num_classes)
     runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
     monitor = (prepared.x_val, prepared.y_val) if len(prepared.y_val) else None  # learning curves: validation only
     chosen = {"distilled": config, "baseline": config}
+    networks = (1 + baseline) * (config.seeds + len(_label_scale_candidates(config)))
+    with tqdm(total=networks * config.steps, desc="networks", unit="step", disable=not progress,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, bar.update)
+    runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
+                           "baseline": chosen["baseline"].label_scale if baseline else None}
+    return runs
+
+
+def _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, on_step) -> None:
+    """Per seed: the support's network, and a random real subset's of the same size (fills `runs`, `chosen`)."""
+    from pipeline import finite
+
+    per_class = max(1, len(distilled.images) // prepared.num_classes)
     for index in range(config.seeds):
         seed = config.seed * 1000 + index
         if index == 0:
-            chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config)
+            chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config,
+                                                     on_step=on_step)
         runs["distilled"].append(finite.train(
             distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
-            prepared.num_classes, chosen["distilled"], seed, monitor=monitor,
+            prepared.num_classes, chosen["distilled"], seed, monitor=monitor, on_step=on_step,
         ))
         if not baseline:
             continue
@@ -216,40 +235,46 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
         x, classes = prepared.x_train[idx], prepared.y_train[idx]
         y = np.asarray(krr.centered_one_hot(classes, prepared.num_classes))
         if index == 0:
-            chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config)
+            chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config, on_step=on_step)
         runs["baseline"].append(finite.train(
             x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes, chosen["baseline"], seed,
-            monitor=monitor,
+            monitor=monitor, on_step=on_step,
         ))
-    runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
-                           "baseline": chosen["baseline"].label_scale if baseline else None}
-    return runs
+
+
+def _label_scale_candidates(config: TrainConfig) -> tuple[float, ...]:
+    """The label scales `choose_label_scale` trains a network for (none when it does not choose)."""
+    from pipeline.config import AUTO_LABEL_SCALES
+
+    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
+        return ()
+    return AUTO_LABEL_SCALES
 
 
 def choose_label_scale(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
-                       config: TrainConfig) -> TrainConfig:
+                       config: TrainConfig, *, on_step: Callable[[], object] | None = None) -> TrainConfig:
     """`config` with the label scale its network does best with on the validation split (one
     network per candidate in AUTO_LABEL_SCALES; one that diverges is skipped), when
     `label_scale_choice` is validation and the loss scales labels; else `config` unchanged."""
     from pipeline import finite
-    from pipeline.config import AUTO_LABEL_SCALES
 
-    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
+    candidates = _label_scale_candidates(config)
+    if not candidates:
         return config
     if len(prepared.y_val) == 0:
         raise UserError("train.label_scale_choice=validation needs a validation split; set data.validation_fraction > 0 "
                         "or train.label_scale_choice: fixed")
     scores = {}
-    for scale in AUTO_LABEL_SCALES:
+    for scale in candidates:
         candidate = dataclasses.replace(config, label_scale=scale, eval_every=0)
         try:
             result = finite.train(x, y, classes, prepared.x_val, prepared.y_val, prepared.num_classes, candidate,
-                                  config.seed * 1000 + 999)
+                                  config.seed * 1000 + 999, on_step=on_step)
         except UserError:  # diverged at this scale
             continue
         scores[scale] = result.accuracy  # scored on the validation images
     if not scores:
-        raise UserError(f"network training diverged at every label scale {AUTO_LABEL_SCALES}; lower train.learning_rate "
+        raise UserError(f"network training diverged at every label scale {candidates}; lower train.learning_rate "
                         f"(now {config.learning_rate})")
     return dataclasses.replace(config, label_scale=max(scores, key=scores.get))
 

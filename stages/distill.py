@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> None:
         run = workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint)
         distilled = run.distilled
         artifacts.save_npz(args.npz, distilled)
-        parquet.save_parquet(args.parquet, distilled, prepared.class_names, npz_name=args.npz.name)
+        parquet.save_parquet(args.parquet, distilled, prepared.class_names)
         monitored = [h for h in run.history if "val_accuracy" in h]
         metrics = {
             "support_size": len(distilled.images),

@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
     summary, supports = paper.run_cell(prepared, cell, progress=args.progress)
     for name, distilled in supports.items():  # every support set behind a number, re-scorable by `kip evaluate`
         artifacts.save_npz(args.supports / f"{name}.npz", distilled)
-        parquet.save_parquet(args.supports / f"{name}.parquet", distilled, prepared.class_names, npz_name=f"{name}.npz")
+        parquet.save_parquet(args.supports / f"{name}.parquet", distilled, prepared.class_names)
     result = {"key": args.key, **summary, "supports": {name: f"{name}.npz" for name in supports}}
     atomic.write_json(args.out, result)
     line = ", ".join(f"{name} {paper.fmt(m['krr'])}" for name, m in result["methods"].items())

@@ -115,7 +115,7 @@ def distilled(rng):
 def test_damaged_artifacts_are_reported_not_crashed_on(distilled, tmp_path, rng):
     npz, pq = tmp_path / "d.npz", tmp_path / "d.parquet"
     artifacts.save_npz(npz, distilled)
-    parquet.save_parquet(pq, distilled, [str(i) for i in range(10)], npz_name="d.npz")
+    parquet.save_parquet(pq, distilled, [str(i) for i in range(10)])
     for path, read in ((npz, artifacts.load_npz), (pq, parquet.read_parquet)):
         valid = path.read_bytes()
         read(path)  # the undamaged file is accepted, so the errors below are about the damage

@@ -99,7 +99,7 @@ def write_pair(directory: Path) -> tuple[Path, Path]:
     distilled = valid_set()
     npz, table = directory / "distilled.npz", directory / "distilled.parquet"
     artifacts.save_npz(npz, distilled)
-    parquet.save_parquet(table, distilled, CLASS_NAMES, npz_name=npz.name)
+    parquet.save_parquet(table, distilled, CLASS_NAMES)
     return npz, table
 
 
@@ -149,7 +149,9 @@ def parquet_parts(path: Path) -> tuple[pa.Table, dict[str, str]]:
 
 
 def seal_parquet(path: Path, table: pa.Table, strings: dict[str, str]) -> None:
-    pq.write_table(parquet.sealed(table, strings), path)
+    """Re-seal edited parts, keeping the footer's ZCA matrix."""
+    matrix = (pq.ParquetFile(path).metadata.metadata or {}).get(b"kip.zca_matrix")
+    parquet.write_sealed(path, parquet.sealed(table, strings), {"kip.zca_matrix": matrix} if matrix else {})
 
 
 def replace_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -595,12 +597,15 @@ def _class_column(values):
 
 
 PARQUET_SEALED = {  # edit of (rows, kip.* strings), checksums recomputed -> what the one line must say
-    "ZCA pointer to ../../../../dev/zero": (
-        _transform_edit(lambda r: r["zca_matrix"].update(file="../../../../dev/zero")),
-        "kip.transform zca_matrix.file='../../../../dev/zero' is not allowed; expected the plain file name of the sibling .npz"),
-    "ZCA pointer to an absolute path": (
-        _transform_edit(lambda r: r["zca_matrix"].update(file="/etc/passwd.npz")),
-        "kip.transform zca_matrix.file='/etc/passwd.npz' is not allowed"),
+    "ZCA record of an older kip, pointing elsewhere": (
+        _transform_edit(lambda r: r.update(zca_matrix={"file": "../../../../dev/zero", "key": "transform/zca_matrix"})),
+        "was written by an older kip that kept the ZCA matrix in the sibling .npz; inspect or use that .npz"),
+    "ZCA record of another layout": (
+        _transform_edit(lambda r: r.update(zca_matrix={"key": "kip.zca_matrix", "dtype": "<f4"})),
+        "kip.transform zca_matrix={'key': 'kip.zca_matrix', 'dtype': '<f4'}; "
+        'expected {"key": "kip.zca_matrix", "dtype": "<f8"}'),
+    "ZCA record missing": (
+        _transform_edit(lambda r: r.pop("zca_matrix")), "kip.transform zca_matrix=None; expected"),
     "image shape that does not fit the rows": (
         _string("kip.image_shape", "[8, 8, 2]"),
         "column 'image' holds 64 values per row but kip.image_shape [8, 8, 2] needs 128"),
@@ -635,13 +640,21 @@ def test_hostile_parquet_is_one_line_in_bounded_memory(case, tmp_path, limits):
     assert snapshot(tmp_path) == before
 
 
-def test_a_zca_pointer_to_a_fifo_is_not_followed(tmp_path, limits):
+@pytest.mark.parametrize("matrix, fragment", [
+    (b"", "lacks its matrix (kip.zca_matrix)"),
+    (b"\0" * 8, "kip.zca_matrix holds 8 bytes; expected 64 x 64 float64 (32768 bytes)"),
+    (np.full((64, 64), np.nan).tobytes(), "transform zca_matrix has shape (64, 64); expected (64, 64) finite values"),
+    (np.eye(64).tobytes(), "does not match the sha256 kip.transform records"),
+])
+def test_an_embedded_zca_matrix_is_checked_before_use(tmp_path, limits, matrix, fragment):
+    """A missing, truncated, NaN or swapped matrix in the footer: one line, nothing written."""
     _, path = write_pair(tmp_path)
-    fifo = tmp_path / "fifo.npz"
-    os.mkfifo(fifo)
-    seal_parquet(path, *_transform_edit(lambda r: r["zca_matrix"].update(file="fifo.npz"))(*parquet_parts(path)))
+    table, strings = parquet_parts(path)
+    parquet.write_sealed(path, parquet.sealed(table, strings), {"kip.zca_matrix": matrix} if matrix else {})
+    before = snapshot(tmp_path)
     result = run_kip(["inspect", path], limits["inspect-parquet"], cwd=tmp_path)
-    assert_one_line_error(result, fifo, "is a FIFO, not a regular file; expected the .npz holding the ZCA matrix")
+    assert_one_line_error(result, path, fragment)
+    assert snapshot(tmp_path) == before
 
 
 # === Section 4: output paths and temp files =======================================================
@@ -969,7 +982,7 @@ def test_artifact_writers_refuse_non_finite_values(writer, field, value, fragmen
         if writer == "npz":
             artifacts.save_npz(path, distilled)
         else:
-            parquet.save_parquet(path, distilled, CLASS_NAMES, npz_name="d.npz")
+            parquet.save_parquet(path, distilled, CLASS_NAMES)
     assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
     assert snapshot(tmp_path) == {}
 

@@ -36,7 +36,7 @@ def written(request, rng, tmp_path):
     distilled = _distilled(rng, request.param)
     artifacts.save_npz(tmp_path / "distilled.npz", distilled)
     path = tmp_path / "distilled.parquet"
-    parquet.save_parquet(path, distilled, CLASS_NAMES, npz_name="distilled.npz")
+    parquet.save_parquet(path, distilled, CLASS_NAMES)
     return distilled, path
 
 
@@ -49,6 +49,29 @@ def test_round_trip_keeps_rows_and_lineage(written):
     assert loaded.metadata == distilled.metadata
     np.testing.assert_array_equal(loaded.transform.channel_mean, distilled.transform.channel_mean)
     assert loaded.transform.method == distilled.transform.method
+    np.testing.assert_array_equal(loaded.transform.zca_matrix.reshape(-1), distilled.transform.zca_matrix.reshape(-1))
+    assert loaded.transform.checksum() == distilled.transform.checksum()
+
+
+def test_a_zca_parquet_is_usable_alone(rng, tmp_path):
+    """What `dvc artifacts get ... distilled` delivers: the Parquet file, no .npz beside it."""
+    distilled = _distilled(rng, "zca")
+    path = tmp_path / "alone" / "distilled.parquet"
+    path.parent.mkdir()
+    parquet.save_parquet(path, distilled, CLASS_NAMES)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["distilled.parquet"]
+    loaded = parquet.read_parquet(path)
+    np.testing.assert_array_equal(loaded.transform.zca_matrix, distilled.transform.zca_matrix)
+    new_images = rng.random((5, 4, 4, 3)).astype(np.float32)  # preprocess new data exactly as the run did
+    np.testing.assert_array_equal(loaded.transform.apply(new_images), distilled.transform.apply(new_images))
+    assert inspect_artifact(path)["valid"]
+
+
+def test_the_matrix_stays_out_of_the_rows_pandas_loads(rng, tmp_path):
+    path = tmp_path / "distilled.parquet"
+    parquet.save_parquet(path, _distilled(rng, "zca"), CLASS_NAMES)
+    assert b"kip.zca_matrix" in pq.ParquetFile(path).metadata.metadata
+    assert b"kip.zca_matrix" not in pq.read_table(path).schema.metadata
 
 
 def test_pandas_and_pyarrow_read_it_in_one_line(written):
@@ -67,7 +90,7 @@ def test_pandas_and_pyarrow_read_it_in_one_line(written):
 def test_same_content_same_bytes(rng, tmp_path):
     distilled = _distilled(rng, "standardize")
     for name in ("a.parquet", "b.parquet"):
-        parquet.save_parquet(tmp_path / name, distilled, CLASS_NAMES, npz_name="x.npz")
+        parquet.save_parquet(tmp_path / name, distilled, CLASS_NAMES, )
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
 
@@ -111,10 +134,11 @@ def test_inspect_validates_and_reports_lineage(written, capsys):
 def test_inspect_catches_a_zca_matrix_that_is_not_the_one_recorded(rng, tmp_path):
     distilled = _distilled(rng, "zca")
     path = tmp_path / "distilled.parquet"
-    parquet.save_parquet(path, distilled, CLASS_NAMES, npz_name="distilled.npz")
-    other = _distilled(np.random.default_rng(99), "zca")
-    artifacts.save_npz(tmp_path / "distilled.npz", other)
-    with pytest.raises(UserError, match="different preprocessing transform"):
+    parquet.save_parquet(path, distilled, CLASS_NAMES)
+    table = pq.read_table(path)  # the rows and the sealed kip.* strings, with another run's matrix
+    other = _distilled(np.random.default_rng(99), "zca").transform.zca_matrix
+    parquet.write_sealed(path, table, {"kip.zca_matrix": np.ascontiguousarray(other, "<f8").tobytes()})
+    with pytest.raises(UserError, match="does not match the sha256 kip.transform records"):
         inspect_artifact(path)
 
 
