@@ -137,22 +137,16 @@ class Tracker:
         with self._store():
             mlflow.log_artifact(str(path), artifact_path)
 
-    def log_input(self, name: str, source: str | Path, digest: str, context: str) -> None:
+    def log_input(self, name: str, source: Path | Mapping[str, Any], digest: str, context: str) -> None:
         """Record a dataset by reference (where it is + digest): lineage without copying data.
 
-        `source` is a local file (a Path) or a description of a remote origin (a str).
+        `source` is a local file (a Path), or the source dataset's description (`Dataset.describe()`),
+        which becomes the MLflow source type that says where that data comes from (`dataset_source`).
         """
         import mlflow
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
 
-        if isinstance(source, Path):
-            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local-file kinds
-                warnings.simplefilter("ignore", UserWarning)
-                where = resolve_dataset_source(Path(source).resolve().as_uri())
-        else:
-            where = HTTPDatasetSource(source)
+        where = _file_source(source) if isinstance(source, Path) else dataset_source(source)
         dataset = MetaDataset(where, name=name, digest=digest[:32])
         with self._store():
             mlflow.log_input(dataset, context=context)
@@ -180,7 +174,7 @@ class NullTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def log_input(self, name: str, source: str | Path, digest: str, context: str) -> None: ...
+    def log_input(self, name: str, source: Path | Mapping[str, Any], digest: str, context: str) -> None: ...
 
 
 @contextlib.contextmanager
@@ -345,6 +339,33 @@ def _versions() -> dict[str, str]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def dataset_source(description: Mapping[str, Any]):
+    """The MLflow dataset source of a source dataset (`Dataset.describe()`), by where its data is:
+    registry downloads are `http` sources (PyPI's release page, the Debian archive's .deb), a data
+    folder is a local `file` source, and data that a library supplies (scikit-learn's digits,
+    TFDS) is a `code` source whose tags name the library call or TFDS build."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if description["source"] == "registry":
+        from pipeline.sources import registry
+
+        return HTTPDatasetSource(registry.source_url(description["name"]))
+    origin = str(description["origin"])
+    if description["source"] == "files" and origin.startswith("files:"):
+        return _file_source(Path(origin.removeprefix("files:")))
+    return CodeDatasetSource(tags={"kip.dataset.source": description["source"], "kip.dataset.name": description["name"],
+                                   "kip.dataset.origin": origin})
+
+
+def _file_source(path: Path):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local-file kinds
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(Path(path).resolve().as_uri())
 
 
 def dataset_tags(description: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
             "distill": {k: v for k, v in asdict(config).items() if k != "seed"},
         })
         tracker.set_tags({**dataset_tags(dataset), "kip.seed": config.seed})
-        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "training")
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset, dataset["fingerprint"], "training")
 
         run = workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint)
         distilled = run.distilled

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> None:
         dataset = prepared.provenance["dataset"]
         tracker.set_tags({**dataset_tags(dataset), "kip.seed": config.seed})
         tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "evaluation")
-        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "test")
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset, dataset["fingerprint"], "test")
         # The strongest simple baseline: random real images under the default preprocessing too.
         default = None
         if prepared.transform.method != PreprocessConfig().method:

@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> None:
         prep_io.save(args.out, prepared)
         dataset = prepared.provenance["dataset"]
         tracker.set_tags(dataset_tags(dataset))
-        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset["origin"], dataset["fingerprint"], "source")
+        tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset, dataset["fingerprint"], "source")
         tracker.log_metrics({"train_size": len(prepared.y_train), "validation_size": len(prepared.y_val),
                              "test_size": dataset["test_size"]})
         tracker.tag_files(wrote=[args.out])

@@ -168,6 +168,8 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
     inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in distill.inputs.dataset_inputs}
     assert inputs[("distilled", "distilled")].digest == out_md5["artifacts/distilled.parquet"]
     assert inputs[("embedded:digits", "training")].digest == tags["kip.dataset.fingerprint"][:32]
+    assert inputs[("embedded:digits", "training")].source_type == "code"  # scikit-learn supplies it: no URL to claim
+    assert inputs[("distilled", "distilled")].source_type == "local"
     assert {a.path for a in client.list_artifacts(distill.info.run_id, "images")} == {
         "images/support_images.png", "images/learning_curves.png"}
     assert {a.path for a in client.list_artifacts(distill.info.run_id, "distilled")} == {

