@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,26 +136,30 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     }
     params_file = root / "experiments" / "paper" / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    paper = root / "experiments" / "paper"
     _run(root, env, "git", "init", "-q", "-b", "main")
     _dvc(root, env, "init", "-q")
+    _dvc(paper, env, "init", "--subdir", "-q")  # as in this repository: a DVC project of its own
     _run(root, env, "git", "add", "-A")
     _run(root, env, "git", "commit", "-qm", "start")
+    assert "cell@" not in _dvc(root, env, "status")  # the root project does not see the matrix
 
-    first = _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml"))
-    assert first == {"experiments/paper/dvc.yaml:cell@digits-fc_ntk-1", "experiments/paper/dvc.yaml:cell@digits-rbf-1",
-                     "experiments/paper/dvc.yaml:report"}
-    results = root / "experiments" / "paper" / "results"
+    first = _ran(_dvc(paper, env, "repro"))
+    assert first == {"cell@digits-fc_ntk-1", "cell@digits-rbf-1", "report"}
+    lock = yaml.safe_load((paper / "dvc.lock").read_text())
+    assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/kip.py", "../../stages/paper_cell.py"}
+    results = paper / "results"
     assert (results / "table.md").read_text().count("| RBF | 10 |") == 4
     assert (results / "figure.png").read_bytes()[:4] == b"\x89PNG"
     before = (results / "cells" / "digits-fc_ntk-1.json").read_bytes()
 
     params["cells"]["digits-rbf-1"]["kip"] = {"steps": 25}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    second = _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml"))
-    assert second == {"experiments/paper/dvc.yaml:cell@digits-rbf-1", "experiments/paper/dvc.yaml:report"}
+    second = _ran(_dvc(paper, env, "repro"))
+    assert second == {"cell@digits-rbf-1", "report"}
     assert (results / "cells" / "digits-fc_ntk-1.json").read_bytes() == before
     assert json.loads((results / "cells" / "digits-rbf-1.json").read_text())["config"]["kip"]["steps"] == 25
-    assert _ran(_dvc(root, env, "repro", "experiments/paper/dvc.yaml")) == set()
+    assert _ran(_dvc(paper, env, "repro")) == set()
 
 
 
@@ -189,3 +195,14 @@ def test_the_committed_matrix_ran_the_settings_chosen_on_validation():
             # (an open question, docs/reproduction.md); a second flip would mean another cause.
             slack = 1 / selection["validation"]["size"] if (spc, mode) == (50, "fixed") else 0.0
             assert abs(cell["methods"][name]["krr_val"]["mean"] - chosen["val_accuracy"]) <= slack + 1e-12
+
+
+def test_the_root_projects_exp_show_lists_the_main_pipeline_only(tmp_path):
+    """`dvc exp show` in this repository: params.yaml and the main metrics, none of the matrix's columns."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=REPO, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    data = shown[0]["data"]
+    assert set(data["params"]) == {"params.yaml"}
+    assert set(data["metrics"]) == {"metrics/distill.json", "metrics/evaluate.json", "metrics/train.json"}
