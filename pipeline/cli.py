@@ -53,6 +53,7 @@ _TRAIN_HELP = {
     "temperature": "soft_xent: targets softmax(labels / temperature)",
     "label_scale": "mse, mse_centered: fit label_scale x labels (> 1: further from the kernel regime)",
     "label_scale_choice": "validation: the best of 0.1|1|10 on the validation split, per support; fixed: --label-scale",
+    "optimizer_choice": "validation: also try Adam 1e-3 for 1000 steps, keep the better on the validation split; fixed",
     "optimizer": "|".join(cfg.OPTIMIZERS), "learning_rate": "optimizer step size", "momentum": "sgd only",
     "l2": "weight decay", "batch_size": "images per step", "steps": "optimizer steps per network",
     "seeds": "networks per side (distilled / random real)", "eval_every": "test accuracy every N steps",

@@ -93,6 +93,7 @@ class MethodResult:
     krr_val_accuracy: list[float] = field(default_factory=list)  # the same supports on the validation split
     nn_accuracy: list[float] = field(default_factory=list)
     nn_label_scale: float | None = None  # the train.label_scale the networks used (chosen on validation)
+    nn_settings: dict[str, Any] | None = None  # label scale, optimizer, learning rate, steps (chosen on validation)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -103,7 +104,7 @@ class MethodResult:
             return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
         return {"krr": stats(self.krr_accuracy), "krr_val": stats(self.krr_val_accuracy), "nn": stats(self.nn_accuracy),
-                "nn_label_scale": self.nn_label_scale, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
+                "nn_label_scale": self.nn_label_scale, "nn_settings": self.nn_settings, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
 
 
 def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
@@ -146,10 +147,12 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
             runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip", progress=progress)
             results[name].nn_accuracy.extend(r.accuracy for r in runs["distilled"])
             results[name].nn_label_scale = runs["label_scale"]["distilled"]
+            results[name].nn_settings = runs["settings"]["distilled"]
             if runs["baseline"]:
                 # the random-subset networks, trained once beside the first KIP support (their time counts there)
                 results["random"].nn_accuracy.extend(r.accuracy for r in runs["baseline"])
                 results["random"].nn_label_scale = runs["label_scale"]["baseline"]
+                results["random"].nn_settings = runs["settings"]["baseline"]
     return {
         "dataset": cell.dataset,
         "kernel": dataclasses.asdict(cell.kernel),

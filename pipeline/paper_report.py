@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
-from pipeline.config import AUTO_LABEL_SCALES
+from pipeline.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER
 from pipeline.errors import UserError
 from pipeline.paper import DATASETS, METHODS, fmt
 
@@ -121,16 +121,15 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
         if not rows:
             continue
         out += [f"## {DATASET_NAMES.get(dataset, dataset)}", "",
-                "| kernel | images | method | KRR test accuracy (%) | KRR val (%) | NN test accuracy (%) | NN label scale "
+                "| kernel | images | method | KRR test accuracy (%) | KRR val (%) | NN test accuracy (%) | NN labels, optimizer "
                 "| paper (%) | CPU min |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for cell in rows:
             for method in METHODS:
                 result = cell["methods"][method]
                 reference = published.get((dataset, cell["images"], method, cell["kernel_name"]), "")
-                scale = result.get("nn_label_scale")
                 out.append(f"| {cell['kernel_name']} | {cell['images']} | {METHOD_NAMES[method]} | {fmt(result['krr'])} "
-                           f"| {fmt(result.get('krr_val', {}))} | {fmt(result['nn'])} | {'' if scale is None else f'× {scale:g}'} "
+                           f"| {fmt(result.get('krr_val', {}))} | {fmt(result['nn'])} | {_settings_text(result)} "
                            f"| {reference} | {result['cpu_seconds'] / 60:.1f} |")
         out.append("")
     out += ["Paper column: KRR test accuracy as published, only for the row's own kernel and only where",
@@ -176,6 +175,16 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
     return fig
 
 
+def _settings_text(result: Mapping[str, Any]) -> str:
+    """`× 10, adam 0.001 × 1000` (or just the label scale, for cells from before the optimizer choice)."""
+    scale, settings = result.get("nn_label_scale"), result.get("nn_settings")
+    if scale is None:
+        return ""
+    if not settings:
+        return f"× {scale:g}"
+    return f"× {scale:g}, {settings['optimizer']} {settings['learning_rate']:g} × {settings['steps']}"
+
+
 def _network_sentence(cells: Sequence[Mapping[str, Any]]) -> str:
     """What the NN column is, from the cells' own train config (the first cell's; the matrix shares it)."""
     train = next((c.get("config", {}).get("train") for c in cells if c.get("config", {}).get("train")), None)
@@ -184,10 +193,13 @@ def _network_sentence(cells: Sequence[Mapping[str, Any]]) -> str:
     labels = ("the support's own labels (learned ones included), scaled by the factor of "
               f"{', '.join(f'{v:g}' for v in AUTO_LABEL_SCALES)} whose network does best on validation, per support and per random subset side"
               if train.get("label_scale_choice") == "validation" else f"the support's labels × {train.get('label_scale')}")
+    optimizer = f"{train['optimizer']} {train['learning_rate']:g} for {train['steps']} steps"
+    if train.get("optimizer_choice") == "validation":
+        optimizer = (f"{optimizer} or adam {AUTO_OPTIMIZER['learning_rate']:g} for {AUTO_OPTIMIZER['steps']} steps, "
+                     "chosen jointly with the label scale on validation (the column says which)")
     return (f"NN: width-{train['width']} {train.get('architecture', 'fc').upper()} ReLU networks (depth {train.get('depth', 1)}, "
-            f"{train['parameterization']} parameterisation) trained by {train['optimizer']} {train['learning_rate']:g} for "
-            f"{train['steps']} steps on loss {train['loss']} with {labels}; test accuracy, mean ± std over "
-            f"{train['seeds']} seeds.")
+            f"{train['parameterization']} parameterisation) trained by {optimizer} on loss {train['loss']} with {labels}; "
+            f"test accuracy, mean ± std over {train['seeds']} seeds.")
 
 
 def _datasets(cells: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -104,9 +104,10 @@ def transfer_figure(curve: Sequence[dict[str, float]]) -> Figure:
     """Validation accuracy of finite networks during training: distilled support vs random real images."""
     fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
     ax = fig.subplots()
-    steps = [p["step"] for p in curve]
-    ax.plot(steps, [p["distilled_val_accuracy"] for p in curve], marker="o", label="distilled support")
-    ax.plot(steps, [p["baseline_val_accuracy"] for p in curve], marker="s", label="random real images")
+    for key, marker, label in (("distilled_val_accuracy", "o", "distilled support"),
+                               ("baseline_val_accuracy", "s", "random real images")):
+        points = [p for p in curve if key in p]  # a side that trained for fewer steps has fewer points
+        ax.plot([p["step"] for p in points], [p[key] for p in points], marker=marker, label=label)
     ax.set(xlabel="training step", ylabel="validation accuracy (mean over seeds)", title="finite network")
     ax.grid(alpha=0.3)
     ax.legend()

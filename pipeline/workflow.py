@@ -165,22 +165,32 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, *
         "nn_train_accuracy": float(np.mean([r.train_accuracy for r in runs["distilled"]])),
         "nn_label_scale": runs["label_scale"]["distilled"],
         "nn_baseline_label_scale": runs["label_scale"]["baseline"],
+        "nn_optimizer": _optimizer_text(runs["settings"]["distilled"]),
+        "nn_baseline_optimizer": _optimizer_text(runs["settings"]["baseline"]),
         "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
         "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
         "seeds": config.seeds,
         "support_size": int(len(distilled.images)),
         "test_size": int(len(prepared.y_test)),
     }
-    curve = [
-        {
-            "step": point["step"],
-            "distilled_val_accuracy": float(np.mean([r.curve[i]["val_accuracy"] for r in runs["distilled"]])),
-            "baseline_val_accuracy": float(np.mean([r.curve[i]["val_accuracy"] for r in runs["baseline"]])),
-        }
-        for i, point in enumerate(runs["distilled"][0].curve)
-        if "val_accuracy" in point
-    ]
+    # The sides may train for different step counts (each chooses its optimizer), so a row holds
+    # the sides that evaluated at that step.
+    sides = {f"{side}_val_accuracy": _mean_curve(runs[side]) for side in ("distilled", "baseline")}
+    steps = sorted(set().union(*sides.values()))
+    curve = [{"step": step, **{key: values[step] for key, values in sides.items() if step in values}} for step in steps]
     return metrics, curve
+
+
+def _mean_curve(results: list) -> dict[int, float]:
+    """step -> validation accuracy, mean over one side's seeds (all trained with the same settings)."""
+    if not results:
+        return {}
+    points = [{p["step"]: p["val_accuracy"] for p in r.curve if "val_accuracy" in p} for r in results]
+    return {step: float(np.mean([p[step] for p in points])) for step in points[0]}
+
+
+def _optimizer_text(settings: dict[str, Any]) -> str:
+    return f"{settings['optimizer']} {settings['learning_rate']:g} x {settings['steps']} steps"
 
 
 def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, baseline: bool = True, *,
@@ -206,25 +216,33 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
     runs: dict[str, list[finite.TrainResult]] = {"distilled": [], "baseline": []}
     monitor = (prepared.x_val, prepared.y_val) if len(prepared.y_val) else None  # learning curves: validation only
     chosen = {"distilled": config, "baseline": config}
-    networks = (1 + baseline) * (config.seeds + len(_label_scale_candidates(config)))
-    with tqdm(total=networks * config.steps, desc="networks", unit="step", disable=not progress,
+    side_steps = sum(c.steps for c in network_candidates(config)) + config.seeds * config.steps
+    with tqdm(total=(1 + baseline) * side_steps, desc="networks", unit="step", disable=not progress,
               dynamic_ncols=True, mininterval=0.5) as bar:
-        _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, bar.update)
+        _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, bar)
     runs["label_scale"] = {"distilled": chosen["distilled"].label_scale,
                            "baseline": chosen["baseline"].label_scale if baseline else None}
+    runs["settings"] = {"distilled": settings_summary(chosen["distilled"]),
+                        "baseline": settings_summary(chosen["baseline"]) if baseline else None}
     return runs
 
 
-def _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, on_step) -> None:
+def _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, bar) -> None:
     """Per seed: the support's network, and a random real subset's of the same size (fills `runs`, `chosen`)."""
     from pipeline import finite
 
+    def choose(x, y, classes):
+        settings = choose_network_settings(x, y, classes, prepared, config, on_step=bar.update)
+        bar.total += config.seeds * (settings.steps - config.steps)  # the chosen optimizer's step count
+        bar.refresh()
+        return settings
+
+    on_step = bar.update
     per_class = max(1, len(distilled.images) // prepared.num_classes)
     for index in range(config.seeds):
         seed = config.seed * 1000 + index
         if index == 0:
-            chosen["distilled"] = choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config,
-                                                     on_step=on_step)
+            chosen["distilled"] = choose(distilled.images, distilled.labels, distilled.classes)
         runs["distilled"].append(finite.train(
             distilled.images, distilled.labels, distilled.classes, prepared.x_test, prepared.y_test,
             prepared.num_classes, chosen["distilled"], seed, monitor=monitor, on_step=on_step,
@@ -235,48 +253,61 @@ def _train_sides(distilled, prepared, config, baseline, runs, chosen, monitor, o
         x, classes = prepared.x_train[idx], prepared.y_train[idx]
         y = np.asarray(krr.centered_one_hot(classes, prepared.num_classes))
         if index == 0:
-            chosen["baseline"] = choose_label_scale(x, y, classes, prepared, config, on_step=on_step)
+            chosen["baseline"] = choose(x, y, classes)
         runs["baseline"].append(finite.train(
             x, y, classes, prepared.x_test, prepared.y_test, prepared.num_classes, chosen["baseline"], seed,
             monitor=monitor, on_step=on_step,
         ))
 
 
-def _label_scale_candidates(config: TrainConfig) -> tuple[float, ...]:
-    """The label scales `choose_label_scale` trains a network for (none when it does not choose)."""
-    from pipeline.config import AUTO_LABEL_SCALES
+def network_candidates(config: TrainConfig) -> list[TrainConfig]:
+    """The settings `choose_network_settings` trains one network each for: every label scale of
+    AUTO_LABEL_SCALES (label_scale_choice=validation, for losses that scale labels) with the
+    configured optimizer and, with optimizer_choice=validation, with AUTO_OPTIMIZER. Empty when
+    there is nothing to choose. The configured optimizer comes first, so it wins ties."""
+    from pipeline.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER
 
-    if config.label_scale_choice != "validation" or config.loss not in ("mse", "mse_centered"):
-        return ()
-    return AUTO_LABEL_SCALES
+    scales = (AUTO_LABEL_SCALES if config.label_scale_choice == "validation" and config.loss in ("mse", "mse_centered")
+              else (config.label_scale,))
+    optimizers = [config]
+    if config.optimizer_choice == "validation":
+        optimizers.append(dataclasses.replace(config, momentum=0.0, **AUTO_OPTIMIZER))
+    candidates = [dataclasses.replace(o, label_scale=s, eval_every=0) for o in optimizers for s in scales]
+    return candidates if len(candidates) > 1 else []
 
 
-def choose_label_scale(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
-                       config: TrainConfig, *, on_step: Callable[[], object] | None = None) -> TrainConfig:
-    """`config` with the label scale its network does best with on the validation split (one
-    network per candidate in AUTO_LABEL_SCALES; one that diverges is skipped), when
-    `label_scale_choice` is validation and the loss scales labels; else `config` unchanged."""
+def choose_network_settings(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
+                            config: TrainConfig, *, on_step: Callable[[], object] | None = None) -> TrainConfig:
+    """`config` with the label scale and optimizer (with its learning rate and steps) whose network
+    does best on the validation split, one network per `network_candidates` entry (one that
+    diverges is skipped); `config` unchanged when there is nothing to choose."""
     from pipeline import finite
 
-    candidates = _label_scale_candidates(config)
+    candidates = network_candidates(config)
     if not candidates:
         return config
     if len(prepared.y_val) == 0:
-        raise UserError("train.label_scale_choice=validation needs a validation split; set data.validation_fraction > 0 "
-                        "or train.label_scale_choice: fixed")
+        raise UserError("train.label_scale_choice=validation and train.optimizer_choice=validation need a validation "
+                        "split; set data.validation_fraction > 0 or set both to fixed")
     scores = {}
-    for scale in candidates:
-        candidate = dataclasses.replace(config, label_scale=scale, eval_every=0)
+    for index, candidate in enumerate(candidates):
         try:
             result = finite.train(x, y, classes, prepared.x_val, prepared.y_val, prepared.num_classes, candidate,
                                   config.seed * 1000 + 999, on_step=on_step)
-        except UserError:  # diverged at this scale
+        except UserError:  # diverged with these settings
             continue
-        scores[scale] = result.accuracy  # scored on the validation images
+        scores[index] = result.accuracy  # scored on the validation images
     if not scores:
-        raise UserError(f"network training diverged at every label scale {candidates}; lower train.learning_rate "
-                        f"(now {config.learning_rate})")
-    return dataclasses.replace(config, label_scale=max(scores, key=scores.get))
+        raise UserError(f"network training diverged with every candidate setting (label scales "
+                        f"{sorted({c.label_scale for c in candidates})}); lower train.learning_rate (now {config.learning_rate})")
+    best = candidates[max(scores, key=scores.get)]
+    return dataclasses.replace(best, eval_every=config.eval_every)
+
+
+def settings_summary(config: TrainConfig) -> dict[str, Any]:
+    """What a side's networks were trained with, for metrics and tables."""
+    return {"label_scale": config.label_scale, "optimizer": config.optimizer, "learning_rate": config.learning_rate,
+            "steps": config.steps}
 
 
 PACKAGE_DIR = Path(pipeline.__file__).resolve().parent

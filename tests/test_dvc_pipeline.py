@@ -23,7 +23,8 @@ SMALL = {
     "data": {"source": "embedded", "name": "digits"},
     "distill": {"support_per_class": 2, "steps": 30, "target_batch": 400, "eval_every": 10, "checkpoint_every": 10},
     "evaluate": {"baseline_repeats": 2, "batch_size": 500},
-    "train": {"width": 64, "steps": 40, "eval_every": 20, "seeds": 2, "batch_size": 20},
+    # optimizer_choice fixed: the choice (6 networks per side, some of 1000 Adam steps) is tested in test_finite
+    "train": {"width": 64, "steps": 40, "eval_every": 20, "seeds": 2, "batch_size": 20, "optimizer_choice": "fixed"},
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -107,12 +107,24 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     idx = class_balanced_indices(prepared.y_train, 3, 10, np.random.default_rng(7))
     support = DistilledSet(prepared.x_train[idx], np.asarray(centered_one_hot(prepared.y_train[idx], 10)),
                            prepared.y_train[idx].astype(np.int32), transform, {})
-    metrics, curve = workflow.transfer(support, prepared, TrainConfig(width=128, steps=60, eval_every=30, seeds=2))
+    metrics, curve = workflow.transfer(support, prepared, TrainConfig(width=128, steps=60, eval_every=30, seeds=2,
+                                                                      optimizer_choice="fixed"))
     assert metrics["seeds"] == 2 and metrics["support_size"] == 30
     assert metrics["nn_train_accuracy"] == 1.0
     # 30 real digits train a network far above chance (10 %) on both sides
     assert metrics["nn_test_accuracy"] > 0.5 and metrics["nn_baseline_test_accuracy"] > 0.5
     assert [p["step"] for p in curve] == [30, 60]
+    assert metrics["nn_optimizer"] == "sgd 0.5 x 60 steps"
+
+
+def test_sides_that_chose_different_optimizers_keep_their_own_curve_points(digits, digits_standardized):
+    """One side on SGD for 60 steps, the other on Adam for 1000: each row holds the sides evaluated there."""
+    results = {side: [finite.TrainResult(0.5, 1.0, [{"step": s, "train_loss": 0.1, "val_accuracy": v + seed}
+                                                  for s, v in points]) for seed in (0.0, 0.1)]
+               for side, points in (("distilled", [(30, 0.2), (60, 0.4)]), ("baseline", [(30, 0.3), (1000, 0.5)]))}
+    assert workflow._mean_curve(results["distilled"]) == pytest.approx({30: 0.25, 60: 0.45})
+    assert workflow._mean_curve(results["baseline"]) == pytest.approx({30: 0.35, 1000: 0.55})
+    assert workflow._mean_curve([]) == {}
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
@@ -211,29 +223,35 @@ def test_train_options_are_validated(overrides, message):
     assert str(caught.value) == message and "\n" not in str(caught.value)
 
 
-def test_the_label_scale_is_chosen_on_validation_per_side(digits):
-    """label_scale_choice=validation: the scale whose network scores best on the validation split,
-    checked against training each candidate directly; fixed keeps train.label_scale."""
+def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits):
+    """label_scale_choice and optimizer_choice = validation: the (scale, optimizer) whose network scores
+    best on the validation split, checked against training each candidate directly; fixed keeps
+    train.label_scale and the configured optimizer."""
     from pathlib import Path
 
-    from pipeline.config import AUTO_LABEL_SCALES, DataConfig, DistillConfig
+    from pipeline.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER, DataConfig, DistillConfig
     from pipeline.prepared import prepare
 
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/x"))
     distilled = workflow.distill(prepared, KernelConfig(), DistillConfig(support_per_class=2, steps=5, target_batch=400,
                                  eval_every=0, checkpoint_every=0, learn_labels=True), progress=False).distilled
     config = TrainConfig(width=64, steps=50, seeds=1, eval_every=0)
-    chosen = workflow.choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, config)
+    chosen = workflow.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, config)
     direct = {}
-    for scale in AUTO_LABEL_SCALES:
-        candidate = dataclasses.replace(config, label_scale=scale)
-        try:
-            direct[scale] = finite.train(distilled.images, distilled.labels, distilled.classes, prepared.x_val,
-                                         prepared.y_val, 10, candidate, config.seed * 1000 + 999).accuracy
-        except UserError:
-            pass
-    assert chosen.label_scale == max(direct, key=direct.get)
-    fixed = dataclasses.replace(config, label_scale_choice="fixed", label_scale=3.0)
-    assert workflow.choose_label_scale(distilled.images, distilled.labels, distilled.classes, prepared, fixed) == fixed
-    runs = workflow.train_networks(distilled, prepared, config)
+    for optimizer in ({}, {**AUTO_OPTIMIZER, "momentum": 0.0}):
+        for scale in AUTO_LABEL_SCALES:
+            candidate = dataclasses.replace(config, label_scale=scale, **optimizer)
+            try:
+                direct[candidate] = finite.train(distilled.images, distilled.labels, distilled.classes, prepared.x_val,
+                                                 prepared.y_val, 10, candidate, config.seed * 1000 + 999).accuracy
+            except UserError:
+                pass
+    assert len(direct) >= 4  # most candidates train, so the choice is a real one
+    assert chosen == max(direct, key=direct.get)
+    fixed = dataclasses.replace(config, label_scale_choice="fixed", optimizer_choice="fixed", label_scale=3.0)
+    assert workflow.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, fixed) == fixed
+    only_scale = dataclasses.replace(config, optimizer_choice="fixed")
+    assert {c.optimizer for c in workflow.network_candidates(only_scale)} == {"sgd"}
+    runs = workflow.train_networks(distilled, prepared, config, progress=False)
+    assert runs["settings"]["distilled"] == workflow.settings_summary(chosen)
     assert runs["label_scale"]["distilled"] == chosen.label_scale and runs["label_scale"]["baseline"] in AUTO_LABEL_SCALES

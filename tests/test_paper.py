@@ -106,7 +106,10 @@ def test_report_states_failed_checks_with_their_numbers(digits_cell):
     table = paper_report.table_markdown([digits_cell, worse], [], verdict)
     assert "**no**" in table and "**not met**" in table and "| FC NTK | 20 | KIP |" in table
     kip = digits_cell["methods"]["kip"]
-    assert f"| {paper.fmt(kip['krr'])} | {paper.fmt(kip['krr_val'])} | {paper.fmt(kip['nn'])} | × {kip['nn_label_scale']:g} |" in table
+    settings = kip["nn_settings"]
+    assert (f"| {paper.fmt(kip['krr'])} | {paper.fmt(kip['krr_val'])} | {paper.fmt(kip['nn'])} | × {kip['nn_label_scale']:g}, "
+            f"{settings['optimizer']} {settings['learning_rate']:g} × {settings['steps']} |") in table
+    assert settings["label_scale"] == kip["nn_label_scale"]
     assert "mse_centered" in table  # the NN column says how the networks were trained, from the cells' config
     flat = paper_report.summary([digits_cell])
     assert flat["digits.fc_ntk.20.kip.krr"] == digits_cell["methods"]["kip"]["krr"]["mean"]
