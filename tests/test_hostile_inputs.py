@@ -727,7 +727,7 @@ _WRITE_ALL = (
     "from pipeline import artifacts, atomic, parquet\nfrom pipeline.errors import UserError\n"
     "out = Path(sys.argv[1])\n"
     "writers = {'d.npz': lambda p: artifacts.save_npz(p, valid_set()),\n"
-    "           'd.parquet': lambda p: parquet.save_parquet(p, valid_set(), CLASS_NAMES, 'd.npz'),\n"
+    "           'd.parquet': lambda p: parquet.save_parquet(p, valid_set(), CLASS_NAMES),\n"
     "           'm.json': lambda p: atomic.write_json(p, {'a': list(range(5000))})}\n"
     "for name, write in writers.items():\n"
     "    try:\n        write(out / name)\n        print('WROTE', name)\n"

@@ -112,17 +112,20 @@ def test_choosing_kip_settings_never_reads_the_test_split(prepared, monkeypatch)
 
 
 def test_network_settings_and_learning_curves_never_read_the_test_split(prepared):
-    """The label scale a network trains with, and the train stage's learning curve, come from the
-    validation split: a NaN test split changes neither (it only spoils the final test number)."""
+    """The label scale and optimizer a network trains with, and the train stage's learning curve, come
+    from the validation split: a NaN test split changes none of them (it only spoils the final test number)."""
     from pipeline.config import TrainConfig
 
     distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
     config = TrainConfig(width=32, steps=20, seeds=1, eval_every=10)
-    clean = workflow.train_networks(distilled, prepared, config)
-    poisoned = workflow.train_networks(distilled, _poison_test(prepared), config)
-    assert poisoned["label_scale"] == clean["label_scale"]
+    clean = workflow.train_networks(distilled, prepared, config, progress=False)
+    poisoned = workflow.train_networks(distilled, _poison_test(prepared), config, progress=False)
+    assert poisoned["label_scale"] == clean["label_scale"] and poisoned["settings"] == clean["settings"]
+    steps = {}
     for side in ("distilled", "baseline"):
         assert [r.curve for r in poisoned[side]] == [r.curve for r in clean[side]]
-        assert [p["step"] for p in clean[side][0].curve] == [10, 20] and "val_accuracy" in clean[side][0].curve[0]
-    _, curve = workflow.transfer(distilled, _poison_test(prepared), config)
-    assert [p["step"] for p in curve] == [10, 20] and all(math.isfinite(v) for p in curve for v in p.values())
+        steps[side] = list(range(10, clean["settings"][side]["steps"] + 1, 10))  # 20 (SGD) or 1000 (Adam)
+        assert [p["step"] for p in clean[side][0].curve] == steps[side] and "val_accuracy" in clean[side][0].curve[0]
+    _, curve = workflow.transfer(distilled, _poison_test(prepared), config, progress=False)
+    assert [p["step"] for p in curve] == sorted(set(steps["distilled"]) | set(steps["baseline"]))
+    assert all(math.isfinite(v) for p in curve for v in p.values())
