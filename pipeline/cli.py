@@ -245,14 +245,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipeline import artifacts, atomic, workflow
+    from pipeline import artifacts, atomic, transfer
     from pipeline.prepared import reprepare
 
     config = cfg.TrainConfig(**_section(args, "train"))
     _check_outputs(args.json)
     distilled = artifacts.load_npz(args.support)
     prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
-    metrics, _ = workflow.transfer(distilled, prepared, config, progress=not args.quiet)
+    metrics, _ = transfer.transfer(distilled, prepared, config, progress=not args.quiet)
     if args.json:
         atomic.write_json(args.json, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))

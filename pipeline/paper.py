@@ -8,9 +8,10 @@ all scored by KRR with the cell's kernel on the full test split:
     kip          KIP, labels fixed to the one-hot classes
     kip_labels   KIP with the labels learned too
 
-and trains finite networks (TrainConfig, several seeds) on the two KIP supports and on random real
-subsets of the same size, each side with its own label scale chosen on the validation split. Each method's CPU time (all threads) is part of the result. Cells share
-nothing, so DVC reruns exactly the cells whose params changed (experiments/paper/dvc.yaml).
+Each method's CPU time (all threads) is part of the result. Finite networks trained on the saved
+supports, and on random real subsets, are `pipeline.paper_networks`' separate stages, so changing
+how networks train never re-runs KIP. Cells share nothing, so DVC reruns exactly the cells whose
+params changed (experiments/paper/dvc.yaml).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class MethodResult:
 
 
 def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
-    """All four methods of one cell: the JSON-ready result, and every support set behind a number in
+    """All four methods of one cell by KRR: the JSON-ready result, and every support set behind a number in
     it (Label Solve per repeat, both KIP rows), with full lineage, so `kip evaluate` re-scores them.
 
     Each support is scored on the test split (the reported number) and on the validation split
@@ -127,12 +128,12 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
             if len(y):
                 scores.append(scoring.krr_scores(kernel_fn, images, labels, x, y, classes, cell.reg)["accuracy"])
 
-    with _cpu(results["random"]):
+    with timed(results["random"]):
         for repeat in range(cell.repeats):
             rng = np.random.default_rng([cell.seed, 2, repeat])
             idx = kip.class_balanced_indices(prepared.y_train, cell.support_per_class, classes, rng)
             score(results["random"], prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes))
-    with _cpu(results["label_solve"]):
+    with timed(results["label_solve"]):
         for repeat in range(cell.repeats):
             config = dataclasses.replace(cell.kip, method="label_solve", seed=cell.seed + repeat)
             solved = workflow.distill(prepared, cell.kernel, config, progress=False).distilled
@@ -140,19 +141,10 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
             supports[f"label_solve_{repeat}"] = solved
     for name in ("kip", "kip_labels"):
         config = getattr(cell, name)
-        with _cpu(results[name]):
+        with timed(results[name]):
             distilled = workflow.distill(prepared, cell.kernel, config, progress=progress).distilled
             score(results[name], distilled.images, distilled.labels)
             supports[name] = distilled
-            runs = workflow.train_networks(distilled, prepared, cell.train, baseline=name == "kip", progress=progress)
-            results[name].nn_accuracy.extend(r.accuracy for r in runs["distilled"])
-            results[name].nn_label_scale = runs["label_scale"]["distilled"]
-            results[name].nn_settings = runs["settings"]["distilled"]
-            if runs["baseline"]:
-                # the random-subset networks, trained once beside the first KIP support (their time counts there)
-                results["random"].nn_accuracy.extend(r.accuracy for r in runs["baseline"])
-                results["random"].nn_label_scale = runs["label_scale"]["baseline"]
-                results["random"].nn_settings = runs["settings"]["baseline"]
     return {
         "dataset": cell.dataset,
         "kernel": dataclasses.asdict(cell.kernel),
@@ -161,7 +153,7 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
         "images": cell.support_per_class * classes,
         "methods": {name: result.summary() for name, result in results.items()},
         "config": {"kip": dataclasses.asdict(cell.kip), "kip_labels": dataclasses.asdict(cell.kip_labels),
-                   "train": dataclasses.asdict(cell.train), "repeats": cell.repeats, "reg": cell.reg},
+                   "repeats": cell.repeats, "reg": cell.reg},
         "validation": prepared.provenance.get("validation"),
     }, supports
 
@@ -172,7 +164,7 @@ def kernel_name(spec: KernelConfig) -> str:
     return f"{spec.architecture.upper()} {spec.kind.upper()}"
 
 
-class _cpu:
+class timed:
     """Adds the CPU seconds (all threads of this process) and wall seconds of the block to a result."""
 
     def __init__(self, result: MethodResult):

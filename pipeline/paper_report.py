@@ -78,8 +78,8 @@ def summary(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             flat[f"{prefix}.{method}.krr"] = result["krr"]["mean"]
             if result["nn"]["mean"] is not None:
                 flat[f"{prefix}.{method}.nn"] = result["nn"]["mean"]
-    flat["cpu_minutes_total"] = round(sum(_cpu_seconds(c) for c in cells) / 60, 1)
-    flat["wall_minutes_total"] = round(sum(_wall_seconds(c) for c in cells) / 60, 1)
+    flat["cpu_minutes_total"] = round(_total(cells, "cpu") / 60, 1)
+    flat["wall_minutes_total"] = round(_total(cells, "wall") / 60, 1)
     return flat
 
 
@@ -112,9 +112,9 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
         cost = "" if check["cpu_minutes"] is None else f" in {check['cpu_minutes']:.1f} CPU min"
         out.append(f"- {DATASET_NAMES.get(dataset, dataset)}, FC NTK, {images} images: KIP {value}{cost} against the goal "
                    f"of {100 * check['goal']:.1f} %{beside}: {'met' if check['met'] else '**not met**'}.")
-    total_cpu = sum(_cpu_seconds(c) for c in cells) / 60
-    total_wall = sum(_wall_seconds(c) for c in cells) / 60
-    out += [f"- Compute: {total_cpu:.0f} CPU minutes, {total_wall:.0f} minutes of wall time inside the cells.", ""]
+    total_cpu, total_wall = _total(cells, "cpu") / 60, _total(cells, "wall") / 60
+    out += [f"- Compute: {total_cpu:.0f} CPU minutes, {total_wall:.0f} minutes of wall time inside the stages "
+            "(KIP and KRR per cell, networks per support, random-subset networks once per dataset and size).", ""]
     for dataset in _datasets(cells):
         rows = sorted((c for c in cells if c["dataset"] == dataset),
                       key=lambda c: (_kernel_rank(c["kernel_name"]), c["images"]))
@@ -122,7 +122,7 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
             continue
         out += [f"## {DATASET_NAMES.get(dataset, dataset)}", "",
                 "| kernel | images | method | KRR test accuracy (%) | KRR val (%) | NN test accuracy (%) | NN labels, optimizer "
-                "| paper (%) | CPU min |",
+                "| paper (%) | CPU min (method + NN) |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for cell in rows:
             for method in METHODS:
@@ -130,12 +130,14 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
                 reference = published.get((dataset, cell["images"], method, cell["kernel_name"]), "")
                 out.append(f"| {cell['kernel_name']} | {cell['images']} | {METHOD_NAMES[method]} | {fmt(result['krr'])} "
                            f"| {fmt(result.get('krr_val', {}))} | {fmt(result['nn'])} | {_settings_text(result)} "
-                           f"| {reference} | {result['cpu_seconds'] / 60:.1f} |")
+                           f"| {reference} | {_minutes(result)} |")
         out.append("")
     out += ["Paper column: KRR test accuracy as published, only for the row's own kernel and only where",
             "`experiments/paper/params.yaml` names the source (paper, table, row); an empty cell means no",
-            "number could be checked against the paper itself. CPU minutes are all threads of the cell's",
-            "process; the random-subset networks are trained, and counted, with the KIP row.", ""]
+            "number could be checked against the paper itself. CPU minutes are all threads of the stage's",
+            "process: the method (KRR scoring; KIP or Label Solve runs) + its networks. The random-subset",
+            "networks do not depend on the kernel: they are trained once per dataset and size and shown",
+            "in every kernel's rows.", ""]
     return "\n".join(out)
 
 
@@ -229,9 +231,21 @@ def _slug(name: str) -> str:
     return name.lower().replace(" ", "_")
 
 
-def _cpu_seconds(cell: Mapping[str, Any]) -> float:
-    return sum(m["cpu_seconds"] for m in cell["methods"].values())
+def _minutes(result: Mapping[str, Any]) -> str:
+    method = f"{result['cpu_seconds'] / 60:.1f}"
+    nn = result.get("nn_cpu_seconds")
+    return method if nn is None else f"{method} + {nn / 60:.1f}"
 
 
-def _wall_seconds(cell: Mapping[str, Any]) -> float:
-    return sum(m.get("wall_seconds", 0.0) for m in cell["methods"].values())
+def _total(cells: Sequence[Mapping[str, Any]], clock: str) -> float:
+    """Seconds of `clock` (cpu or wall) over the matrix: every cell's KIP/KRR and support networks, and
+    each (dataset, size)'s random-subset networks once, though every kernel's cell shows them."""
+    total, shared = 0.0, {}
+    for cell in cells:
+        for name, method in cell["methods"].items():
+            total += method.get(f"{clock}_seconds", 0.0)
+            if name == "random" and "baseline_key" in cell:
+                shared[cell["baseline_key"]] = method.get(f"nn_{clock}_seconds", 0.0)
+            else:
+                total += method.get(f"nn_{clock}_seconds", 0.0)
+    return total + sum(shared.values())

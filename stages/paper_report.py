@@ -1,7 +1,8 @@
 """DVC stage `report` of experiments/paper: the matrix's cells as results/table.md, results/figure.png
 and results/summary.json (with the checks the comparison should pass), logged to MLflow.
 
-Reads params: paper (published numbers), tracking.*   Reads: results/cells/*.json.
+Reads params: paper (published numbers), tracking.*   Reads: results/cells/*.json, each merged with
+results/networks/<key>.json (its supports' networks) and results/baselines/<dataset>-<spc>.json.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from _stage import run_stage, tracked
 
-from pipeline import atomic, paper_report, plots
+from pipeline import atomic, paper_networks, paper_report, plots
 from pipeline.errors import UserError
 from pipeline.params import read_params
 
@@ -21,7 +22,7 @@ def main(args: argparse.Namespace) -> None:
     files = sorted(args.cells.glob("*.json"))
     if not files:
         raise UserError(f"{args.cells} holds no cell results; expected the output of the `cell` stages")
-    cells = [json.loads(path.read_text()) for path in files]
+    cells = [_with_networks(json.loads(path.read_text()), args) for path in files]
     published = params.get("paper") or []
     verdict = paper_report.checks(cells)
     summary = {**paper_report.summary(cells), "checks": verdict}
@@ -34,14 +35,30 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_summary({"kip_beats_baselines": verdict["kip_beats_baselines"], "cells": len(cells)})
         for path in (args.table, args.figure, args.summary):
             tracker.log_artifact(path)
-        tracker.tag_files(read=files, wrote=[args.table, args.figure, args.summary])
+        read = files + [args.networks / path.name for path in files] + sorted(args.baselines.glob("*.json"))
+        tracker.tag_files(read=read, wrote=[args.table, args.figure, args.summary])
     state = "passes" if verdict["kip_beats_baselines"] else f"fails in {len(verdict['failures'])} cells"
     print(f"report: {len(cells)} cells -> {args.table}, {args.figure}; KIP-beats-baselines check {state}")
+
+
+def _with_networks(cell: dict, args: argparse.Namespace) -> dict:
+    """The cell with its networks and its (dataset, size)'s random-subset networks merged in."""
+    baseline = paper_networks.baseline_key(cell["dataset"], cell["support_per_class"])
+    found = {}
+    for name, path, stage in (("networks", args.networks / f"{cell['key']}.json", f"networks@{cell['key']}"),
+                              ("baseline", args.baselines / f"{baseline}.json", f"baseline@{baseline}")):
+        if not path.is_file():
+            hint = f" (params.yaml needs baselines.{baseline})" if name == "baseline" else ""
+            raise UserError(f"{path} is missing; expected the output of the `{stage}` stage{hint}")
+        found[name] = json.loads(path.read_text())
+    return paper_networks.merge(cell, found["networks"], found["baseline"])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cells", type=Path)
+    parser.add_argument("--networks", type=Path, required=True, help="the `networks` stages' results")
+    parser.add_argument("--baselines", type=Path, required=True, help="the `baseline` stages' results")
     parser.add_argument("--table", type=Path, required=True)
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _stage import csv_text, run_stage, tracked
 
-from pipeline import artifacts, atomic, plots, workflow
+from pipeline import artifacts, atomic, plots, transfer
 from pipeline import prepared as prep_io
 from pipeline.config import TrainConfig
 from pipeline.params import read_params, section, seed
@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_params({"seed": config.seed, "train": {k: v for k, v in asdict(config).items() if k != "seed"}})
         tracker.set_tags(dataset_tags(prepared.provenance["dataset"]))
         tracker.log_input("distilled", args.distilled, file_md5(args.distilled), "training")
-        metrics, curve = workflow.transfer(distilled, prepared, config)
+        metrics, curve = transfer.transfer(distilled, prepared, config)
         atomic.write_json(args.metrics, metrics)
         atomic.write_text(args.curve, csv_text(curve, CURVE_COLUMNS))
         plots.save_png(args.curve_png, plots.transfer_figure(curve))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import finite, kernels, workflow
+from pipeline import finite, kernels, transfer, workflow
 from pipeline.artifacts import DistilledSet
 from pipeline.config import KernelConfig, PreprocessConfig, TrainConfig
 from pipeline.errors import UserError
@@ -90,11 +90,11 @@ def test_transfer_refuses_an_artifact_of_another_shape_or_preprocessing(digits, 
     small = DistilledSet(np.zeros((10, 4, 4, 1), np.float32), np.zeros((10, 10), np.float32),
                          np.arange(10, dtype=np.int32), transform, {})
     with pytest.raises(UserError, match=r"distilled images have shape \(4, 4, 1\) but the test images are \(8, 8, 1\)"):
-        workflow.transfer(small, prepared, TrainConfig(steps=1, seeds=1))
+        transfer.transfer(small, prepared, TrainConfig(steps=1, seeds=1))
     other = dataclasses.replace(small, images=np.zeros((10, 8, 8, 1), np.float32),
                                 transform=preprocess.fit(PreprocessConfig("none"), digits.x_train))
     with pytest.raises(UserError, match="other preprocessing than the prepared test data"):
-        workflow.transfer(other, prepared, TrainConfig(steps=1, seeds=1))
+        transfer.transfer(other, prepared, TrainConfig(steps=1, seeds=1))
 
 
 def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
@@ -107,7 +107,7 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     idx = class_balanced_indices(prepared.y_train, 3, 10, np.random.default_rng(7))
     support = DistilledSet(prepared.x_train[idx], np.asarray(centered_one_hot(prepared.y_train[idx], 10)),
                            prepared.y_train[idx].astype(np.int32), transform, {})
-    metrics, curve = workflow.transfer(support, prepared, TrainConfig(width=128, steps=60, eval_every=30, seeds=2,
+    metrics, curve = transfer.transfer(support, prepared, TrainConfig(width=128, steps=60, eval_every=30, seeds=2,
                                                                       optimizer_choice="fixed"))
     assert metrics["seeds"] == 2 and metrics["support_size"] == 30
     assert metrics["nn_train_accuracy"] == 1.0
@@ -122,9 +122,9 @@ def test_sides_that_chose_different_optimizers_keep_their_own_curve_points(digit
     results = {side: [finite.TrainResult(0.5, 1.0, [{"step": s, "train_loss": 0.1, "val_accuracy": v + seed}
                                                   for s, v in points]) for seed in (0.0, 0.1)]
                for side, points in (("distilled", [(30, 0.2), (60, 0.4)]), ("baseline", [(30, 0.3), (1000, 0.5)]))}
-    assert workflow._mean_curve(results["distilled"]) == pytest.approx({30: 0.25, 60: 0.45})
-    assert workflow._mean_curve(results["baseline"]) == pytest.approx({30: 0.35, 1000: 0.55})
-    assert workflow._mean_curve([]) == {}
+    assert transfer._mean_curve(results["distilled"]) == pytest.approx({30: 0.25, 60: 0.45})
+    assert transfer._mean_curve(results["baseline"]) == pytest.approx({30: 0.35, 1000: 0.55})
+    assert transfer._mean_curve([]) == {}
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
@@ -236,7 +236,7 @@ def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits)
     distilled = workflow.distill(prepared, KernelConfig(), DistillConfig(support_per_class=2, steps=5, target_batch=400,
                                  eval_every=0, checkpoint_every=0, learn_labels=True), progress=False).distilled
     config = TrainConfig(width=64, steps=50, seeds=1, eval_every=0)
-    chosen = workflow.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, config)
+    chosen = transfer.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, config)
     direct = {}
     for optimizer in ({}, {**AUTO_OPTIMIZER, "momentum": 0.0}):
         for scale in AUTO_LABEL_SCALES:
@@ -249,9 +249,9 @@ def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits)
     assert len(direct) >= 4  # most candidates train, so the choice is a real one
     assert chosen == max(direct, key=direct.get)
     fixed = dataclasses.replace(config, label_scale_choice="fixed", optimizer_choice="fixed", label_scale=3.0)
-    assert workflow.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, fixed) == fixed
+    assert transfer.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, fixed) == fixed
     only_scale = dataclasses.replace(config, optimizer_choice="fixed")
-    assert {c.optimizer for c in workflow.network_candidates(only_scale)} == {"sgd"}
-    runs = workflow.train_networks(distilled, prepared, config, progress=False)
-    assert runs["settings"]["distilled"] == workflow.settings_summary(chosen)
+    assert {c.optimizer for c in transfer.network_candidates(only_scale)} == {"sgd"}
+    runs = transfer.train_networks(distilled, prepared, config, progress=False)
+    assert runs["settings"]["distilled"] == transfer.settings_summary(chosen)
     assert runs["label_scale"]["distilled"] == chosen.label_scale and runs["label_scale"]["baseline"] in AUTO_LABEL_SCALES

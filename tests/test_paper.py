@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import paper, paper_report
+from pipeline import paper, paper_networks, paper_report
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.errors import UserError
 from pipeline.prepared import prepare
@@ -21,9 +21,12 @@ from test_dvc_pipeline import REPO, _dvc, _env, _ran, _run
 
 SHARED = {
     "repeats": 2,
+    "reg": 1e-6,
+    "seed": 0,
     "kip": {"steps": 20, "target_batch": 400},
     "kip_labels": {"steps": 20, "target_batch": 400},
-    "train": {"width": 64, "steps": 20, "seeds": 2, "eval_every": 20, "batch_size": 20},
+    # one optimizer (no Adam candidates): the matrix's plumbing is under test here, not the choice
+    "train": {"width": 64, "steps": 20, "seeds": 2, "eval_every": 20, "batch_size": 20, "optimizer_choice": "fixed"},
 }
 
 
@@ -51,7 +54,12 @@ def digits_run():
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
     cell = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2})
     summary, supports = paper.run_cell(prepared, cell)
-    return {"key": "digits-fc_ntk-2", **summary}, supports
+    networks = paper_networks.run_support_networks(prepared, cell.train, supports)
+    baseline = paper_networks.run_baseline_networks(
+        prepared, paper_networks.baseline_config("digits-2", SHARED, {"dataset": "digits", "support_per_class": 2}))
+    cell_result = {"key": "digits-fc_ntk-2", **summary}
+    assert all(m["nn"]["n"] == 0 for m in cell_result["methods"].values())  # KIP's stage trains no network
+    return paper_networks.merge(cell_result, networks, baseline), supports
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,32 @@ def test_a_cell_runs_all_four_methods(digits_cell):
     # Even 20 steps of KIP beat random real images and Label Solve on digits (a deterministic run).
     kip_best = max(methods["kip"]["krr"]["mean"], methods["kip_labels"]["krr"]["mean"])
     assert kip_best > methods["label_solve"]["krr"]["mean"] > methods["random"]["krr"]["mean"]
+
+
+def test_the_random_side_trained_alone_is_the_one_trained_beside_a_support(digits_run):
+    """The matrix trains random subsets' networks once per (dataset, size), apart from the supports;
+    `kip train` and the main pipeline train them beside the support: the same subsets, seeds and
+    settings choice must give the same numbers."""
+    from pipeline import transfer
+
+    cell, supports = digits_run
+    prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+    train = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2}).train
+    together = transfer.train_networks(supports["kip"], prepared, train, progress=False)
+    baseline = [r.accuracy for r in together["baseline"]]
+    assert (float(np.mean(baseline)), float(np.std(baseline))) == \
+        (cell["methods"]["random"]["nn"]["mean"], cell["methods"]["random"]["nn"]["std"])
+    assert float(np.mean([r.accuracy for r in together["distilled"]])) == cell["methods"]["kip"]["nn"]["mean"]
+    assert together["settings"]["baseline"] == cell["methods"]["random"]["nn_settings"]
+
+
+def test_networks_and_random_subsets_must_share_their_train_settings(digits_cell):
+    networks = {"methods": {}, "train": {"width": 64, "seed": 0}}
+    baseline = {"key": "digits-2", "dataset": "digits", "support_per_class": 2, "methods": {}, "train": {"width": 128, "seed": 0}}
+    with pytest.raises(UserError, match=r"networks trained with train.width=64 but its random-subset networks \(digits-2\) with 128"):
+        paper_networks.merge(digits_cell, networks, baseline)
+    with pytest.raises(UserError, match="baselines.digits-3 holds digits-2"):
+        paper_networks.baseline_config("digits-3", SHARED, {"dataset": "digits", "support_per_class": 2})
 
 
 def test_report_states_failed_checks_with_their_numbers(digits_cell):
@@ -134,6 +168,7 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
             "digits-fc_ntk-1": {"dataset": "digits", "kernel": {"kind": "ntk"}, "support_per_class": 1},
             "digits-rbf-1": {"dataset": "digits", "kernel": {"architecture": "rbf"}, "support_per_class": 1},
         },
+        "baselines": {"digits-1": {"dataset": "digits", "support_per_class": 1}},
         "paper": [],
         "tracking": {"enabled": False},
     }
@@ -148,7 +183,8 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     assert "cell@" not in _dvc(root, env, "status")  # the root project does not see the matrix
 
     first = _ran(_dvc(paper, env, "repro"))
-    assert first == {"cell@digits-fc_ntk-1", "cell@digits-rbf-1", "report"}
+    assert first == {"cell@digits-fc_ntk-1", "cell@digits-rbf-1", "networks@digits-fc_ntk-1", "networks@digits-rbf-1",
+                     "baseline@digits-1", "report"}
     lock = yaml.safe_load((paper / "dvc.lock").read_text())
     assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/kip.py", "../../stages/paper_cell.py"}
     results = paper / "results"
@@ -159,10 +195,17 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     params["cells"]["digits-rbf-1"]["kip"] = {"steps": 25}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     second = _ran(_dvc(paper, env, "repro"))
-    assert second == {"cell@digits-rbf-1", "report"}
+    assert second == {"cell@digits-rbf-1", "networks@digits-rbf-1", "report"}
     assert (results / "cells" / "digits-fc_ntk-1.json").read_bytes() == before
     assert json.loads((results / "cells" / "digits-rbf-1.json").read_text())["config"]["kip"]["steps"] == 25
     assert _ran(_dvc(paper, env, "repro")) == set()
+
+    # How networks train is theirs alone: no KIP stage re-runs, and the supports stay as they were.
+    params["shared"]["train"] = {**SHARED["train"], "steps": 10}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _ran(_dvc(paper, env, "repro"))
+    assert third == {"networks@digits-fc_ntk-1", "networks@digits-rbf-1", "baseline@digits-1", "report"}
+    assert (results / "cells" / "digits-fc_ntk-1.json").read_bytes() == before
 
 
 

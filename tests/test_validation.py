@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import splits, workflow
+from pipeline import splits, transfer, workflow
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
 from pipeline.errors import UserError
@@ -118,14 +118,14 @@ def test_network_settings_and_learning_curves_never_read_the_test_split(prepared
 
     distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
     config = TrainConfig(width=32, steps=20, seeds=1, eval_every=10)
-    clean = workflow.train_networks(distilled, prepared, config, progress=False)
-    poisoned = workflow.train_networks(distilled, _poison_test(prepared), config, progress=False)
+    clean = transfer.train_networks(distilled, prepared, config, progress=False)
+    poisoned = transfer.train_networks(distilled, _poison_test(prepared), config, progress=False)
     assert poisoned["label_scale"] == clean["label_scale"] and poisoned["settings"] == clean["settings"]
     steps = {}
     for side in ("distilled", "baseline"):
         assert [r.curve for r in poisoned[side]] == [r.curve for r in clean[side]]
         steps[side] = list(range(10, clean["settings"][side]["steps"] + 1, 10))  # 20 (SGD) or 1000 (Adam)
         assert [p["step"] for p in clean[side][0].curve] == steps[side] and "val_accuracy" in clean[side][0].curve[0]
-    _, curve = workflow.transfer(distilled, _poison_test(prepared), config, progress=False)
+    _, curve = transfer.transfer(distilled, _poison_test(prepared), config, progress=False)
     assert [p["step"] for p in curve] == sorted(set(steps["distilled"]) | set(steps["baseline"]))
     assert all(math.isfinite(v) for p in curve for v in p.values())

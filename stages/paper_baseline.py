@@ -1,0 +1,42 @@
+"""DVC stage `baseline@<key>` of experiments/paper: finite networks trained on class-balanced random
+real subsets of one (dataset, images per class), the networks every kernel's cell of that size is
+compared with (they do not depend on the kernel, so they are trained once).
+
+Reads params: shared.seed, shared.train, baselines.<key>.*   Reads: the registry download cache.
+Writes: one JSON of network results, merged into the cells by the report.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _stage import run_stage
+
+from pipeline import atomic, paper, paper_networks
+from pipeline.cli import default_cache_dir
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.errors import UserError
+from pipeline.params import read_params
+from pipeline.prepared import prepare
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    baselines = params.get("baselines") or {}
+    if args.key not in baselines:
+        raise UserError(f"baseline {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(baselines))}")
+    config = paper_networks.baseline_config(args.key, params.get("shared") or {}, baselines[args.key])
+    data = DataConfig(paper.DATASETS[config.dataset], config.dataset, seed=config.train.seed)
+    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    result = paper_networks.run_baseline_networks(prepared, config, progress=args.progress)
+    atomic.write_json(args.out, result)
+    print(f"baseline {args.key}: random real subsets' networks {paper.fmt(result['methods']['random']['nn'])} %")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("key")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--progress", action="store_true", help="show a progress bar over network training")
+    run_stage("baseline", main, parser)

@@ -1,0 +1,44 @@
+"""DVC stage `networks@<key>` of experiments/paper: finite networks trained on one cell's saved KIP
+supports (both label modes), settings chosen on the validation split per support.
+
+Reads params: shared.seed, shared.train, cells.<key>.*   Reads: the cell's supports (.npz), the
+registry download cache.   Writes: one JSON of network results, merged into the cell by the report.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _stage import run_stage
+
+from pipeline import artifacts, atomic, paper, paper_networks
+from pipeline.cli import default_cache_dir
+from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.errors import UserError
+from pipeline.params import read_params
+from pipeline.prepared import prepare
+
+
+def main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    cells = params.get("cells") or {}
+    if args.key not in cells:
+        raise UserError(f"cell {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(cells))}")
+    cell = paper.cell_config(args.key, params.get("shared") or {}, cells[args.key])
+    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset, seed=cell.seed)
+    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    supports = {name: artifacts.load_npz(args.supports / f"{name}.npz") for name in paper_networks.SUPPORTS}
+    result = paper_networks.run_support_networks(prepared, cell.train, supports, progress=args.progress)
+    atomic.write_json(args.out, {"key": args.key, **result})
+    line = ", ".join(f"{name} {paper.fmt(m['nn'])}" for name, m in result["methods"].items())
+    print(f"networks {args.key}: test accuracy (%) {line}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("key")
+    parser.add_argument("--supports", type=Path, required=True, help="the cell stage's support directory")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--progress", action="store_true", help="show a progress bar over network training")
+    run_stage("networks", main, parser)
