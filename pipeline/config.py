@@ -212,6 +212,10 @@ class TrainConfig:
     Larger labels move training away from the kernel regime, where SGD 0.5 for 500 steps is no
     longer enough: with optimizer_choice=validation the same choice is made jointly over the
     configured optimizer and AUTO_OPTIMIZER (Adam 1e-3, 1000 steps), so 6 candidate networks per side.
+    labels=solved trains on labels solved for each network's own empirical NTK at its
+    initialisation (`pipeline.network_kernel`: the paper's Label Solve with the network's kernel, on
+    `solve_targets` training images), not on the support's; labels_choice=validation doubles the
+    candidates with both label sources (docs/reproduction.md, "Why learned labels transfer poorly").
     """
 
     architecture: str = "fc"
