@@ -43,6 +43,8 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, *
         "nn_baseline_label_scale": runs["label_scale"]["baseline"],
         "nn_optimizer": _optimizer_text(runs["settings"]["distilled"]),
         "nn_baseline_optimizer": _optimizer_text(runs["settings"]["baseline"]),
+        "nn_labels": runs["settings"]["distilled"]["labels"],  # support (its own) or solved (for each network)
+        "nn_baseline_labels": runs["settings"]["baseline"]["labels"],
         "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
         "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
         "seeds": config.seeds,
