@@ -54,9 +54,13 @@ _TRAIN_HELP = {
     "label_scale": "mse, mse_centered: fit label_scale x labels (> 1: further from the kernel regime)",
     "label_scale_choice": "validation: the best of 0.1|1|10 on the validation split, per support; fixed: --label-scale",
     "optimizer_choice": "validation: also try Adam 1e-3 for 1000 steps, keep the better on the validation split; fixed",
+    "labels": "support: the set's own labels | solved: labels solved for each network's own NTK (fc, mse_centered)",
+    "labels_choice": "validation: try both label sources, keep the better on the validation split; fixed: --labels",
+    "solve_targets": "solved labels: class-balanced training images they are solved on",
+    "solve_reg": "solved labels: ridge, relative to the kernel's mean diagonal",
     "optimizer": "|".join(cfg.OPTIMIZERS), "learning_rate": "optimizer step size", "momentum": "sgd only",
     "l2": "weight decay", "batch_size": "images per step", "steps": "optimizer steps per network",
-    "seeds": "networks per side (distilled / random real)", "eval_every": "test accuracy every N steps",
+    "seeds": "networks per side (distilled / random real)", "eval_every": "validation accuracy every N steps",
     "seed": "network inits and baseline subsets",
 }
 

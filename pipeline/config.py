@@ -34,6 +34,8 @@ LOSSES = ("mse", "xent", "mse_centered", "soft_xent")
 OPTIMIZERS = ("sgd", "adam")
 LABEL_SCALE_CHOICES = ("validation", "fixed")
 OPTIMIZER_CHOICES = ("validation", "fixed")
+LABEL_SOURCES = ("support", "solved")
+LABEL_SOURCE_CHOICES = ("validation", "fixed")
 # optimizer_choice=validation tries this beside the configured optimizer: on the matrix's 100-image
 # learned-label supports it beat SGD 0.5 (500 steps) on the validation split, by 5.6 points on MNIST
 # and 15.9 on Fashion-MNIST with labels x 10 (benchmarks/results/transfer_matrix_supports.jsonl).
@@ -210,6 +212,10 @@ class TrainConfig:
     Larger labels move training away from the kernel regime, where SGD 0.5 for 500 steps is no
     longer enough: with optimizer_choice=validation the same choice is made jointly over the
     configured optimizer and AUTO_OPTIMIZER (Adam 1e-3, 1000 steps), so 6 candidate networks per side.
+    labels=solved trains on labels solved for each network's own empirical NTK at its
+    initialisation (`pipeline.network_kernel`: the paper's Label Solve with the network's kernel, on
+    `solve_targets` training images), not on the support's; labels_choice=validation doubles the
+    candidates with both label sources (docs/reproduction.md, "Why learned labels transfer poorly").
     """
 
     architecture: str = "fc"
@@ -226,6 +232,10 @@ class TrainConfig:
     label_scale: float = 0.1
     label_scale_choice: str = "validation"
     optimizer_choice: str = "validation"
+    labels: str = "support"
+    labels_choice: str = "fixed"
+    solve_targets: int = 10000
+    solve_reg: float = 1e-6
     optimizer: str = "sgd"
     learning_rate: float = 0.5
     momentum: float = 0.9
@@ -235,6 +245,12 @@ class TrainConfig:
     seeds: int = 3
     eval_every: int = 100
     seed: int = 0
+
+    def label_sources(self) -> tuple[str, ...]:
+        """The label sources the networks may train on: `labels`, or both with labels_choice=validation."""
+        if self.labels_choice == "fixed":
+            return (self.labels,)
+        return (self.labels, *(source for source in LABEL_SOURCES if source != self.labels))  # the configured first
 
     def __post_init__(self) -> None:
         check_choice("train.architecture", self.architecture, NETWORKS)
@@ -251,6 +267,13 @@ class TrainConfig:
         check_positive("train.label_scale", self.label_scale)
         check_choice("train.label_scale_choice", self.label_scale_choice, LABEL_SCALE_CHOICES)
         check_choice("train.optimizer_choice", self.optimizer_choice, OPTIMIZER_CHOICES)
+        check_choice("train.labels", self.labels, LABEL_SOURCES)
+        check_choice("train.labels_choice", self.labels_choice, LABEL_SOURCE_CHOICES)
+        if "solved" in self.label_sources() and self.loss != "mse_centered":
+            raise UserError(f"train.labels=solved fits the centred network's kernel regression, so it needs "
+                            f"train.loss=mse_centered (got {self.loss!r}); expected mse_centered, or train.labels=support")
+        check_positive("train.solve_targets", self.solve_targets, integer=True)
+        check_positive("train.solve_reg", self.solve_reg)
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_positive("train.learning_rate", self.learning_rate)
         check_non_negative("train.momentum", self.momentum)

@@ -137,6 +137,8 @@ def train(
     monitor: tuple[np.ndarray, np.ndarray] | None = None,
     eval_batch: int = 2000,
     on_step: Callable[[], object] | None = None,
+    solve_on: tuple[np.ndarray, np.ndarray] | None = None,
+    solved: np.ndarray | None = None,
 ) -> TrainResult:
     """Train one network on (x, y) from init seed `seed`; score it once on (x_eval, y_eval) at the end.
 
@@ -144,15 +146,19 @@ def train(
     validation split: a curve is something people choose settings from, so it never reads x_eval
     when that is the test split. Without `monitor` the curve holds the training loss only.
     `on_step` is called after every step (a progress bar's update).
+    With config.labels=solved, y is replaced by the labels solved for this network's own kernel at
+    its initial parameters (`solved_labels`) on `solve_on` = (training images, classes), or by
+    `solved` when the caller already has them for this seed (they depend on the init, not on the
+    optimizer or label scale).
 
     y are regression targets (one row per image, e.g. KIP's learned labels) used by the mse,
     mse_centered and soft_xent losses; classes are the integer classes used by the xent loss and
     for train accuracy. With mse_centered the network is f(x) - f_0(x) throughout (training,
     train and test accuracy), f_0 the same network at its initial parameters, kept fixed.
     """
-    model = make_model(config, tuple(x.shape[1:]), num_classes)
-    key_init, key_batches = jax.random.split(jax.random.PRNGKey(seed))
-    params = model.init(key_init, jnp.zeros((1, *x.shape[1:]), jnp.float32))
+    model, params, key_batches = _init(config, x.shape[1:], num_classes, seed)
+    if config.labels == "solved":
+        y = solved if solved is not None else solved_labels(x, num_classes, config, seed, solve_on)
     apply = centered_apply(model.apply) if config.loss in CENTERED_LOSSES else _anchored(model.apply)
     anchor = params  # the initial parameters: f_0 for centred losses, unused otherwise
     optimizer = _optimizer(config)
@@ -188,6 +194,24 @@ def train(
     scale = config.label_scale if config.loss in ("mse", "mse_centered") else 1.0
     outputs = lambda images: np.asarray(predict(params, jnp.asarray(images, jnp.float32))) / scale  # noqa: E731
     return TrainResult(accuracy, _accuracy(predict, params, x, classes, eval_batch), curve, outputs)
+
+
+def _init(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int, seed: int):
+    model = make_model(config, tuple(image_shape), num_classes)
+    key_init, key_batches = jax.random.split(jax.random.PRNGKey(seed))
+    return model, model.init(key_init, jnp.zeros((1, *image_shape), jnp.float32)), key_batches
+
+
+def solved_labels(x: np.ndarray, num_classes: int, config: TrainConfig, seed: int,
+                  solve_on: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The support labels solved for the kernel of the network `train` builds from `seed`
+    (`network_kernel.solve_labels`), on `solve_on` = (training images, their classes)."""
+    from pipeline import network_kernel
+
+    if solve_on is None:
+        raise UserError("train.labels=solved needs training images to solve the labels on; expected solve_on")
+    _, params, _ = _init(config, x.shape[1:], num_classes, seed)
+    return network_kernel.solve_labels(config, params, x, solve_on[0], solve_on[1], num_classes, config.solve_reg)
 
 
 CENTERED_LOSSES = ("mse_centered",)

@@ -184,7 +184,8 @@ def _settings_text(result: Mapping[str, Any]) -> str:
         return ""
     if not settings:
         return f"× {scale:g}"
-    return f"× {scale:g}, {settings['optimizer']} {settings['learning_rate']:g} × {settings['steps']}"
+    labels = ", solved labels" if settings.get("labels") == "solved" else ""
+    return f"× {scale:g}, {settings['optimizer']} {settings['learning_rate']:g} × {settings['steps']}{labels}"
 
 
 def _network_sentence(cells: Sequence[Mapping[str, Any]]) -> str:
@@ -199,6 +200,11 @@ def _network_sentence(cells: Sequence[Mapping[str, Any]]) -> str:
     if train.get("optimizer_choice") == "validation":
         optimizer = (f"{optimizer} or adam {AUTO_OPTIMIZER['learning_rate']:g} for {AUTO_OPTIMIZER['steps']} steps, "
                      "chosen jointly with the label scale on validation (the column says which)")
+    if train.get("labels_choice") == "validation":
+        labels += ("; or on labels solved for each network's own NTK (pipeline/network_kernel.py), whichever does "
+                   "better on validation")
+    elif train.get("labels") == "solved":
+        labels = "labels solved for each network's own NTK (pipeline/network_kernel.py)"
     return (f"NN: width-{train['width']} {train.get('architecture', 'fc').upper()} ReLU networks (depth {train.get('depth', 1)}, "
             f"{train['parameterization']} parameterisation) trained by {optimizer} on loss {train['loss']} with {labels}; "
             f"test accuracy, mean ± std over {train['seeds']} seeds.")

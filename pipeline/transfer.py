@@ -43,6 +43,8 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, *
         "nn_baseline_label_scale": runs["label_scale"]["baseline"],
         "nn_optimizer": _optimizer_text(runs["settings"]["distilled"]),
         "nn_baseline_optimizer": _optimizer_text(runs["settings"]["baseline"]),
+        "nn_labels": runs["settings"]["distilled"]["labels"],  # support (its own) or solved (for each network)
+        "nn_baseline_labels": runs["settings"]["baseline"]["labels"],
         "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
         "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
         "seeds": config.seeds,
@@ -134,6 +136,7 @@ def _train_side(x, y, classes, prepared: Prepared, config: TrainConfig, bar, sub
     from pipeline import finite
 
     monitor = (prepared.x_val, prepared.y_val) if len(prepared.y_val) else None  # learning curves: validation only
+    solve_on = solve_targets(prepared, config)
     results = []
     chosen = config
     for index in range(config.seeds):
@@ -144,7 +147,7 @@ def _train_side(x, y, classes, prepared: Prepared, config: TrainConfig, bar, sub
             bar.refresh()
         results.append(finite.train(
             xi, yi, ci, prepared.x_test, prepared.y_test, prepared.num_classes, chosen, config.seed * 1000 + index,
-            monitor=monitor, on_step=bar.update,
+            monitor=monitor, on_step=bar.update, solve_on=solve_on,
         ))
     return results, chosen
 
@@ -161,8 +164,21 @@ def network_candidates(config: TrainConfig) -> list[TrainConfig]:
     optimizers = [config]
     if config.optimizer_choice == "validation":
         optimizers.append(dataclasses.replace(config, momentum=0.0, **AUTO_OPTIMIZER))
-    candidates = [dataclasses.replace(o, label_scale=s, eval_every=0) for o in optimizers for s in scales]
+    candidates = [dataclasses.replace(o, label_scale=s, labels=source, eval_every=0)
+                  for source in config.label_sources() for o in optimizers for s in scales]
     return candidates if len(candidates) > 1 else []
+
+
+def solve_targets(prepared: Prepared, config: TrainConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training images (and classes) labels are solved on when a network may train on solved
+    labels: `config.solve_targets` of them, class-balanced, drawn from (seed, 4). Never validation
+    or test images: the prepared training split holds neither."""
+    if "solved" not in config.label_sources():
+        return None
+    per_class = max(1, min(config.solve_targets // prepared.num_classes, int(np.bincount(prepared.y_train).min())))
+    idx = kip.class_balanced_indices(prepared.y_train, per_class, prepared.num_classes,
+                                     np.random.default_rng([config.seed, 4]))
+    return prepared.x_train[idx], prepared.y_train[idx]
 
 
 def choose_network_settings(x: np.ndarray, y: np.ndarray, classes: np.ndarray, prepared: Prepared,
@@ -179,10 +195,15 @@ def choose_network_settings(x: np.ndarray, y: np.ndarray, classes: np.ndarray, p
         raise UserError("train.label_scale_choice=validation and train.optimizer_choice=validation need a validation "
                         "split; set data.validation_fraction > 0 or set both to fixed")
     scores = {}
+    solve_on = solve_targets(prepared, config)
+    seed = config.seed * 1000 + 999
+    solved = None  # solved once: every candidate starts from the same init
     for index, candidate in enumerate(candidates):
+        if candidate.labels == "solved" and solved is None:
+            solved = finite.solved_labels(x, prepared.num_classes, candidate, seed, solve_on)
         try:
             result = finite.train(x, y, classes, prepared.x_val, prepared.y_val, prepared.num_classes, candidate,
-                                  config.seed * 1000 + 999, on_step=on_step)
+                                  seed, on_step=on_step, solve_on=solve_on, solved=solved)
         except UserError:  # diverged with these settings
             continue
         scores[index] = result.accuracy  # scored on the validation images
@@ -196,4 +217,4 @@ def choose_network_settings(x: np.ndarray, y: np.ndarray, classes: np.ndarray, p
 def settings_summary(config: TrainConfig) -> dict[str, Any]:
     """What a side's networks were trained with, for metrics and tables."""
     return {"label_scale": config.label_scale, "optimizer": config.optimizer, "learning_rate": config.learning_rate,
-            "steps": config.steps}
+            "steps": config.steps, "labels": config.labels}

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from _paper import prepare_dataset
 from _stage import run_stage
 
 from pipeline import atomic, paper, paper_networks
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.errors import UserError
 from pipeline.params import read_params
-from pipeline.prepared import prepare
 
 
 def main(args: argparse.Namespace) -> None:
@@ -26,8 +24,7 @@ def main(args: argparse.Namespace) -> None:
     if args.key not in baselines:
         raise UserError(f"baseline {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(baselines))}")
     config = paper_networks.baseline_config(args.key, params.get("shared") or {}, baselines[args.key])
-    data = DataConfig(paper.DATASETS[config.dataset], config.dataset, seed=config.train.seed)
-    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    prepared = prepare_dataset(config.dataset, config.train.seed)
     result = paper_networks.run_baseline_networks(prepared, config, progress=args.progress)
     atomic.write_json(args.out, result)
     print(f"baseline {args.key}: random real subsets' networks {paper.fmt(result['methods']['random']['nn'])} %")

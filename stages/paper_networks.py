@@ -9,24 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from _paper import load_cell, prepare_dataset
 from _stage import run_stage
 
 from pipeline import artifacts, atomic, paper, paper_networks
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.errors import UserError
-from pipeline.params import read_params
-from pipeline.prepared import prepare
 
 
 def main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    cells = params.get("cells") or {}
-    if args.key not in cells:
-        raise UserError(f"cell {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(cells))}")
-    cell = paper.cell_config(args.key, params.get("shared") or {}, cells[args.key])
-    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset, seed=cell.seed)
-    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    cell = load_cell(args.params, args.key)
+    prepared = prepare_dataset(cell.dataset, cell.seed)
     supports = {name: artifacts.load_npz(args.supports / f"{name}.npz") for name in paper_networks.SUPPORTS}
     result = paper_networks.run_support_networks(prepared, cell.train, supports, progress=args.progress)
     atomic.write_json(args.out, {"key": args.key, **result})

@@ -115,6 +115,7 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     assert metrics["nn_test_accuracy"] > 0.5 and metrics["nn_baseline_test_accuracy"] > 0.5
     assert [p["step"] for p in curve] == [30, 60]
     assert metrics["nn_optimizer"] == "sgd 0.5 x 60 steps"
+    assert metrics["nn_labels"] == metrics["nn_baseline_labels"] == "support"  # labels_choice fixed: their own
 
 
 def test_sides_that_chose_different_optimizers_keep_their_own_curve_points(digits, digits_standardized):

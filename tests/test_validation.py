@@ -129,3 +129,22 @@ def test_network_settings_and_learning_curves_never_read_the_test_split(prepared
     _, curve = transfer.transfer(distilled, _poison_test(prepared), config, progress=False)
     assert [p["step"] for p in curve] == sorted(set(steps["distilled"]) | set(steps["baseline"]))
     assert all(math.isfinite(v) for p in curve for v in p.values())
+
+
+def test_labels_solved_for_a_network_read_training_images_only(prepared):
+    """Solved labels come from training images: NaN validation and test splits leave them, and the
+    choice between label sources (which reads validation) untouched by the test split."""
+    from pipeline import finite
+    from pipeline.config import TrainConfig
+
+    config = TrainConfig(width=32, steps=20, seeds=1, eval_every=0, labels_choice="validation", solve_targets=200)
+    solve_on = transfer.solve_targets(prepared, config)
+    x, classes = prepared.x_train[:20], prepared.y_train[:20]
+    solved = finite.solved_labels(x, prepared.num_classes, config, 3, solve_on)
+    blind = dataclasses.replace(_poison_test(prepared), x_val=np.full_like(prepared.x_val, np.nan))
+    assert np.array_equal(finite.solved_labels(x, prepared.num_classes, config, 3, transfer.solve_targets(blind, config)), solved)
+    assert np.isfinite(solved).all()
+    distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
+    clean = transfer.train_networks(distilled, prepared, config, progress=False)
+    poisoned = transfer.train_networks(distilled, _poison_test(prepared), config, progress=False)
+    assert poisoned["settings"] == clean["settings"]
