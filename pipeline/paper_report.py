@@ -92,6 +92,11 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
            "support on the validation split (held out of the training images, never a KIP target), which is",
            "what settings were chosen on. " + _network_sentence(cells),
            "KIP runs one seed per cell; random subsets and Label Solve are mean ± std over their seeds.", ""]
+    not_run = verdict.get("networks_not_run") or []
+    if not_run:
+        out += [f"**Interim report:** the network stages of {len(not_run)} of {verdict['cells']} cells have not run yet "
+                f"({', '.join(not_run)}); their NN columns are empty and the network check counts them as missing. "
+                "`dvc repro` in experiments/paper runs them and writes the final report.", ""]
     out += ["## Checks", ""]
     if verdict["kip_beats_baselines"]:
         out.append(f"- KIP beats Label Solve and random real images by KRR in every cell ({verdict['cells']} cells): yes.")

@@ -25,6 +25,7 @@ def main(args: argparse.Namespace) -> None:
     cells = [_with_networks(json.loads(path.read_text()), args) for path in files]
     published = params.get("paper") or []
     verdict = paper_report.checks(cells)
+    verdict["networks_not_run"] = sorted(cell["key"] for cell in cells if cell.get("networks_not_run"))
     summary = {**paper_report.summary(cells), "checks": verdict}
     with tracked("paper-report", params, args.params) as tracker:
         atomic.write_text(args.table, paper_report.table_markdown(cells, published, verdict))
@@ -48,6 +49,8 @@ def _with_networks(cell: dict, args: argparse.Namespace) -> dict:
     for name, path, stage in (("networks", args.networks / f"{cell['key']}.json", f"networks@{cell['key']}"),
                               ("baseline", args.baselines / f"{baseline}.json", f"baseline@{baseline}")):
         if not path.is_file():
+            if args.partial:  # an interim report while network stages are still to run: said in the table
+                return {**cell, "networks_not_run": True}
             hint = f" (params.yaml needs baselines.{baseline})" if name == "baseline" else ""
             raise UserError(f"{path} is missing; expected the output of the `{stage}` stage{hint}")
         found[name] = json.loads(path.read_text())
@@ -63,4 +66,7 @@ if __name__ == "__main__":
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--partial", action="store_true",
+                        help="an interim report by hand: cells whose network stages have not run yet are marked so "
+                             "(never used by dvc.yaml, whose report needs every network result)")
     run_stage("report", main, parser)

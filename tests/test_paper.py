@@ -252,3 +252,24 @@ def test_the_root_projects_exp_show_lists_the_main_pipeline_only(tmp_path):
     data = shown[0]["data"]
     assert set(data["params"]) == {"params.yaml"}
     assert set(data["metrics"]) == {"metrics/distill.json", "metrics/evaluate.json", "metrics/train.json"}
+
+
+def test_the_report_needs_every_network_result_unless_asked_for_an_interim_one(digits_cell, tmp_path):
+    """dvc.yaml's report refuses a cell whose network stages have not run; `--partial`, by hand,
+    writes an interim table that names those cells instead of leaving their networks out silently."""
+    cells, networks, baselines = (tmp_path / name for name in ("cells", "networks", "baselines"))
+    for folder in (cells, networks, baselines):
+        folder.mkdir()
+    (cells / "digits-fc_ntk-2.json").write_text(json.dumps(digits_cell))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paper": [], "tracking": {"enabled": False}}))
+    command = [sys.executable, str(REPO / "stages" / "paper_report.py"), str(cells), "--networks", str(networks),
+               "--baselines", str(baselines), "--table", str(tmp_path / "table.md"), "--figure", str(tmp_path / "f.png"),
+               "--summary", str(tmp_path / "summary.json"), "--params", str(tmp_path / "params.yaml")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "networks/digits-fc_ntk-2.json is missing" in refused.stderr
+    assert not (tmp_path / "table.md").exists()
+    interim = subprocess.run(command + ["--partial"], capture_output=True, text=True, timeout=300)
+    assert interim.returncode == 0, interim.stderr
+    assert "**Interim report:** the network stages of 1 of 1 cells have not run yet (digits-fc_ntk-2)" in \
+        (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["checks"]["networks_not_run"] == ["digits-fc_ntk-2"]
