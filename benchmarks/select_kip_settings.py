@@ -47,7 +47,8 @@ def select(curve: list[dict[str, float]]) -> dict[str, float]:
 
 def select_settings(prepared: Prepared, kernel: KernelConfig, spcs: Sequence[int], every: int,
                     budgets: Mapping[tuple[int, bool], int] = BUDGETS,
-                    learning_rates: Sequence[float] = LEARNING_RATES) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    learning_rates: Sequence[float] = LEARNING_RATES,
+                    label_modes: Sequence[bool] = (False, True)) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """{"spc<n>_fixed|labels": {learning_rate, steps, val_accuracy}} and every run's validation curve.
 
     Reads the validation split only (through workflow.distill's monitor); tests/test_validation.py
@@ -55,7 +56,7 @@ def select_settings(prepared: Prepared, kernel: KernelConfig, spcs: Sequence[int
     """
     runs, chosen = [], {}
     for spc in spcs:
-        for learn in (False, True):
+        for learn in label_modes:
             best = None
             for lr in learning_rates:
                 config = DistillConfig(support_per_class=spc, steps=budgets[spc, learn], learning_rate=lr,
@@ -79,18 +80,35 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--spc", type=int, nargs="+", default=[1, 10, 50], choices=[1, 10, 50])
     parser.add_argument("--every", type=int, default=250, help="validation scoring interval (steps)")
+    parser.add_argument("--budget", action="append", default=[], metavar="SPC:MODE=STEPS",
+                        help="override a step budget, e.g. 50:labels=4000 (MODE fixed or labels); for "
+                             "checking whether a budget-bound choice keeps improving")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=list(LEARNING_RATES))
+    parser.add_argument("--label-modes", nargs="+", default=["fixed", "labels"], choices=["fixed", "labels"])
     args = parser.parse_args()
+    budgets = dict(BUDGETS)
+    for entry in args.budget:
+        try:
+            size, rest = entry.split(":")
+            mode, steps = rest.split("=")
+            if mode not in ("fixed", "labels"):
+                raise ValueError
+            budgets[int(size), mode == "labels"] = int(steps)
+        except ValueError:
+            parser.error(f"--budget {entry!r}: expected SPC:MODE=STEPS with MODE fixed or labels, e.g. 50:labels=4000")
 
     data = DataConfig(source="registry", name="mnist")  # validation_fraction 0.1, seed 0: as the matrix
     kernel = KernelConfig(architecture="fc", kind="ntk", depth=1)
     prepared = prepare(data, PreprocessConfig(method="standardize"), cache_dir=default_cache_dir())
     started = time.perf_counter()
-    chosen, runs = select_settings(prepared, kernel, args.spc, args.every)
+    chosen, runs = select_settings(prepared, kernel, args.spc, args.every, budgets, args.learning_rates,
+                                   [mode == "labels" for mode in args.label_modes])
     emit({
         "benchmark": "select_kip_settings",
         "rule": "max validation accuracy over learning rates and every-`every`-steps checkpoints; ties: fewer steps",
         "data": asdict(data), "kernel": asdict(kernel), "validation": prepared.provenance.get("validation"),
-        "learning_rates": list(LEARNING_RATES), "every": args.every,
+        "learning_rates": args.learning_rates, "every": args.every,
+        "budgets": {f"spc{size}_{'labels' if learn else 'fixed'}": steps for (size, learn), steps in budgets.items()},
         "chosen": chosen, "runs": runs, "total_seconds": round(time.perf_counter() - started, 1),
     }, args.out)
     return 0
