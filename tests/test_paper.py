@@ -137,8 +137,15 @@ def test_report_states_failed_checks_with_their_numbers(digits_cell):
         ["digits-fc_ntk-2-worse: KIP", "digits-fc_ntk-2-worse: KIP + labels"]
     assert not verdict["fc_ntk_goals"]["mnist_fc_ntk_10"]["met"]  # no MNIST cell: reported missing, not passed
     assert verdict["fc_ntk_goals"]["mnist_fc_ntk_100"]["goal"] == 0.975
+    assert verdict["network_goals"]["mnist_fc_ntk_100_kip_labels_nn"] == {"nn_accuracy": None, "labels": None, "goal": 0.93, "met": False}
+    mnist = copy.deepcopy(digits_cell)
+    mnist.update(key="mnist-fc_nngp-10", dataset="mnist", kernel_name="FC NNGP", images=100)
+    mnist["methods"]["kip_labels"]["nn"]["mean"] = 0.931
+    goal = paper_report.checks([mnist])["network_goals"]["mnist_fc_nngp_100_kip_labels_nn"]
+    assert goal["met"] and goal["nn_accuracy"] == 0.931 and goal["labels"] == mnist["methods"]["kip_labels"]["nn_settings"]["labels"]
     table = paper_report.table_markdown([digits_cell, worse], [], verdict)
     assert "**no**" in table and "**not met**" in table and "| FC NTK | 20 | KIP |" in table
+    assert "- MNIST, FC NTK, 100 images, KIP + labels, width-1024 networks: missing, against the goal of 93.0 %: **not met**." in table
     kip = digits_cell["methods"]["kip"]
     settings = kip["nn_settings"]
     assert (f"| {paper.fmt(kip['krr'])} | {paper.fmt(kip['krr_val'])} | {paper.fmt(kip['nn'])} | × {kip['nn_label_scale']:g}, "
