@@ -1,0 +1,144 @@
+"""A random-feature ConvNet kernel: the NNGP of a ConvNet, estimated from a few random finite ones.
+
+Why: neural-tangents' exact kernel for a ConvNet with pooling tracks the covariance of every pair
+of pixels through every layer; on 28x28 MNIST its KIP step (value and gradient) costs 0.1-0.35 s
+*per image pair*, i.e. hours for one 100-support x 1,000-target step on 2 CPU cores
+(benchmarks/conv_kip.py measures it). The NNGP is an expectation over random networks, so, as in
+RFAD (Loo et al., NeurIPS 2022), we estimate it with `networks` random ConvNets of `width`
+channels:
+
+    k(x, x') ~= b_std^2 + (1 / networks) * sum_m (w_std^2 / F) <h_m(x), h_m(x')>
+
+where h_m is network m's flattened last block (F numbers). That is an inner product of explicit
+features, so a KIP step costs O((n_s + n_t) x one forward pass) rather than O(n_s x n_t) pixel-pair
+covariances, and the targets need no gradient.
+
+The network is exactly `finite.ConvNet` without its readout (3x3 conv, ReLU, 2x2 average pooling
+per block; ntk parameterisation), so the kernel is the infinite-width limit of the network that
+`train.architecture=conv` trains. Its error against the exact kernel has two parts: Monte-Carlo
+noise, O(1/sqrt(networks x width)), and a finite-width bias, O(1/width) (tests/test_conv_features.py
+holds both to neural-tangents on small images).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.finite import ScaledConv
+
+Params = dict
+
+
+@dataclass(frozen=True)
+class ConvFeatureConfig:
+    """The random ConvNets behind the kernel: `depth` blocks of `width` channels, `networks` of them."""
+
+    width: int = 64
+    depth: int = 3
+    networks: int = 4
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "networks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"conv_features.{name} must be a positive integer (got {value!r})")
+        if not (isinstance(self.w_std, (int, float)) and self.w_std > 0):
+            raise UserError(f"conv_features.w_std must be a positive number (got {self.w_std!r})")
+        if not (isinstance(self.b_std, (int, float)) and self.b_std >= 0):
+            raise UserError(f"conv_features.b_std must be a non-negative number (got {self.b_std!r})")
+
+
+class ConvBody(nn.Module):
+    """`finite.ConvNet` up to its readout: the representation the readout layer sees."""
+
+    width: int
+    depth: int
+    w_std: float
+    b_std: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for _ in range(self.depth):
+            x = nn.relu(ScaledConv(self.width, "ntk", self.w_std, self.b_std)(x))
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return x.reshape(x.shape[0], -1)
+
+
+def check_image_shape(config: ConvFeatureConfig, image_shape: tuple[int, ...]) -> None:
+    """Every block halves the image; refuse depths that would leave less than one pixel."""
+    if len(image_shape) != 3:
+        raise UserError(f"images have shape {tuple(image_shape)}; expected (height, width, channels)")
+    smallest = min(image_shape[:2])
+    if smallest < 2 ** config.depth:
+        raise UserError(
+            f"conv_features.depth={config.depth} halves {image_shape[0]}x{image_shape[1]} images below one pixel; "
+            f"expected conv_features.depth <= {int(math.log2(smallest))}"
+        )
+
+
+def _body(config: ConvFeatureConfig) -> ConvBody:
+    return ConvBody(config.width, config.depth, config.w_std, config.b_std)
+
+
+def init(key: jax.Array, config: ConvFeatureConfig, image_shape: tuple[int, ...]) -> Params:
+    """Parameters of `config.networks` independent random ConvNets, stacked on a leading axis."""
+    check_image_shape(config, image_shape)
+    body = _body(config)
+    probe = jnp.zeros((1, *image_shape), jnp.float32)
+    keys = jax.random.split(key, config.networks)
+    return jax.vmap(lambda k: body.init(k, probe))(keys)
+
+
+def features(params: Params, x: jax.Array, config: ConvFeatureConfig) -> jax.Array:
+    """(n, networks x F) features whose inner products, plus b_std^2, are the estimated NNGP."""
+    body = _body(config)
+    h = jax.vmap(lambda p: body.apply(p, x))(params)  # (networks, n, F)
+    scale = config.w_std / math.sqrt(h.shape[0] * h.shape[2])
+    return scale * jnp.moveaxis(h, 0, 1).reshape(x.shape[0], -1)
+
+
+def kernel_from_features(f1: jax.Array, f2: jax.Array, config: ConvFeatureConfig) -> jax.Array:
+    return f1 @ f2.T + config.b_std ** 2
+
+
+def kernel(params: Params, x1: jax.Array, x2: jax.Array, config: ConvFeatureConfig) -> jax.Array:
+    """The estimated NNGP k(x1, x2) under one draw of random networks."""
+    return kernel_from_features(features(params, x1, config), features(params, x2, config), config)
+
+
+def feature_rows(params: Params, x: np.ndarray, config: ConvFeatureConfig, block_size: int = 1000) -> np.ndarray:
+    """Features of many images, `block_size` at a time (one compiled shape; the last block padded)."""
+    x = np.asarray(x, np.float32)
+    apply = jax.jit(lambda p, b: features(p, b, config))
+    out = None
+    for start in range(0, len(x), block_size):
+        block = x[start:start + block_size]
+        padded = np.concatenate([block, np.zeros((block_size - len(block), *x.shape[1:]), np.float32)])
+        values = np.asarray(apply(params, padded))[: len(block)]
+        if out is None:
+            out = np.empty((len(x), values.shape[1]), np.float32)
+        out[start:start + len(block)] = values
+    return out
+
+
+def exact_kernel_fn(config: ConvFeatureConfig):
+    """neural-tangents' exact NNGP of the same infinite-width ConvNet (a readout layer added), the
+    reference the estimate is held to. Hours per KIP step on MNIST-sized images; small images only."""
+    from pipeline.kernels import _stax
+
+    stax = _stax()
+    layers = []
+    for _ in range(config.depth):
+        layers += [stax.Conv(1, (3, 3), padding="SAME", W_std=config.w_std, b_std=config.b_std,
+                             parameterization="ntk"), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2))]
+    layers += [stax.Flatten(), stax.Dense(1, W_std=config.w_std, b_std=config.b_std, parameterization="ntk")]
+    _, _, kernel_fn = stax.serial(*layers)
+    return lambda x1, x2: kernel_fn(x1, x2, "nngp")

@@ -1,0 +1,195 @@
+"""KIP with a random-feature ConvNet kernel (`conv_features`): ConvNet-kernel supports on a CPU.
+
+Every step draws `features.networks` fresh random ConvNets (a pure function of (seed, step)) and
+takes one Adam step on the support's images (and labels, when learned) against
+
+    loss = 0.5 * mean((y_t - K_ts (K_ss + ridge I)^-1 y_s)^2),   K = estimated NNGP of that draw
+
+as RFAD does (Loo et al., NeurIPS 2022). Resampling keeps the support from fitting one draw's
+noise; the expected loss is KIP's loss under the exact kernel up to the estimate's bias. Target
+features need no gradient, so a step is one forward pass of the targets and one forward-backward
+pass of the support through the networks.
+
+Progress is scored on validation images with a kernel of `monitor_networks` networks drawn from a
+stream training never uses, and the support of the best-scoring step is kept (the test split is
+never read here). The loop checkpoints every `checkpoint_every` steps and resumes bit-for-bit:
+target batches and network draws depend on (seed, step) alone, and the checkpoint holds the
+support, the Adam state, the best support so far and the history.
+
+Kept apart from `kip` because the kernel is random per step: `kip`'s loss, blocking and
+checkpoints assume a fixed kernel function of two images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pipeline import atomic, conv_features, kip, krr
+from pipeline.conv_features import ConvFeatureConfig
+from pipeline.errors import UserError
+
+TRAIN_STREAM, MONITOR_STREAM = 1, 2  # network draws: training steps fold in the step; the monitor is one draw
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvKipConfig:
+    """The loop: Adam `learning_rate` for `steps` on class-balanced batches of `target_batch`
+    training images; `reg` is the ridge relative to K_ss's mean diagonal; validation (its first
+    `val_images`) is scored every `eval_every` steps with `monitor_networks` networks."""
+
+    support_per_class: int = 10
+    steps: int = 2000
+    learning_rate: float = 0.01
+    target_batch: int = 500
+    reg: float = 1e-6
+    learn_labels: bool = True
+    eval_every: int = 100
+    val_images: int = 2000
+    monitor_networks: int = 16
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("support_per_class", "steps", "target_batch", "eval_every", "val_images",
+                     "monitor_networks", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"conv_kip.{name} must be a positive integer (got {value!r})")
+        for name in ("learning_rate", "reg"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):
+                raise UserError(f"conv_kip.{name} must be a positive number (got {value!r})")
+
+
+class ConvKipResult(NamedTuple):
+    images: np.ndarray  # the support at the best validation step (float32)
+    labels: np.ndarray
+    classes: np.ndarray  # the class each support image started from
+    best_step: int
+    history: list[dict[str, float]]  # {"step", "loss"}; "val_accuracy" every eval_every
+
+
+def network_key(seed: int, stream: int, index: int) -> jax.Array:
+    """The random networks of one draw: a pure function of (seed, stream, index)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), index)
+
+
+def loss(support: tuple[jax.Array, jax.Array], params: Any, x_t: jax.Array, y_t: jax.Array,
+         features: ConvFeatureConfig, reg: float) -> jax.Array:
+    """KIP's loss under one draw of random networks; no gradient flows into the targets."""
+    f_s = conv_features.features(params, support[0], features)
+    f_t = jax.lax.stop_gradient(conv_features.features(params, x_t, features))
+    k_ss = conv_features.kernel_from_features(f_s, f_s, features)
+    k_ts = conv_features.kernel_from_features(f_t, f_s, features)
+    alpha = krr.fit(k_ss, support[1], reg)
+    return 0.5 * jnp.mean((k_ts @ alpha - y_t) ** 2)
+
+
+def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray, params: Any,
+                 features: ConvFeatureConfig, reg: float, block_size: int = 500) -> float:
+    """Accuracy of KRR fitted on (images, labels) with the kernel of `params`' networks."""
+    f_s = conv_features.feature_rows(params, images, features, block_size)
+    k_ss = jnp.asarray(f_s @ f_s.T + features.b_std ** 2)
+    alpha = np.asarray(krr.fit(k_ss, jnp.asarray(labels, jnp.float32), reg))
+    f_x = conv_features.feature_rows(params, x, features, block_size)
+    return krr.accuracy((f_x @ f_s.T + features.b_std ** 2) @ alpha, y)
+
+
+def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
+            features: ConvFeatureConfig, config: ConvKipConfig, *, checkpoint: Path | None = None,
+            progress: bool = True) -> ConvKipResult:
+    """Learn a support from class-balanced real training images; resumes from `checkpoint` if it
+    holds a run of the same settings."""
+    from tqdm.auto import tqdm
+
+    if len(y_val) == 0:
+        raise UserError("conv KIP keeps the step that does best on validation; set data.validation_fraction > 0")
+    conv_features.check_image_shape(features, x_train.shape[1:])
+    shape = x_train.shape[1:]
+    rng = np.random.default_rng([config.seed, 0])
+    idx = kip.class_balanced_indices(y_train, config.support_per_class, num_classes, rng)
+    classes = y_train[idx]
+    support = (jnp.asarray(x_train[idx], jnp.float32), jnp.asarray(krr.centered_one_hot(classes, num_classes)))
+    optimizer = optax.adam(config.learning_rate)
+    state = optimizer.init(support)
+
+    def step_loss(images, labels, params, x_t, y_t):
+        if not config.learn_labels:
+            labels = jax.lax.stop_gradient(labels)
+        return loss((images, labels), params, x_t, y_t, features, config.reg)
+
+    @jax.jit
+    def step(support, state, key, x_t, y_t):
+        params = conv_features.init(key, features, shape)
+        value, grads = jax.value_and_grad(step_loss, argnums=(0, 1))(*support, params, x_t, y_t)
+        updates, state = optimizer.update(grads, state, support)
+        return value, optax.apply_updates(support, updates), state
+
+    monitor_features = dataclasses.replace(features, networks=config.monitor_networks)
+    monitor_params = conv_features.init(network_key(config.seed, MONITOR_STREAM, 0), monitor_features, shape)
+    x_mon, y_mon = x_val[: config.val_images], y_val[: config.val_images]
+
+    def val_accuracy(support) -> float:
+        return krr_accuracy(np.asarray(support[0]), np.asarray(support[1]), x_mon, y_mon, monitor_params,
+                            monitor_features, config.reg)
+
+    settings = {"features": dataclasses.asdict(features), "config": dataclasses.asdict(config),
+                "shape": list(shape), "train_images": int(len(y_train))}
+    resumed = _load_checkpoint(checkpoint, settings, support, state) if checkpoint else None
+    if resumed:
+        start, support, state, best, history = resumed
+    else:
+        first = val_accuracy(support)
+        start, best, history = 0, (first, 0, support), [{"step": 0, "val_accuracy": first}]
+    bar = tqdm(range(start + 1, config.steps + 1), desc="conv KIP", disable=not progress, mininterval=1.0)
+    for t in bar:
+        target = kip.target_indices(y_train, num_classes, config.target_batch, config.seed, t)
+        y_t = jnp.asarray(krr.centered_one_hot(y_train[target], num_classes))
+        value, support, state = step(support, state, network_key(config.seed, TRAIN_STREAM, t),
+                                     jnp.asarray(x_train[target]), y_t)
+        value = float(value)
+        if not np.isfinite(value):
+            raise UserError(f"conv KIP diverged at step {t}; lower conv_kip.learning_rate (now "
+                            f"{config.learning_rate}) or raise conv_kip.reg (now {config.reg})")
+        point: dict[str, float] = {"step": t, "loss": value}
+        if t % config.eval_every == 0 or t == config.steps:
+            point["val_accuracy"] = val_accuracy(support)
+            bar.set_postfix(val=f"{point['val_accuracy']:.4f}", best=f"{max(best[0], point['val_accuracy']):.4f}")
+            if point["val_accuracy"] > best[0]:
+                best = (point["val_accuracy"], t, support)
+        history.append(point)
+        if checkpoint and (t % config.checkpoint_every == 0 or t == config.steps):
+            _save_checkpoint(checkpoint, settings, t, support, state, best, history)
+    images_out, labels_out = (np.asarray(a, np.float32) for a in best[2])
+    if not (np.isfinite(images_out).all() and np.isfinite(labels_out).all()):
+        raise UserError("conv KIP produced a non-finite support; expected finite images and labels")
+    return ConvKipResult(images_out, labels_out, np.asarray(classes), best[1], history)
+
+
+def _save_checkpoint(path: Path, settings: dict, step: int, support, state, best, history) -> None:
+    leaves = jax.tree_util.tree_leaves((support, state, best[2]))
+    meta = {"settings": settings, "step": step, "best_accuracy": best[0], "best_step": best[1], "history": history}
+    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    atomic.save_npz(path, arrays)
+
+
+def _load_checkpoint(path: Path, settings: dict, support, state):
+    """(step, support, state, best, history) from a checkpoint of the same settings, else None."""
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        if meta["settings"] != json.loads(json.dumps(settings)):
+            raise UserError(f"{path} is a checkpoint of other conv KIP settings; delete it or choose another checkpoint path")
+        template, treedef = jax.tree_util.tree_flatten((support, state, support))
+        leaves = [jnp.asarray(data[f"leaf_{i}"], template[i].dtype) for i in range(len(template))]
+    support, state, best_support = jax.tree_util.tree_unflatten(treedef, leaves)
+    return meta["step"], support, state, (meta["best_accuracy"], meta["best_step"], best_support), meta["history"]

@@ -1,0 +1,109 @@
+"""KIP with the random-feature ConvNet kernel: its loss is kernel regression written out in float64
+numpy, the loop keeps its best validation step, resumes bit-for-bit, and refuses bad settings."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline import conv_features, conv_kip, krr
+from pipeline.conv_features import ConvFeatureConfig
+from pipeline.conv_kip import ConvKipConfig
+from pipeline.errors import UserError
+
+FEATURES = ConvFeatureConfig(width=16, depth=2, networks=2)
+SMALL = ConvKipConfig(support_per_class=1, steps=6, learning_rate=0.01, target_batch=100, eval_every=2,
+                      val_images=200, monitor_networks=2, checkpoint_every=2)
+
+
+def test_loss_is_kernel_regression_with_the_draws_kernel():
+    """Against 0.5 mean((y_t - K_ts (K_ss + ridge I)^-1 y_s)^2) in float64 numpy with the same
+    networks' kernel. The ridge of 1e-2 of the mean diagonal bounds the condition number by ~1e2 n,
+    so float32 (ulp 6e-8) carries ~1e-4 relative error; 1e-3 leaves room for the features' rounding."""
+    rng = np.random.default_rng(0)
+    x_s, x_t = rng.normal(size=(6, 8, 8, 1)).astype(np.float32), rng.normal(size=(9, 8, 8, 1)).astype(np.float32)
+    y_s, y_t = rng.normal(size=(6, 10)).astype(np.float32), rng.normal(size=(9, 10)).astype(np.float32)
+    params = conv_features.init(jax.random.PRNGKey(1), FEATURES, (8, 8, 1))
+    f_s = np.asarray(conv_features.features(params, jnp.asarray(x_s), FEATURES), np.float64)
+    f_t = np.asarray(conv_features.features(params, jnp.asarray(x_t), FEATURES), np.float64)
+    k_ss, k_ts = f_s @ f_s.T + FEATURES.b_std ** 2, f_t @ f_s.T + FEATURES.b_std ** 2
+    reg = 1e-2
+    alpha = np.linalg.solve(k_ss + reg * np.trace(k_ss) / 6 * np.eye(6), y_s)
+    expected = 0.5 * np.mean((k_ts @ alpha - y_t) ** 2)
+    ours = float(conv_kip.loss((jnp.asarray(x_s), jnp.asarray(y_s)), params, jnp.asarray(x_t), jnp.asarray(y_t), FEATURES, reg))
+    assert ours == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits_split(digits_standardized):
+    x, y, _, _ = digits_standardized
+    return x[300:], y[300:], x[:300], y[:300]  # train, validation (the test split is never passed)
+
+
+def test_the_loop_keeps_its_best_validation_step_and_is_deterministic(digits_split):
+    x_train, y_train, x_val, y_val = digits_split
+    first = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    again = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    scored = [h for h in first.history if "val_accuracy" in h]
+    assert [h["step"] for h in scored] == [0, 2, 4, 6]
+    best = max(scored, key=lambda h: (h["val_accuracy"], -h["step"]))
+    assert first.best_step == best["step"]
+    assert first.images.shape == (10, 8, 8, 1) and first.labels.shape == (10, 10)
+    assert sorted(first.classes.tolist()) == list(range(10))
+    np.testing.assert_array_equal(first.images, again.images)
+    np.testing.assert_array_equal(first.labels, again.labels)
+
+
+def test_fixed_labels_stay_fixed(digits_split):
+    x_train, y_train, x_val, y_val = digits_split
+    config = dataclasses.replace(SMALL, learn_labels=False, eval_every=100)  # only the last step is scored
+    result = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, config, progress=False)
+    np.testing.assert_array_equal(result.labels, krr.centered_one_hot(result.classes, 10))
+
+
+def test_a_checkpoint_of_other_settings_is_refused(digits_split, tmp_path):
+    x_train, y_train, x_val, y_val = digits_split
+    checkpoint = tmp_path / "conv_kip.npz"
+    conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, dataclasses.replace(SMALL, steps=4),
+                     checkpoint=checkpoint, progress=False)
+    # a longer run of otherwise equal settings is a different run: refused, not silently mixed
+    with pytest.raises(UserError, match="checkpoint of other conv KIP settings"):
+        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
+
+
+def test_resume_continues_from_the_checkpoint(digits_split, tmp_path, monkeypatch):
+    """Interrupt after the step-4 checkpoint, then run again: steps 5-6 only, same bytes."""
+    x_train, y_train, x_val, y_val = digits_split
+    whole = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    checkpoint = tmp_path / "conv_kip.npz"
+    real_save = conv_kip._save_checkpoint
+
+    def save_then_stop(path, settings, step, *rest):
+        real_save(path, settings, step, *rest)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv_kip, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
+    monkeypatch.setattr(conv_kip, "_save_checkpoint", real_save)
+    resumed = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
+    np.testing.assert_array_equal(resumed.images, whole.images)
+    np.testing.assert_array_equal(resumed.labels, whole.labels)
+    assert resumed.history == whole.history and resumed.best_step == whole.best_step
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("target_batch", 2.5), ("learning_rate", 0.0),
+                                         ("reg", float("nan")), ("monitor_networks", True)])
+def test_bad_settings_name_the_parameter(field, value):
+    with pytest.raises(UserError, match=f"conv_kip.{field}"):
+        ConvKipConfig(**{field: value})
+
+
+def test_no_validation_split_is_refused(digits_split):
+    x_train, y_train, _, _ = digits_split
+    with pytest.raises(UserError, match="validation_fraction"):
+        conv_kip.distill(x_train, y_train, x_train[:0], y_train[:0], 10, FEATURES, SMALL, progress=False)
