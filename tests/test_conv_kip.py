@@ -107,3 +107,35 @@ def test_no_validation_split_is_refused(digits_split):
     x_train, y_train, _, _ = digits_split
     with pytest.raises(UserError, match="validation_fraction"):
         conv_kip.distill(x_train, y_train, x_train[:0], y_train[:0], 10, FEATURES, SMALL, progress=False)
+
+
+def test_convnets_trained_on_a_conv_kip_support_beat_random_real_images(digits_standardized):
+    """The transfer claim on digits (8x8), 10 images: conv KIP (150 steps, about 15 s) lifts the
+    monitor kernel's validation accuracy from 66 % to 93 %, and finite ConvNets of the kernel's
+    architecture trained on it score 84-87 % on the test split against 47-60 % for random real
+    images (3 seeds each; measured on this machine). We require every KIP network above every
+    random one and a 15-point gap in the means: half the measured gap, and about 4 times the
+    seeds' spread, so init and batch noise cannot flip it while a support that did not transfer
+    would fail."""
+    from pipeline import finite, kip
+    from pipeline.config import TrainConfig
+
+    x, y, x_test, y_test = digits_standardized
+    x_train, y_train, x_val, y_val = x[300:], y[300:], x[:300], y[:300]
+    features = ConvFeatureConfig(width=32, depth=2, networks=4)
+    config = ConvKipConfig(support_per_class=1, steps=150, learning_rate=0.01, target_batch=300, eval_every=25,
+                           val_images=300, monitor_networks=8)
+    result = conv_kip.distill(x_train, y_train, x_val, y_val, 10, features, config, progress=False)
+    curve = [h["val_accuracy"] for h in result.history if "val_accuracy" in h]
+    assert max(curve) >= curve[0] + 0.15
+    network = TrainConfig(architecture="conv", conv_width=32, conv_depth=2, pooling="avg", label_scale=1.0,
+                          label_scale_choice="fixed", optimizer_choice="fixed", eval_every=0)
+    distilled = [finite.train(result.images, result.labels, result.classes, x_test, y_test, 10, network, seed).accuracy
+                 for seed in range(3)]
+    random = []
+    for seed in range(3):
+        idx = kip.class_balanced_indices(y_train, 1, 10, np.random.default_rng([0, 3, seed]))
+        random.append(finite.train(x_train[idx], krr.centered_one_hot(y_train[idx], 10), y_train[idx], x_test, y_test,
+                                   10, network, seed).accuracy)
+    assert min(distilled) > max(random), (distilled, random)
+    assert np.mean(distilled) >= np.mean(random) + 0.15, (distilled, random)
