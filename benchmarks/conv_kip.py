@@ -180,7 +180,7 @@ def full_run(args) -> dict:
     npz, table = args.save.with_suffix(".npz"), args.save.with_suffix(".parquet")
     artifacts.save_npz(npz, support)
     parquet.save_parquet(table, support, prepared.class_names)
-    support = artifacts.load_npz(npz)  # train on exactly what was saved
+    _load_support(npz)  # what was saved reads back (checksums, shapes, finiteness)
 
     return {"benchmark": "conv_kip_run", "dataset": args.dataset, "support_size": len(result.images),
             "features": dataclasses.asdict(features), "conv_kip": dataclasses.asdict(config),
@@ -190,17 +190,39 @@ def full_run(args) -> dict:
             "saved": str(npz), "saved_sha256": hashlib.sha256(npz.read_bytes()).hexdigest()}
 
 
+def _load_support(path: Path):
+    """A saved conv-KIP support, checked as `artifacts.load_npz` checks a `kip distill` set (checksums,
+    shapes, finiteness, transform) except for the `kernel` lineage section: the
+    random-feature ConvNet kernel is not a `kernel` config yet, so `kip evaluate` cannot re-score
+    this file (it would use another kernel); `rescore` below does, from the metadata's
+    `evaluation_kernel`."""
+    import json
+
+    from pipeline import artifacts, safe_read
+    from pipeline.preprocess import Transform
+
+    arrays = safe_read.read_npz(path, max_array_bytes=artifacts.MAX_ARRAY_BYTES, strings=True)
+    record = artifacts.parse_checksums(path, str(arrays["checksums"]), "checksums")
+    artifacts.verify_checksums(path, record, {k: v for k, v in arrays.items() if k != "checksums"})
+    transform = Transform.from_arrays({k[len("transform/"):]: v for k, v in arrays.items() if k.startswith("transform/")})
+    support = artifacts.DistilledSet(arrays["images"], arrays["labels"], arrays["classes"].astype(np.int32), transform,
+                                     json.loads(str(arrays["metadata"])))
+    artifacts.check_consistent(path, support)
+    artifacts.check_transform(path, transform, support.images.shape[1:])
+    return support
+
+
 def train_convnets(args) -> dict:
     """Finite ConvNets on a saved support and on random real subsets; adds them to the run's JSON."""
     import json
 
-    from pipeline import artifacts, transfer
+    from pipeline import transfer
     from pipeline.cli import default_cache_dir
     from pipeline.config import TrainConfig
     from pipeline.prepared import reprepare
 
     report = json.loads(args.report.read_text())
-    support = artifacts.load_npz(Path(report["saved"]))
+    support = _load_support(Path(report["saved"]))
     prepared = reprepare(support, cache_dir=default_cache_dir())
     features = support.metadata["features"]
     train = TrainConfig(architecture="conv", conv_width=features["width"], conv_depth=features["depth"], pooling="avg",
@@ -221,11 +243,10 @@ def train_convnets(args) -> dict:
 
 def rescore(args) -> dict:
     """A saved support's KRR test accuracy under the evaluation kernel its metadata records."""
-    from pipeline import artifacts
     from pipeline.cli import default_cache_dir
     from pipeline.prepared import reprepare
 
-    support = artifacts.load_npz(args.support)
+    support = _load_support(args.support)
     prepared = reprepare(support, cache_dir=default_cache_dir())
     recorded = dict(support.metadata["evaluation_kernel"])
     stream, seed = recorded.pop("stream"), recorded.pop("seed")
