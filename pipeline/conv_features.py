@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_non_negative, check_positive
 from pipeline.finite import ScaledConv
 
 Params = dict
@@ -47,13 +47,9 @@ class ConvFeatureConfig:
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "networks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"conv_features.{name} must be a positive integer (got {value!r})")
-        if not (isinstance(self.w_std, (int, float)) and self.w_std > 0):
-            raise UserError(f"conv_features.w_std must be a positive number (got {self.w_std!r})")
-        if not (isinstance(self.b_std, (int, float)) and self.b_std >= 0):
-            raise UserError(f"conv_features.b_std must be a non-negative number (got {self.b_std!r})")
+            check_positive(f"conv_features.{name}", getattr(self, name), integer=True)
+        check_positive("conv_features.w_std", self.w_std)
+        check_non_negative("conv_features.b_std", self.b_std)
 
 
 class ConvBody(nn.Module):

@@ -33,7 +33,7 @@ import optax
 
 from pipeline import atomic, conv_features, kip, krr
 from pipeline.conv_features import ConvFeatureConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_positive
 
 TRAIN_STREAM, MONITOR_STREAM = 1, 2  # network draws: training steps fold in the step; the monitor is one draw
 
@@ -59,13 +59,9 @@ class ConvKipConfig:
     def __post_init__(self) -> None:
         for name in ("support_per_class", "steps", "target_batch", "eval_every", "val_images",
                      "monitor_networks", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"conv_kip.{name} must be a positive integer (got {value!r})")
-        for name in ("learning_rate", "reg"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):
-                raise UserError(f"conv_kip.{name} must be a positive number (got {value!r})")
+            check_positive(f"conv_kip.{name}", getattr(self, name), integer=True)
+        check_positive("conv_kip.learning_rate", self.learning_rate)
+        check_positive("conv_kip.reg", self.reg)
 
 
 class ConvKipResult(NamedTuple):

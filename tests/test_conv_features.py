@@ -31,7 +31,7 @@ def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
     error (estimated from the same 256 networks, to ~5 %) plus the finite-width bias of the mean,
     which is zero at depth 1 (first-layer pre-activations are exactly Gaussian) and O(1/width)
     deeper (Yaida 2020). We allow 5 standard errors plus |k|/width; measured here the error is
-    under 2 standard errors at every depth, i.e. the bias is below the noise at width 64."""
+    under 2 standard errors at every depth (a scratch check), i.e. the bias is below the noise at width 64."""
     config = ConvFeatureConfig(width=64, depth=depth, networks=256)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8, 8, 1)).astype(np.float32))
     per_network = _per_network_kernels(config, x, seed=3)
