@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--activation", dest="kernel.activation", default="relu", help="|".join(cfg.ACTIVATIONS))
     kernel.add_argument("--conv-readout", dest="kernel.conv_readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
     kernel.add_argument("--gamma", dest="kernel.gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
+    kernel.add_argument("--rf-networks", dest="kernel.rf_networks", type=int, default=4,
+                        help="conv_rf: random ConvNets drawn for each KIP step")
+    kernel.add_argument("--rf-width", dest="kernel.rf_width", type=int, default=64, help="conv_rf: channels of those ConvNets")
+    kernel.add_argument("--rf-eval-networks", dest="kernel.rf_eval_networks", type=int, default=16,
+                        help="conv_rf: random ConvNets in the fixed kernels that monitor and evaluate")
     kip = distill.add_argument_group("KIP")
     kip.add_argument("--method", dest="distill.method", default="kip", help="kip|label_solve (closed-form labels for the initial images)")
     kip.add_argument("--support-per-class", dest="distill.support_per_class", type=int, default=10, help="support images per class")
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--reg", dest="distill.reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
     kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
     kip.add_argument("--seed", dest="distill.seed", type=int, default=0, help="same seed and options -> identical output")
-    kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on 2000 test images every N steps (0: never)")
+    kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on the validation split every N steps (0: never)")
     kip.add_argument("--checkpoint", type=_file_path, default=None, help="checkpoint file to save to and resume from")
     kip.add_argument("--checkpoint-every", dest="distill.checkpoint_every", type=int, default=100, help="steps between checkpoints")
     kip.add_argument("--history", type=_file_path, default=None, help="write the per-step loss history here (JSON)")

@@ -20,7 +20,7 @@ SOURCES = ("embedded", "registry", "tfds", "files")
 EMBEDDED_NAMES = ("digits",)
 REGISTRY_NAMES = ("mnist", "fashion_mnist")
 PREPROCESS_METHODS = ("none", "standardize", "zca")
-ARCHITECTURES = ("fc", "conv", "rbf")
+ARCHITECTURES = ("fc", "conv", "rbf", "conv_rf")
 KERNEL_KINDS = ("ntk", "nngp")
 PARAMETERIZATIONS = ("ntk", "standard")
 ACTIVATIONS = ("relu", "erf")
@@ -99,9 +99,13 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """An infinite-width network kernel (fc, conv) or an RBF kernel.
+    """An infinite-width network kernel (fc, conv), its random-feature estimate (conv_rf), or RBF.
 
-    depth counts hidden layers. rbf uses k(x, y) = exp(-gamma * |x - y|^2 / dim).
+    depth counts hidden layers (conv blocks for conv_rf). rbf uses k(x, y) = exp(-gamma * |x - y|^2 / dim).
+    conv_rf is the NNGP of a ConvNet of `depth` blocks (3x3 conv, ReLU, 2x2 average pooling),
+    estimated from random ConvNets of `rf_width` channels (`pipeline.conv_features`): KIP draws
+    `rf_networks` fresh ones every step; monitoring and evaluation use fixed draws of
+    `rf_eval_networks`. Exact ConvNet kernels with pooling take hours per step on a CPU.
     """
 
     architecture: str = "fc"
@@ -113,6 +117,9 @@ class KernelConfig:
     activation: str = "relu"
     conv_readout: str = "flatten"
     gamma: float = 1.0
+    rf_networks: int = 4
+    rf_width: int = 64
+    rf_eval_networks: int = 16
 
     def __post_init__(self) -> None:
         check_choice("kernel.architecture", self.architecture, ARCHITECTURES)
@@ -124,6 +131,15 @@ class KernelConfig:
         check_choice("kernel.activation", self.activation, ACTIVATIONS)
         check_choice("kernel.conv_readout", self.conv_readout, CONV_READOUTS)
         check_positive("kernel.gamma", self.gamma)
+        for name in ("rf_networks", "rf_width", "rf_eval_networks"):
+            check_positive(f"kernel.{name}", getattr(self, name), integer=True)
+        if self.architecture == "conv_rf":
+            # The estimate is the NNGP of ReLU ConvNets in the ntk parameterisation (conv_features);
+            # any other value would name a kernel this one is not.
+            for name, only in (("kind", "nngp"), ("activation", "relu"), ("parameterization", "ntk")):
+                if getattr(self, name) != only:
+                    raise UserError(f"kernel.{name}={getattr(self, name)!r} is not available with "
+                                    f"kernel.architecture=conv_rf; expected {name}: {only}")
 
 
 @dataclass(frozen=True)

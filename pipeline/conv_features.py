@@ -110,6 +110,19 @@ def kernel(params: Params, x1: jax.Array, x2: jax.Array, config: ConvFeatureConf
     return kernel_from_features(features(params, x1, config), features(params, x2, config), config)
 
 
+def kernel_by_network(params: Params, x1: jax.Array, x2: jax.Array, config: ConvFeatureConfig) -> jax.Array:
+    """`kernel`, one network at a time: the activations of one network are alive at once, not of
+    all (16 networks' first blocks on 1,000 MNIST images would be 3 GB together)."""
+    body = _body(config)
+
+    def one(p):
+        h1, h2 = body.apply(p, x1), body.apply(p, x2)
+        return h1 @ h2.T / h1.shape[1]
+
+    per_network = jax.lax.map(one, params)  # (networks, n1, n2)
+    return config.w_std ** 2 * jnp.mean(per_network, axis=0) + config.b_std ** 2
+
+
 def feature_rows(params: Params, x: np.ndarray, config: ConvFeatureConfig, block_size: int = 1000) -> np.ndarray:
     """Features of many images, `block_size` at a time (one compiled shape; the last block padded)."""
     x = np.asarray(x, np.float32)

@@ -18,6 +18,11 @@ support, the Adam state, the best support so far and the history.
 
 Kept apart from `kip` because the kernel is random per step: `kip`'s loss, blocking and
 checkpoints assume a fixed kernel function of two images.
+
+The pipeline reaches this loop through `kernel.architecture: conv_rf` (`pipeline_settings` maps the
+kernel and distill sections onto it); evaluation and Label Solve then use `EvaluationKernel`, one
+fixed draw of `kernel.rf_eval_networks` networks from a stream that neither training nor
+monitoring draws from, the same draw for every run so that supports are compared under one kernel.
 """
 from __future__ import annotations
 
@@ -32,10 +37,14 @@ import numpy as np
 import optax
 
 from pipeline import atomic, conv_features, kip, krr
+from pipeline.config import DistillConfig, KernelConfig
 from pipeline.conv_features import ConvFeatureConfig
 from pipeline.errors import UserError, check_positive
 
-TRAIN_STREAM, MONITOR_STREAM = 1, 2  # network draws: training steps fold in the step; the monitor is one draw
+# Network draws: training steps fold in the step; the monitor and the evaluation kernel are one draw each.
+TRAIN_STREAM, MONITOR_STREAM, EVAL_STREAM = 1, 2, 3
+EVAL_SEED = 0  # the evaluation kernel is the same draw whatever the run's seed
+PIPELINE_VAL_IMAGES = 2000  # kernel.architecture=conv_rf monitors on the first 2,000 validation images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,50 @@ class ConvKipResult(NamedTuple):
     classes: np.ndarray  # the class each support image started from
     best_step: int
     history: list[dict[str, float]]  # {"step", "loss"}; "val_accuracy" every eval_every
+    initial_images: np.ndarray  # the real images the support started from
+
+
+def feature_config(kernel: KernelConfig, networks: int | None = None) -> ConvFeatureConfig:
+    """The random ConvNets behind a `conv_rf` kernel spec (`networks` defaults to one KIP step's)."""
+    return ConvFeatureConfig(width=kernel.rf_width, depth=kernel.depth, networks=networks or kernel.rf_networks,
+                             w_std=kernel.w_std, b_std=kernel.b_std)
+
+
+def pipeline_settings(kernel: KernelConfig, config: DistillConfig) -> tuple[ConvFeatureConfig, ConvKipConfig]:
+    """The loop's settings for `kernel.architecture: conv_rf`; refuses distill keys it has no
+    counterpart for, rather than ignoring them."""
+    unsupported = (("lr_schedule", "constant"), ("init", "real"), ("corruption", 0.0), ("float64", False))
+    for name, only in unsupported:
+        if getattr(config, name) != only:
+            raise UserError(f"distill.{name}={getattr(config, name)!r} is not available with "
+                            f"kernel.architecture=conv_rf; expected {name}: {str(only).lower()}")
+    if config.eval_every < 1:
+        raise UserError("distill.eval_every=0 is not allowed with kernel.architecture=conv_rf (it keeps the step "
+                        "that does best on validation); expected a positive number of steps")
+    check_positive("distill.reg", config.reg)
+    loop = ConvKipConfig(
+        support_per_class=config.support_per_class, steps=config.steps, learning_rate=config.learning_rate,
+        target_batch=config.target_batch, reg=config.reg, learn_labels=config.learn_labels,
+        eval_every=config.eval_every, val_images=PIPELINE_VAL_IMAGES, monitor_networks=kernel.rf_eval_networks,
+        checkpoint_every=config.checkpoint_every or config.steps, seed=config.seed,
+    )
+    return feature_config(kernel), loop
+
+
+class EvaluationKernel:
+    """k(x1, x2) under one fixed draw of `kernel.rf_eval_networks` random ConvNets: a deterministic
+    kernel function (`kernels.make`) for evaluation, Label Solve and random-subset baselines.
+
+    The networks are drawn inside the call from a fixed key, so the function is pure and jittable
+    and holds no arrays; they are evaluated one at a time (`conv_features.kernel_by_network`).
+    """
+
+    def __init__(self, kernel: KernelConfig):
+        self.features = feature_config(kernel, kernel.rf_eval_networks)
+
+    def __call__(self, x1: jax.Array, x2: jax.Array) -> jax.Array:
+        params = conv_features.init(network_key(EVAL_SEED, EVAL_STREAM, 0), self.features, tuple(x1.shape[1:]))
+        return conv_features.kernel_by_network(params, x1, x2, self.features)
 
 
 def network_key(seed: int, stream: int, index: int) -> jax.Array:
@@ -100,9 +153,10 @@ def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.nd
 
 def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
             features: ConvFeatureConfig, config: ConvKipConfig, *, checkpoint: Path | None = None,
-            progress: bool = True) -> ConvKipResult:
+            checkpoint_key: str | None = None, progress: bool = True) -> ConvKipResult:
     """Learn a support from class-balanced real training images; resumes from `checkpoint` if it
-    holds a run of the same settings."""
+    holds a run of the same settings (and the same `checkpoint_key`: the pipeline's digest of its
+    data, code and machine, `workflow.checkpoint_key`)."""
     from tqdm.auto import tqdm
 
     if len(y_val) == 0:
@@ -138,6 +192,8 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
 
     settings = {"features": dataclasses.asdict(features), "config": dataclasses.asdict(config),
                 "shape": list(shape), "train_images": int(len(y_train))}
+    if checkpoint_key is not None:
+        settings["key"] = checkpoint_key
     resumed = _load_checkpoint(checkpoint, settings, support, state) if checkpoint else None
     if resumed:
         start, support, state, best, history = resumed
@@ -166,7 +222,8 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     images_out, labels_out = (np.asarray(a, np.float32) for a in best[2])
     if not (np.isfinite(images_out).all() and np.isfinite(labels_out).all()):
         raise UserError("conv KIP produced a non-finite support; expected finite images and labels")
-    return ConvKipResult(images_out, labels_out, np.asarray(classes), best[1], history)
+    return ConvKipResult(images_out, labels_out, np.asarray(classes), best[1], history,
+                         np.asarray(x_train[idx], np.float32))
 
 
 def _save_checkpoint(path: Path, settings: dict, step: int, support, state, best, history) -> None:

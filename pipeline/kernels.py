@@ -4,7 +4,8 @@
 differentiable JAX function. Network kernels are the infinite-width NNGP / NTK of neural-tangents
 `stax` networks (Novak et al. 2020). For FC networks and RBF we evaluate the same recursion in
 closed form from one Gram matrix (`closed_form`: faster KIP steps, held to neural-tangents by
-tests/test_closed_form.py); ConvNet kernels are neural-tangents' own (`make_reference`).
+tests/test_closed_form.py); ConvNet kernels are neural-tangents' own (`make_reference`), and
+conv_rf is their random-feature estimate (`conv_kip.EvaluationKernel`).
 
 `self_kernel(kernel, x)` is k(x, x) with its diagonal pinned exact where the kernel allows.
 
@@ -43,8 +44,8 @@ def stax_network(spec: KernelConfig, width: int = 1):
     `width` only matters for the finite network (Monte-Carlo checks, transfer); the infinite-width
     kernel does not depend on it.
     """
-    if spec.architecture == "rbf":
-        raise ValueError("the rbf kernel has no network")
+    if spec.architecture in ("rbf", "conv_rf"):
+        raise ValueError(f"kernel.architecture={spec.architecture} has no neural-tangents network here")
     stax = _stax()
     activation = stax.Relu() if spec.activation == "relu" else stax.Erf()
     common = dict(W_std=spec.w_std, b_std=spec.b_std, parameterization=spec.parameterization)
@@ -79,9 +80,14 @@ class GramKernelFn:
 
 
 def make(spec: KernelConfig) -> KernelFn:
-    """A kernel function k(x1, x2) -> (n1, n2) for the spec (NTK or NNGP of the network, or RBF)."""
+    """A kernel function k(x1, x2) -> (n1, n2) for the spec (NTK or NNGP of the network, or RBF;
+    for conv_rf, the estimate under one fixed draw of random ConvNets)."""
     if closed_form.supports(spec):
         return GramKernelFn(spec)
+    if spec.architecture == "conv_rf":
+        from pipeline import conv_kip  # it imports kip, which imports this module
+
+        return conv_kip.EvaluationKernel(spec)
     return make_reference(spec)
 
 
@@ -89,6 +95,8 @@ def make_reference(spec: KernelConfig) -> KernelFn:
     """The kernel as neural-tangents computes it: the reference our closed forms are held to."""
     if spec.architecture == "rbf":
         return GramKernelFn(spec)  # RBF has no network; its closed form is the definition
+    if spec.architecture == "conv_rf":
+        raise ValueError("conv_rf estimates a kernel; its reference is conv_features.exact_kernel_fn")
     _, _, kernel_fn = stax_network(spec)
     kind = spec.kind
 

@@ -19,7 +19,7 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import kernels, kip, privacy
+from pipeline import conv_kip, kernels, kip, privacy
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig
 from pipeline.errors import UserError
@@ -43,7 +43,7 @@ def distill(
     """Distil a support set; returns it with the per-step history and the initial images."""
     kernel_fn = kernels.make(kernel)
     monitor = None
-    if config.eval_every:
+    if config.eval_every and not _random_features(kernel, config):
         # The learning curve is scored on the validation split, never the test split; and the
         # result is the last step's support whatever the curve says.
         if len(prepared.y_val) == 0:
@@ -61,8 +61,16 @@ def distill(
 
     configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
     params_hash = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
+    extra: dict[str, Any] = {}
     if config.method == "label_solve":
         result = kip.label_solve(prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config)
+    elif _random_features(kernel, config):
+        features, loop = conv_kip.pipeline_settings(kernel, config)
+        result = conv_kip.distill(
+            prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes, features, loop,
+            checkpoint=checkpoint, checkpoint_key=checkpoint_key(params_hash, prepared), progress=progress,
+        )
+        extra = {"best_step": result.best_step, "validation_images": min(loop.val_images, len(prepared.y_val))}
     else:
         result = kip.distill(
             prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
@@ -75,12 +83,19 @@ def distill(
         "seed": config.seed,
         "steps": config.steps if config.method == "kip" else 0,
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        **extra,
         "code_version": pipeline.__version__,
         "privacy": _privacy(result.images, prepared, config),
         "versions": _library_versions(),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
     return DistillRun(distilled, result.history, result.initial_images)
+
+
+def _random_features(kernel: KernelConfig, config: DistillConfig) -> bool:
+    """conv_rf KIP draws its kernel afresh every step (`conv_kip`): its own loop, which monitors
+    validation itself and keeps the best step."""
+    return kernel.architecture == "conv_rf" and config.method == "kip"
 
 
 def _privacy(images: np.ndarray, prepared: Prepared, config: DistillConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def run_cli(capsys, *argv):
     (["data", "--source", "registry", "--dataset", "cifar10"], "data.name='cifar10' is not allowed; expected one of: mnist|fashion_mnist"),
     (["data", "--source", "embedded", "--dataset", "mnist"], "data.name='mnist' is not allowed; expected one of: digits"),
     (["data", "--source", "files"], "data.data_dir is required when data.source=files"),
-    (["distill", "-o", "x.npz", "--kernel", "resnet"], "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf"),
+    (["distill", "-o", "x.npz", "--kernel", "resnet"], "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf|conv_rf"),
     (["distill", "-o", "x.npz", "--kernel-kind", "gp"], "kernel.kind='gp' is not allowed; expected one of: ntk|nngp"),
     (["distill", "-o", "x.npz", "--support-per-class", "0"], "distill.support_per_class=0 is not allowed; expected a positive integer"),
     (["distill", "-o", "x.npz", "--steps", "-5"], "distill.steps=-5 is not allowed; expected a positive integer"),

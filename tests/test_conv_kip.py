@@ -3,16 +3,20 @@ numpy, the loop keeps its best validation step, resumes bit-for-bit, and refuses
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import conv_features, conv_kip, krr
+from pipeline import artifacts, conv_features, conv_kip, kernels, krr, workflow
+from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
 from pipeline.conv_kip import ConvKipConfig
 from pipeline.errors import UserError
+from pipeline.prepared import prepare
 
 FEATURES = ConvFeatureConfig(width=16, depth=2, networks=2)
 SMALL = ConvKipConfig(support_per_class=1, steps=6, learning_rate=0.01, target_batch=100, eval_every=2,
@@ -139,3 +143,99 @@ def test_convnets_trained_on_a_conv_kip_support_beat_random_real_images(digits_s
                                    10, network, seed).accuracy)
     assert min(distilled) > max(random), (distilled, random)
     assert np.mean(distilled) >= np.mean(random) + 0.15, (distilled, random)
+
+
+# kernel.architecture=conv_rf: the same loop and kernel, reached through the pipeline's params.
+
+CONV_RF = KernelConfig(architecture="conv_rf", kind="nngp", depth=2, rf_networks=2, rf_width=16, rf_eval_networks=2)
+PIPELINE_DISTILL = DistillConfig(support_per_class=1, steps=4, learning_rate=0.01, target_batch=100,
+                                 learn_labels=True, eval_every=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def digits_prepared():
+    return prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+
+
+@pytest.fixture(scope="module")
+def conv_rf_run(digits_prepared):
+    return workflow.distill(digits_prepared, CONV_RF, PIPELINE_DISTILL, progress=False)
+
+
+def test_conv_rf_distils_through_the_pipeline_as_the_conv_kip_loop(digits_prepared, conv_rf_run):
+    """workflow.distill with kernel.architecture=conv_rf is conv_kip.distill with the mapped settings
+    (same bytes), and the artifact records the kernel, the kept step and the monitored images."""
+    features, loop = conv_kip.pipeline_settings(CONV_RF, PIPELINE_DISTILL)
+    assert (features.width, features.depth, features.networks) == (16, 2, 2)
+    assert (loop.monitor_networks, loop.val_images, loop.eval_every) == (2, conv_kip.PIPELINE_VAL_IMAGES, 2)
+    p = digits_prepared
+    direct = conv_kip.distill(p.x_train, p.y_train, p.x_val, p.y_val, p.num_classes, features, loop, progress=False)
+    distilled = conv_rf_run.distilled
+    np.testing.assert_array_equal(distilled.images, direct.images)
+    np.testing.assert_array_equal(distilled.labels, direct.labels)
+    np.testing.assert_array_equal(conv_rf_run.initial_images, direct.initial_images)
+    assert distilled.metadata["kernel"] == dataclasses.asdict(CONV_RF)
+    assert distilled.metadata["best_step"] == direct.best_step
+    assert distilled.metadata["validation_images"] == min(conv_kip.PIPELINE_VAL_IMAGES, len(p.y_val))
+
+
+def test_a_conv_rf_artifact_reloads_and_is_scored_with_the_fixed_evaluation_draw(digits_prepared, conv_rf_run, tmp_path):
+    """The saved support reloads with its kernel lineage, and `evaluate` scores it with KRR under the
+    evaluation draw: the same accuracy as conv_kip.krr_accuracy with those networks' features."""
+    path = tmp_path / "conv_rf.npz"
+    artifacts.save_npz(path, conv_rf_run.distilled)
+    loaded = artifacts.load_npz(path)
+    assert KernelConfig(**loaded.metadata["kernel"]) == CONV_RF
+    metrics = workflow.evaluate(loaded, digits_prepared, EvaluateConfig(baseline_repeats=1))
+    evaluation = conv_kip.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
+    params = conv_features.init(conv_kip.network_key(conv_kip.EVAL_SEED, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    p = digits_prepared
+    expected = conv_kip.krr_accuracy(loaded.images, loaded.labels, p.x_test, p.y_test, params, evaluation, 1e-6)
+    # Same kernel, computed one network at a time (evaluate) or from concatenated features: float32
+    # rounding can move a prediction only where two classes' scores tie to ~1e-6; allow one image.
+    assert abs(metrics["krr_test_accuracy"] - expected) <= 1 / len(p.y_test) + 1e-12
+    assert 0.1 < metrics["baseline_test_accuracy"] < 1 and 0.1 < metrics["label_solve_test_accuracy"] < 1
+
+
+def test_the_evaluation_kernel_is_one_fixed_draw_computed_network_by_network():
+    """kernels.make(conv_rf) is deterministic (one fixed draw), computed network by network, and equals
+    conv_features.kernel of that draw; the ridge-free comparison is elementwise, float32-relative."""
+    rng = np.random.default_rng(3)
+    x1, x2 = (jnp.asarray(rng.normal(size=(n, 8, 8, 1)), jnp.float32) for n in (5, 7))
+    kernel_fn = kernels.make(CONV_RF)
+    evaluation = conv_kip.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
+    params = conv_features.init(conv_kip.network_key(conv_kip.EVAL_SEED, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    expected = np.asarray(conv_features.kernel(params, x1, x2, evaluation))
+    ours = np.asarray(kernel_fn(x1, x2))
+    # Sums of ~16 x 16 x 4 products of O(1) terms in float32: relative rounding ~1e-6; 1e-5 of the scale.
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(ours, np.asarray(kernels.make(CONV_RF)(x1, x2)))
+    other_draw = conv_features.init(conv_kip.network_key(1, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    assert np.abs(np.asarray(conv_features.kernel(other_draw, x1, x2, evaluation)) - ours).max() > 1e-3 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("kernel,distill,message", [
+    (dict(kind="ntk"), {}, "kernel.kind='ntk' is not available with kernel.architecture=conv_rf; expected kind: nngp"),
+    (dict(activation="erf"), {}, "kernel.activation='erf' is not available with kernel.architecture=conv_rf"),
+    (dict(rf_networks=0), {}, "kernel.rf_networks"),
+    ({}, dict(corruption=0.5), "distill.corruption=0.5 is not available with kernel.architecture=conv_rf"),
+    ({}, dict(lr_schedule="cosine"), "distill.lr_schedule='cosine' is not available"),
+    ({}, dict(eval_every=0), "distill.eval_every=0 is not allowed with kernel.architecture=conv_rf"),
+    ({}, dict(reg=0.0), "distill.reg"),
+])
+def test_conv_rf_refuses_settings_it_has_no_counterpart_for(kernel, distill, message):
+    with pytest.raises(UserError, match=re.escape(message)) as raised:
+        spec = KernelConfig(**{**dataclasses.asdict(CONV_RF), **kernel})
+        conv_kip.pipeline_settings(spec, dataclasses.replace(PIPELINE_DISTILL, **distill))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_conv_rf_checkpoint_of_other_data_or_code_is_refused(digits_split, tmp_path):
+    """The pipeline passes its checkpoint key (data, code, machine); another key is another run."""
+    x_train, y_train, x_val, y_val = digits_split
+    path = tmp_path / "ckpt.npz"
+    conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, checkpoint_key="a",
+                     progress=False)
+    with pytest.raises(UserError, match="checkpoint of other conv KIP settings"):
+        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, checkpoint_key="b",
+                         progress=False)

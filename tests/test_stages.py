@@ -37,7 +37,7 @@ def test_prepare_rejects_bad_params_in_one_line(tmp_path, params, fragment):
 @pytest.mark.parametrize("params, fragment", [
     ({"distill": {"steps": 0}}, "distill.steps=0 is not allowed; expected a positive integer"),
     ({"distill": {"stepz": 10}}, "distill.stepz"),
-    ({"kernel": {"architecture": "resnet"}}, "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf"),
+    ({"kernel": {"architecture": "resnet"}}, "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf|conv_rf"),
     ({"seed": -1}, "seed=-1 is not allowed; expected an integer >= 0"),
     ({"distill": {"seed": 1}}, "distill.seed is not a key of params.yaml; set the top-level seed instead"),
 ])
