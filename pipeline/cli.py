@@ -222,6 +222,7 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     data = cfg.DataConfig(**_section(args, "data"), seed=distill.seed)
     prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
     kernel = cfg.KernelConfig(**_section(args, "kernel"))
+    workflow.check_distill_settings(kernel, distill)
     _check_outputs(args.out, args.history, args.checkpoint)
     prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
     run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)

@@ -41,6 +41,7 @@ def distill(
     progress: bool = True,
 ) -> DistillRun:
     """Distil a support set; returns it with the per-step history and the initial images."""
+    check_distill_settings(kernel, config)
     kernel_fn = kernels.make(kernel)
     monitor = None
     if config.eval_every and not _random_features(kernel, config):
@@ -90,6 +91,12 @@ def distill(
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
     return DistillRun(distilled, result.history, result.initial_images)
+
+
+def check_distill_settings(kernel: KernelConfig, config: DistillConfig) -> None:
+    """Refuse kernel/distill combinations that have no meaning together (one line, UserError)."""
+    if _random_features(kernel, config):
+        conv_kip.pipeline_settings(kernel, config)
 
 
 def _random_features(kernel: KernelConfig, config: DistillConfig) -> bool:

@@ -22,6 +22,7 @@ def main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
     kernel = section(params, "kernel", KernelConfig)
     config = section(params, "distill", DistillConfig, seed=seed(params))
+    workflow.check_distill_settings(kernel, config)  # before reading any data
     prepared = prep_io.load(args.prepared)
     dataset = prepared.provenance["dataset"]
     with tracked("distill", params, args.params) as tracker:

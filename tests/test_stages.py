@@ -39,6 +39,9 @@ def test_prepare_rejects_bad_params_in_one_line(tmp_path, params, fragment):
     ({"distill": {"stepz": 10}}, "distill.stepz"),
     ({"kernel": {"architecture": "resnet"}}, "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf|conv_rf"),
     ({"seed": -1}, "seed=-1 is not allowed; expected an integer >= 0"),
+    ({"kernel": {"architecture": "conv_rf"}}, "kernel.kind='ntk' is not available with kernel.architecture=conv_rf"),
+    ({"kernel": {"architecture": "conv_rf", "kind": "nngp"}, "distill": {"init": "noise"}},
+     "distill.init='noise' is not available with kernel.architecture=conv_rf; expected init: real"),
     ({"distill": {"seed": 1}}, "distill.seed is not a key of params.yaml; set the top-level seed instead"),
 ])
 def test_distill_rejects_bad_params_before_reading_data(tmp_path, params, fragment):
