@@ -288,6 +288,9 @@ class TrainConfig:
         if "solved" in self.label_sources() and self.loss != "mse_centered":
             raise UserError(f"train.labels=solved fits the centred network's kernel regression, so it needs "
                             f"train.loss=mse_centered (got {self.loss!r}); expected mse_centered, or train.labels=support")
+        if "solved" in self.label_sources() and self.architecture != "fc":
+            raise UserError(f"train.labels=solved (tried by train.labels_choice=validation) needs train.architecture=fc "
+                            f"(got {self.architecture!r}); expected train.labels: support and train.labels_choice: fixed")
         check_positive("train.solve_targets", self.solve_targets, integer=True)
         check_positive("train.solve_reg", self.solve_reg)
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)

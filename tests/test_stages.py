@@ -66,6 +66,8 @@ def test_evaluate_names_the_missing_input(tmp_path):
     ({"train": {"architecture": "resnet"}}, "train.architecture='resnet' is not allowed; expected one of: fc|conv"),
     ({"train": {"loss": "hinge"}}, "train.loss='hinge' is not allowed; expected one of: mse|xent"),
     ({"train": {"seeds": 0}}, "train.seeds=0 is not allowed; expected a positive integer"),
+    ({"train": {"architecture": "conv", "labels_choice": "validation"}},
+     "train.labels=solved (tried by train.labels_choice=validation) needs train.architecture=fc (got 'conv')"),
 ])
 def test_train_rejects_bad_params_in_one_line(tmp_path, params, fragment):
     result = _stage(
