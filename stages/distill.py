@@ -47,6 +47,10 @@ def main(args: argparse.Namespace) -> None:
             "privacy_nn_distance_median": distilled.metadata["privacy"]["support"]["median"],
             "real_nn_distance_median": distilled.metadata["privacy"]["real_heldout_images"]["median"],
         }
+        if "best_step" in distilled.metadata:  # conv_rf keeps the step that did best on validation
+            metrics["kept_step"] = distilled.metadata["best_step"]
+            metrics["kept_val_accuracy"] = next(h["val_accuracy"] for h in monitored
+                                                if h["step"] == distilled.metadata["best_step"])
         learned = distilled.metadata["privacy"].get("learned_pixels")
         if learned:  # corrupted supports: the distance over the pixels KIP could change
             metrics["privacy_learned_nn_distance_median"] = learned["support"]["median"]

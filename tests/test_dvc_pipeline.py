@@ -306,3 +306,24 @@ def _find_experiment(table: list[dict], name: str) -> dict:
                 if revision.get("name") == name:
                     return revision["data"]
     raise AssertionError(f"experiment {name} not in `dvc exp show --json`: {json.dumps(table)[:2000]}")
+
+
+def test_a_convnet_kernel_experiment_runs_through_dvc(project):
+    """README's ConvNet example, shrunk: `dvc exp run -S kernel.architecture=conv_rf ...` distils with
+    the random-feature ConvNet kernel, evaluates under its fixed draw and trains ConvNets; exp show
+    has the kept step, the KRR test accuracy beside its baselines, and the ConvNets' accuracy."""
+    root, env, _ = project
+    settings = ["kernel.architecture=conv_rf", "kernel.kind=nngp", "kernel.depth=2", "kernel.rf_width=8",
+                "kernel.rf_networks=2", "kernel.rf_eval_networks=2", "distill.learn_labels=true",
+                "distill.learning_rate=0.01", "train.architecture=conv", "train.conv_depth=2", "train.conv_width=8",
+                "train.labels_choice=fixed"]
+    _dvc(root, env, "exp", "run", "-n", "convrf", *[arg for s in settings for arg in ("-S", s)])
+    experiment = _find_experiment(json.loads(_dvc(root, env, "exp", "show", "--json")), "convrf")
+    distill = experiment["metrics"]["metrics/distill.json"]["data"]
+    evaluate = experiment["metrics"]["metrics/evaluate.json"]["data"]
+    train = experiment["metrics"]["metrics/train.json"]["data"]
+    assert distill["kept_step"] in (0, 10, 20, 30) and 0 < distill["kept_val_accuracy"] <= 1
+    assert 0.1 < evaluate["krr_test_accuracy"] <= 1 and 0.1 < evaluate["baseline_test_accuracy"] <= 1
+    assert 0 < evaluate["label_solve_test_accuracy"] <= 1
+    assert experiment["params"]["params.yaml"]["data"]["kernel"]["architecture"] == "conv_rf"
+    assert train, "the train stage wrote no metrics"
