@@ -27,7 +27,9 @@ monitoring draws from, the same draw for every run so that supports are compared
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from pipeline import atomic, conv_features, kip, krr
 from pipeline.config import DistillConfig, KernelConfig
@@ -157,8 +160,6 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     """Learn a support from class-balanced real training images; resumes from `checkpoint` if it
     holds a run of the same settings (and the same `checkpoint_key`: the pipeline's digest of its
     data, code and machine, `workflow.checkpoint_key`)."""
-    from tqdm.auto import tqdm
-
     if len(y_val) == 0:
         raise UserError("conv KIP keeps the step that does best on validation; set data.validation_fraction > 0")
     conv_features.check_image_shape(features, x_train.shape[1:])
@@ -226,23 +227,38 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
                          np.asarray(x_train[idx], np.float32))
 
 
+_CHECKPOINT_KIND = "conv-kip-checkpoint"  # one of kip.CHECKPOINT_KINDS
+
+
+def _settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def _save_checkpoint(path: Path, settings: dict, step: int, support, state, best, history) -> None:
     leaves = jax.tree_util.tree_leaves((support, state, best[2]))
-    meta = {"settings": settings, "step": step, "best_accuracy": best[0], "best_step": best[1], "history": history}
-    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    meta = {"kind": _CHECKPOINT_KIND, "key": _settings_key(settings), "step": step, "best_accuracy": best[0],
+            "best_step": best[1], "history": history}
+    arrays = {f"leaf_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     atomic.save_npz(path, arrays)
 
 
 def _load_checkpoint(path: Path, settings: dict, support, state):
-    """(step, support, state, best, history) from a checkpoint of the same settings, else None."""
-    if not path.exists():
+    """(step, support, state, best, history) from a checkpoint of the same settings; None if there is
+    none, or if it belongs to other settings or to the fixed-kernel loop (it is then replaced, as
+    `kip` does). A file that is not one of our checkpoints is refused (kip.read_checkpoint)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
         return None
-    with np.load(path) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        if meta["settings"] != json.loads(json.dumps(settings)):
-            raise UserError(f"{path} is a checkpoint of other conv KIP settings; delete it or choose another checkpoint path")
-        template, treedef = jax.tree_util.tree_flatten((support, state, support))
-        leaves = [jnp.asarray(data[f"leaf_{i}"], template[i].dtype) for i in range(len(template))]
-    support, state, best_support = jax.tree_util.tree_unflatten(treedef, leaves)
+    meta, leaves = kip.read_checkpoint(path)
+    if meta.get("kind") != _CHECKPOINT_KIND or meta.get("key") != _settings_key(settings):
+        tqdm.write(f"conv KIP: checkpoint {path} belongs to other settings or code; starting from step 0",
+                   file=sys.stderr)
+        return None
+    template, treedef = jax.tree_util.tree_flatten((support, state, support))
+    if len(leaves) != len(template) or any(leaf.shape != t.shape for leaf, t in zip(leaves, template)):
+        raise UserError(f"checkpoint {path} matches this run's settings but not its shapes; delete it to start afresh")
+    support, state, best_support = jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(leaf, t.dtype) for leaf, t in zip(leaves, template)])
+    tqdm.write(f"conv KIP: resuming from {path} at step {meta['step']}", file=sys.stderr)
     return meta["step"], support, state, (meta["best_accuracy"], meta["best_step"], best_support), meta["history"]

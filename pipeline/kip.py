@@ -355,6 +355,9 @@ def label_solve(
 
 
 _CHECKPOINT_KIND = "kip-checkpoint"
+# Checkpoints this project writes, whichever loop wrote them: one of another loop or of other
+# params is replaced (a `dvc exp run -S kernel.architecture=...` switches loops on the same path).
+CHECKPOINT_KINDS = (_CHECKPOINT_KIND, "conv-kip-checkpoint")
 
 
 def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
@@ -374,8 +377,8 @@ def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return None
-    meta, leaves = _read_checkpoint(path)
-    if meta.get("key") != key:
+    meta, leaves = read_checkpoint(path)
+    if meta.get("kind", _CHECKPOINT_KIND) != _CHECKPOINT_KIND or meta.get("key") != key:
         tqdm.write(f"kip: checkpoint {path} belongs to other params or code; starting from step 0", file=sys.stderr)
         return None
     template, treedef = jax.tree_util.tree_flatten((support, opt_state))
@@ -387,8 +390,9 @@ def _load_checkpoint(path: Path, key: str, support: Support, opt_state):
     return support, opt_state, int(meta["step"]), list(meta["history"])
 
 
-def _read_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
-    """The metadata and leaves of a checkpoint; a UserError for anything that is not one of ours."""
+def read_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
+    """The metadata and leaves of a checkpoint (any of CHECKPOINT_KINDS); a UserError for anything
+    that is not one of ours."""
     not_ours = (
         f"--checkpoint {path} exists and is not a kip checkpoint; it would be overwritten: "
         "choose another checkpoint path, or delete the file if it is a damaged checkpoint"
@@ -404,6 +408,6 @@ def _read_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
     if not isinstance(meta, dict) or sorted(data) != sorted(["meta", *(f"leaf_{i:03d}" for i in range(count))]):
         raise UserError(not_ours)
     leaves = [data[f"leaf_{i:03d}"] for i in range(count)]
-    if meta.get("kind", _CHECKPOINT_KIND) != _CHECKPOINT_KIND or "key" not in meta or "step" not in meta:
+    if meta.get("kind", _CHECKPOINT_KIND) not in CHECKPOINT_KINDS or "key" not in meta or "step" not in meta:
         raise UserError(not_ours)
     return meta, leaves

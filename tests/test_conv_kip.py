@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import artifacts, conv_features, conv_kip, kernels, krr, workflow
+from pipeline import artifacts, conv_features, conv_kip, kernels, kip, krr, workflow
 from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
 from pipeline.conv_kip import ConvKipConfig
@@ -68,14 +68,19 @@ def test_fixed_labels_stay_fixed(digits_split):
     np.testing.assert_array_equal(result.labels, krr.centered_one_hot(result.classes, 10))
 
 
-def test_a_checkpoint_of_other_settings_is_refused(digits_split, tmp_path):
+def test_a_checkpoint_of_other_settings_is_replaced_not_resumed(digits_split, tmp_path, capsys):
+    """A longer run of otherwise equal settings is a different run: it starts from step 0 (never
+    mixes the two) and ends with the bytes of a run that had no checkpoint, as `kip` does."""
     x_train, y_train, x_val, y_val = digits_split
     checkpoint = tmp_path / "conv_kip.npz"
     conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, dataclasses.replace(SMALL, steps=4),
                      checkpoint=checkpoint, progress=False)
-    # a longer run of otherwise equal settings is a different run: refused, not silently mixed
-    with pytest.raises(UserError, match="checkpoint of other conv KIP settings"):
-        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
+    fresh = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    replaced = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint,
+                                progress=False)
+    assert "belongs to other settings or code; starting from step 0" in capsys.readouterr().err
+    np.testing.assert_array_equal(replaced.images, fresh.images)
+    assert replaced.history == fresh.history
 
 
 def test_resume_continues_from_the_checkpoint(digits_split, tmp_path, monkeypatch):
@@ -230,12 +235,29 @@ def test_conv_rf_refuses_settings_it_has_no_counterpart_for(kernel, distill, mes
     assert "\n" not in str(raised.value)
 
 
-def test_a_conv_rf_checkpoint_of_other_data_or_code_is_refused(digits_split, tmp_path):
-    """The pipeline passes its checkpoint key (data, code, machine); another key is another run."""
+def test_the_checkpoint_path_switches_between_loops_and_refuses_foreign_files(digits_split, tmp_path, capsys):
+    """The pipeline passes its checkpoint key (data, code, machine): another key is another run.
+    One path serves both loops (`dvc exp run -S kernel.architecture=...`): a fixed-kernel KIP
+    checkpoint there is replaced, and so is a conv one by `kip`; a file that is no checkpoint is
+    refused, because saving would overwrite it."""
     x_train, y_train, x_val, y_val = digits_split
     path = tmp_path / "ckpt.npz"
+    fresh = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
     conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, checkpoint_key="a",
                      progress=False)
-    with pytest.raises(UserError, match="checkpoint of other conv KIP settings"):
-        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, checkpoint_key="b",
-                         progress=False)
+    other_key = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path,
+                                 checkpoint_key="b", progress=False)
+    np.testing.assert_array_equal(other_key.images, fresh.images)
+    assert "starting from step 0" in capsys.readouterr().err
+    fc = DistillConfig(support_per_class=1, steps=2, target_batch=100, eval_every=0, checkpoint_every=1)
+    kip.distill(x_train, y_train, 10, kernels.make(KernelConfig()), fc, checkpoint=path, checkpoint_key="fc",
+                progress=False)  # the same path now holds a fixed-kernel checkpoint
+    after_fc = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path,
+                                checkpoint_key="a", progress=False)
+    np.testing.assert_array_equal(after_fc.images, fresh.images)
+    kip.distill(x_train, y_train, 10, kernels.make(KernelConfig()), fc, checkpoint=path, checkpoint_key="fc",
+                progress=False)  # and back: kip replaces the conv checkpoint
+    path.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="is not a kip checkpoint; it would be overwritten"):
+        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, progress=False)
+    assert path.read_text() == "not a checkpoint"
