@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,7 +38,8 @@ DATASETS = {"mnist": "registry", "fashion_mnist": "registry", "digits": "embedde
 
 @dataclass(frozen=True)
 class CellConfig:
-    """Everything one cell computes from; built from `shared` overlaid with `cells.<key>`."""
+    """Everything one cell computes from; built from `shared` overlaid with `cells.<key>`, and the
+    `train.<name>` settings the cell names for its networks."""
 
     dataset: str
     kernel: KernelConfig
@@ -45,6 +47,7 @@ class CellConfig:
     kip: DistillConfig
     kip_labels: DistillConfig
     train: TrainConfig
+    train_name: str = "fc"  # which `train.<name>`: the random-subset networks it is compared with train alike
     repeats: int = 3
     reg: float = 1e-6
     seed: int = 0
@@ -58,18 +61,44 @@ class CellConfig:
             raise UserError("kip.learn_labels must be false and kip_labels.learn_labels true (they are the two KIP rows)")
 
 
-def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any]) -> CellConfig:
-    """`cells.<key>` over `shared`, key by key (one level deep), into config records."""
+def train_settings(name: Any, where: str, settings: Mapping[str, Any], seed: int) -> TrainConfig:
+    """`train.<name>` of the matrix's params as a TrainConfig (with the matrix's seed).
+
+    Networks are configured by name, not per cell, so that each DVC stage depends on the settings of
+    its own networks only: changing the ConvNets' settings re-runs the ConvNet stages alone, and no
+    KIP stage (`cells.<key>.train` holds just the name)."""
+    if not isinstance(name, str) or name not in settings:
+        raise UserError(f"{where}.train={name!r} is not allowed; expected the name of a train settings entry, one of: "
+                        f"{'|'.join(sorted(settings)) or '(none: params.yaml has no train section)'}")
+    try:
+        return from_mapping(TrainConfig, {"seed": seed, **(settings[name] or {})}, f"train.{name}")
+    except UserError as error:  # TrainConfig's own checks name train.<field>: say which entry too
+        if str(error).startswith(f"train.{name}."):
+            raise
+        raise UserError(f"train.{name}: {error}") from None
+
+
+CELL_KEYS = ("dataset", "kernel", "support_per_class", "kip", "kip_labels", "train")
+"""What a cell may set; repeats, reg and seed are `shared` only, so every cell is scored alike."""
+
+
+def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any],
+                train: Mapping[str, Any]) -> CellConfig:
+    """`cells.<key>` over `shared`, key by key (one level deep), into config records; the cell's
+    `train` names its networks' settings in `train` (the params' `train` section)."""
+    unknown = sorted(set(cell) - set(CELL_KEYS))
+    if unknown:
+        raise UserError(f"cells.{key}.{unknown[0]} is not a known key; expected one of: {'|'.join(CELL_KEYS)}")
     merged: dict[str, Any] = {name: dict(value) if isinstance(value, Mapping) else value for name, value in shared.items()}
     for name, value in cell.items():
         if isinstance(value, Mapping) and isinstance(merged.get(name), dict):
             merged[name].update(value)
         else:
             merged[name] = value
-    known = {f.name for f in dataclasses.fields(CellConfig)}
+    known = {f.name for f in dataclasses.fields(CellConfig)} - {"train_name"}
     unknown = sorted(set(merged) - known)
     if unknown:
-        raise UserError(f"cells.{key}.{unknown[0]} is not a known key; expected one of: {'|'.join(sorted(known))}")
+        raise UserError(f"shared.{unknown[0]} is not a known key; expected one of: {'|'.join(sorted(known - {'train'}))}")
     spc = merged.get("support_per_class")
     seed = int(merged.get("seed", 0))
     common = {"support_per_class": spc, "reg": merged.get("reg", 1e-6), "seed": seed, "checkpoint_every": 0,
@@ -81,7 +110,8 @@ def cell_config(key: str, shared: Mapping[str, Any], cell: Mapping[str, Any]) ->
         kip=from_mapping(DistillConfig, {**common, **merged.get("kip", {}), "learn_labels": False}, f"cells.{key}.kip"),
         kip_labels=from_mapping(DistillConfig, {**common, **merged.get("kip_labels", {}), "learn_labels": True},
                                 f"cells.{key}.kip_labels"),
-        train=from_mapping(TrainConfig, {"seed": seed, **merged.get("train", {})}, f"cells.{key}.train"),
+        train=train_settings(merged.get("train"), f"cells.{key}", train, seed),
+        train_name=merged.get("train"),
         repeats=int(merged.get("repeats", 3)),
         reg=float(merged.get("reg", 1e-6)),
         seed=seed,
@@ -108,12 +138,15 @@ class MethodResult:
                 "nn_label_scale": self.nn_label_scale, "nn_settings": self.nn_settings, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
 
 
-def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
+def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
+             checkpoints: Path | None = None) -> tuple[dict[str, Any], dict[str, DistilledSet]]:
     """All four methods of one cell by KRR: the JSON-ready result, and every support set behind a number in
     it (Label Solve per repeat, both KIP rows), with full lineage, so `kip evaluate` re-scores them.
 
     Each support is scored on the test split (the reported number) and on the validation split
-    (what settings are chosen on).
+    (what settings are chosen on). With `checkpoints` (a directory), each KIP run checkpoints to
+    `<checkpoints>/<kip|kip_labels>.npz` as its `checkpoint_every` says, and a re-run resumes it
+    (kip's checkpoint key covers params, data, code and machine, so a stale one is replaced).
     """
     from pipeline import workflow
 
@@ -142,7 +175,8 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
     for name in ("kip", "kip_labels"):
         config = getattr(cell, name)
         with timed(results[name]):
-            distilled = workflow.distill(prepared, cell.kernel, config, progress=progress).distilled
+            checkpoint = None if checkpoints is None else Path(checkpoints) / f"{name}.npz"
+            distilled = workflow.distill(prepared, cell.kernel, config, checkpoint=checkpoint, progress=progress).distilled
             score(results[name], distilled.images, distilled.labels)
             supports[name] = distilled
     return {
@@ -151,6 +185,7 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
         "kernel_name": kernel_name(cell.kernel),
         "support_per_class": cell.support_per_class,
         "images": cell.support_per_class * classes,
+        "train": cell.train_name,
         "methods": {name: result.summary() for name, result in results.items()},
         "config": {"kip": dataclasses.asdict(cell.kip), "kip_labels": dataclasses.asdict(cell.kip_labels),
                    "repeats": cell.repeats, "reg": cell.reg},
@@ -161,6 +196,8 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False) -> tu
 def kernel_name(spec: KernelConfig) -> str:
     if spec.architecture == "rbf":
         return "RBF"
+    if spec.architecture == "conv_rf":
+        return f"ConvNet-RF {spec.kind.upper()}"
     return f"{spec.architecture.upper()} {spec.kind.upper()}"
 
 

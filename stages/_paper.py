@@ -17,7 +17,7 @@ def load_cell(params_path: Path, key: str) -> paper.CellConfig:
     cells = params.get("cells") or {}
     if key not in cells:
         raise UserError(f"cell {key!r} is not in {params_path}; expected one of: {'|'.join(sorted(cells))}")
-    return paper.cell_config(key, params.get("shared") or {}, cells[key])
+    return paper.cell_config(key, params.get("shared") or {}, cells[key], params.get("train") or {})
 
 
 def prepare_dataset(dataset: str, seed: int) -> Prepared:

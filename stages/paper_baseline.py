@@ -1,8 +1,8 @@
 """DVC stage `baseline@<key>` of experiments/paper: finite networks trained on class-balanced random
-real subsets of one (dataset, images per class), the networks every kernel's cell of that size is
-compared with (they do not depend on the kernel, so they are trained once).
+real subsets of one (dataset, images per class, train settings), the networks every kernel's cell of
+that size and train settings is compared with (they do not depend on the kernel, so they are trained once).
 
-Reads params: shared.seed, shared.train, baselines.<key>.*   Reads: the registry download cache.
+Reads params: shared.seed, baselines.<key>.*, train.<the baseline's train name>   Reads: the registry download cache.
 Writes: one JSON of network results, merged into the cells by the report.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ def main(args: argparse.Namespace) -> None:
     baselines = params.get("baselines") or {}
     if args.key not in baselines:
         raise UserError(f"baseline {args.key!r} is not in {args.params}; expected one of: {'|'.join(sorted(baselines))}")
-    config = paper_networks.baseline_config(args.key, params.get("shared") or {}, baselines[args.key])
+    config = paper_networks.baseline_config(args.key, params.get("shared") or {}, baselines[args.key],
+                                            params.get("train") or {})
     prepared = prepare_dataset(config.dataset, config.train.seed)
     result = paper_networks.run_baseline_networks(prepared, config, progress=args.progress)
     atomic.write_json(args.out, result)

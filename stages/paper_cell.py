@@ -18,7 +18,7 @@ from pipeline import artifacts, atomic, paper, parquet
 def main(args: argparse.Namespace) -> None:
     cell = load_cell(args.params, args.key)
     prepared = prepare_dataset(cell.dataset, cell.seed)
-    summary, supports = paper.run_cell(prepared, cell, progress=args.progress)
+    summary, supports = paper.run_cell(prepared, cell, progress=args.progress, checkpoints=args.checkpoints)
     for name, distilled in supports.items():  # every support set behind a number, re-scorable by `kip evaluate`
         artifacts.save_npz(args.supports / f"{name}.npz", distilled)
         parquet.save_parquet(args.supports / f"{name}.parquet", distilled, prepared.class_names)
@@ -35,4 +35,7 @@ if __name__ == "__main__":
     parser.add_argument("--supports", type=Path, required=True, help="directory for the cell's support sets (.npz + .parquet)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--progress", action="store_true", help="show KIP progress bars")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="directory for the KIP runs' checkpoints (kip.npz, kip_labels.npz), resumed by a re-run; "
+                             "they are written as the cell's kip.checkpoint_every says")
     run_stage("cell", main, parser)

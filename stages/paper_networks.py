@@ -1,7 +1,7 @@
 """DVC stage `networks@<key>` of experiments/paper: finite networks trained on one cell's saved KIP
 supports (both label modes), settings chosen on the validation split per support.
 
-Reads params: shared.seed, shared.train, cells.<key>.*   Reads: the cell's supports (.npz), the
+Reads params: shared.seed, cells.<key>.*, train.<the cell's train name>   Reads: the cell's supports (.npz), the
 registry download cache.   Writes: one JSON of network results, merged into the cell by the report.
 """
 from __future__ import annotations

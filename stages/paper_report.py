@@ -2,7 +2,7 @@
 and results/summary.json (with the checks the comparison should pass), logged to MLflow.
 
 Reads params: paper (published numbers), tracking.*   Reads: results/cells/*.json, each merged with
-results/networks/<key>.json (its supports' networks) and results/baselines/<dataset>-<spc>.json.
+results/networks/<key>.json (its supports' networks) and results/baselines/<dataset>-<spc>-<train>.json.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _with_networks(cell: dict, args: argparse.Namespace) -> dict:
-    """The cell with its networks and its (dataset, size)'s random-subset networks merged in."""
-    baseline = paper_networks.baseline_key(cell["dataset"], cell["support_per_class"])
+    """The cell with its networks and its (dataset, size, train settings)' random-subset networks merged in."""
+    baseline = paper_networks.cell_baseline_key(cell)
     found = {}
     for name, path, stage in (("networks", args.networks / f"{cell['key']}.json", f"networks@{cell['key']}"),
                               ("baseline", args.baselines / f"{baseline}.json", f"baseline@{baseline}")):

@@ -25,38 +25,61 @@ SHARED = {
     "seed": 0,
     "kip": {"steps": 20, "target_batch": 400},
     "kip_labels": {"steps": 20, "target_batch": 400},
-    # one optimizer (no Adam candidates): the matrix's plumbing is under test here, not the choice
-    "train": {"width": 64, "steps": 20, "seeds": 2, "eval_every": 20, "batch_size": 20, "optimizer_choice": "fixed"},
 }
+# one optimizer (no Adam candidates): the matrix's plumbing is under test here, not the choice
+TRAIN = {"fc": {"width": 64, "steps": 20, "seeds": 2, "eval_every": 20, "batch_size": 20, "optimizer_choice": "fixed"}}
 
 
 def test_cell_config_overlays_the_cell_on_shared_key_by_key():
     cell = paper.cell_config("x", SHARED, {"dataset": "digits", "kernel": {"kind": "nngp"}, "support_per_class": 3,
-                                           "kip_labels": {"steps": 50, "learning_rate": 0.01}})
+                                           "kip_labels": {"steps": 50, "learning_rate": 0.01}, "train": "fc"}, TRAIN)
     assert cell.kernel.kind == "nngp" and cell.support_per_class == 3
     assert (cell.kip.steps, cell.kip.learn_labels, cell.kip.support_per_class) == (20, False, 3)
     assert (cell.kip_labels.steps, cell.kip_labels.learning_rate, cell.kip_labels.target_batch) == (50, 0.01, 400)
-    assert cell.kip_labels.learn_labels and cell.train.width == 64
+    assert cell.kip_labels.learn_labels and cell.train.width == 64 and cell.train_name == "fc"
 
 
 @pytest.mark.parametrize("cell, message", [
-    ({"dataset": "cifar", "support_per_class": 1}, "dataset='cifar' is not allowed"),
-    ({"dataset": "digits", "support_per_class": 1, "colour": 1}, "cells.x.colour is not a known key"),
-    ({"dataset": "digits", "support_per_class": 1, "kip": {"stepz": 3}}, "cells.x.kip.stepz is not a known key"),
+    ({"dataset": "cifar", "support_per_class": 1, "train": "fc"}, "dataset='cifar' is not allowed"),
+    ({"dataset": "digits", "support_per_class": 1, "train": "fc", "colour": 1}, "cells.x.colour is not a known key"),
+    ({"dataset": "digits", "support_per_class": 1, "train": "fc", "kip": {"stepz": 3}}, "cells.x.kip.stepz is not a known key"),
+    # repeats, reg and seed are shared-only: every cell is scored alike
+    ({"dataset": "digits", "support_per_class": 1, "train": "fc", "repeats": 5}, "cells.x.repeats is not a known key"),
+    # networks are configured by name, so changing them never re-runs a cell's KIP
+    ({"dataset": "digits", "support_per_class": 1}, r"cells.x.train=None is not allowed; expected the name .* one of: fc"),
+    ({"dataset": "digits", "support_per_class": 1, "train": {"width": 8}}, r"cells.x.train=\{'width': 8\} is not allowed"),
+    ({"dataset": "digits", "support_per_class": 1, "train": "conv"}, "cells.x.train='conv' is not allowed"),
 ])
 def test_bad_cells_are_one_line_errors(cell, message):
     with pytest.raises(UserError, match=message):
-        paper.cell_config("x", SHARED, cell)
+        paper.cell_config("x", SHARED, cell, TRAIN)
+
+
+def test_train_settings_are_named_and_shared_by_a_cell_and_its_random_side():
+    train = {**TRAIN, "conv": {"architecture": "conv", "conv_depth": 2, "labels_choice": "fixed"}}
+    cell = paper.cell_config("digits-conv_rf-2", SHARED, {
+        "dataset": "digits", "kernel": {"architecture": "conv_rf", "kind": "nngp"}, "support_per_class": 2,
+        "train": "conv"}, train)
+    assert (cell.train.architecture, cell.train.conv_depth, cell.train_name) == ("conv", 2, "conv")
+    assert paper.kernel_name(cell.kernel) == "ConvNet-RF NNGP"
+    baseline = paper_networks.baseline_config("digits-2-conv", SHARED, {"dataset": "digits", "support_per_class": 2,
+                                                                         "train": "conv"}, train)
+    assert baseline.train == cell.train and baseline.key == "digits-2-conv"
+    with pytest.raises(UserError, match="baselines.digits-2-fc holds digits-2-conv; expected the key"):
+        paper_networks.baseline_config("digits-2-fc", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "conv"}, train)
+    with pytest.raises(UserError, match=r"^train.conv: train.labels=solved .*needs train.architecture=fc"):
+        paper.cell_config("c", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "conv"},
+                          {"conv": {"architecture": "conv", "labels_choice": "validation"}})
 
 
 @pytest.fixture(scope="module")
 def digits_run():
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
-    cell = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2})
+    cell = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "fc"}, TRAIN)
     summary, supports = paper.run_cell(prepared, cell)
     networks = paper_networks.run_support_networks(prepared, cell.train, supports)
-    baseline = paper_networks.run_baseline_networks(
-        prepared, paper_networks.baseline_config("digits-2", SHARED, {"dataset": "digits", "support_per_class": 2}))
+    baseline = paper_networks.run_baseline_networks(prepared, paper_networks.baseline_config(
+        "digits-2-fc", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "fc"}, TRAIN))
     cell_result = {"key": "digits-fc_ntk-2", **summary}
     assert all(m["nn"]["n"] == 0 for m in cell_result["methods"].values())  # KIP's stage trains no network
     return paper_networks.merge(cell_result, networks, baseline), supports
@@ -106,7 +129,7 @@ def test_the_random_side_trained_alone_is_the_one_trained_beside_a_support(digit
 
     cell, supports = digits_run
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
-    train = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2}).train
+    train = paper.cell_config("digits-fc_ntk-2", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "fc"}, TRAIN).train
     together = transfer.train_networks(supports["kip"], prepared, train, progress=False)
     baseline = [r.accuracy for r in together["baseline"]]
     assert (float(np.mean(baseline)), float(np.std(baseline))) == \
@@ -117,11 +140,15 @@ def test_the_random_side_trained_alone_is_the_one_trained_beside_a_support(digit
 
 def test_networks_and_random_subsets_must_share_their_train_settings(digits_cell):
     networks = {"methods": {}, "train": {"width": 64, "seed": 0}}
-    baseline = {"key": "digits-2", "dataset": "digits", "support_per_class": 2, "methods": {}, "train": {"width": 128, "seed": 0}}
-    with pytest.raises(UserError, match=r"networks trained with train.width=64 but its random-subset networks \(digits-2\) with 128"):
+    baseline = {"key": "digits-2-fc", "dataset": "digits", "support_per_class": 2, "methods": {}, "train": {"width": 128, "seed": 0}}
+    with pytest.raises(UserError, match=r"networks trained with train.width=64 but its random-subset networks \(digits-2-fc\) with 128"):
         paper_networks.merge(digits_cell, networks, baseline)
-    with pytest.raises(UserError, match="baselines.digits-3 holds digits-2"):
-        paper_networks.baseline_config("digits-3", SHARED, {"dataset": "digits", "support_per_class": 2})
+    with pytest.raises(UserError, match="cell digits-fc_ntk-2 was given the random-subset networks of digits-2-conv; expected digits-2-fc"):
+        paper_networks.merge(digits_cell, networks, {**baseline, "key": "digits-2-conv"})
+    with pytest.raises(UserError, match=r"result names no train settings .*`dvc repro cell@digits-fc_ntk-2`"):
+        paper_networks.merge({k: v for k, v in digits_cell.items() if k != "train"}, networks, baseline)
+    with pytest.raises(UserError, match="baselines.digits-3-fc holds digits-2-fc"):
+        paper_networks.baseline_config("digits-3-fc", SHARED, {"dataset": "digits", "support_per_class": 2, "train": "fc"}, TRAIN)
 
 
 def test_report_states_failed_checks_with_their_numbers(digits_cell):
@@ -157,6 +184,45 @@ def test_report_states_failed_checks_with_their_numbers(digits_cell):
     assert paper_report.figure([digits_cell], []).axes
 
 
+def test_report_checks_the_convnet_kernel_goals(digits_cell):
+    """Issue 14's goals for the ConvNet kernel at 100 images: the better KIP row's KRR and its ConvNets
+    must both reach their goals; a missing cell is reported missing, never met."""
+    conv = copy.deepcopy(digits_cell)
+    conv.update(key="mnist-conv_rf-10", dataset="mnist", kernel_name="ConvNet-RF NNGP", images=100, support_per_class=10)
+    conv["methods"]["kip"]["krr"]["mean"], conv["methods"]["kip_labels"]["krr"]["mean"] = 0.96, 0.986
+    conv["methods"]["kip_labels"]["nn"]["mean"] = 0.969
+    conv["methods"]["kip_labels"]["cpu_seconds"] = 1800.0
+    goals = paper_report.checks([conv])["conv_goals"]
+    assert goals["mnist_conv_100"] == {"row": "kip_labels", "krr_accuracy": 0.986, "nn_accuracy": 0.969, "goal_krr": 0.985,
+                                       "goal_nn": 0.97, "cpu_minutes": 30.0, "met": False}
+    assert goals["fashion_mnist_conv_100"]["krr_accuracy"] is None and not goals["fashion_mnist_conv_100"]["met"]
+    conv["methods"]["kip_labels"]["nn"]["mean"] = 0.97
+    verdict = paper_report.checks([conv])
+    assert verdict["conv_goals"]["mnist_conv_100"]["met"]
+    table = paper_report.table_markdown([conv], [], verdict)
+    assert ("- MNIST, ConvNet-RF NNGP, 100 images (KIP + labels, KIP run 30.0 CPU min): KRR 98.60 % and finite ConvNets "
+            "97.00 %, against the goals of 98.5 % and 97.0 %: met.") in table
+    assert "- Fashion-MNIST, ConvNet-RF NNGP, 100 images: KRR missing and finite ConvNets missing" in table
+    assert "| ConvNet-RF NNGP | 100 | KIP + labels |" in table
+
+
+def test_a_cells_kip_runs_checkpoint_where_the_stage_says(tmp_path):
+    """The cell stage's --checkpoints: each KIP run saves there, and a re-run resumes to the same support."""
+    from pipeline import kip
+
+    prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+    spec = {"dataset": "digits", "support_per_class": 1, "train": "fc", "kip": {"checkpoint_every": 10},
+            "kip_labels": {"checkpoint_every": 10}}
+    cell = paper.cell_config("digits-fc_ntk-1", {**SHARED, "repeats": 1}, spec, TRAIN)
+    _, first = paper.run_cell(prepared, cell, checkpoints=tmp_path / "ckpt")
+    for name in ("kip", "kip_labels"):
+        meta, _ = kip.read_checkpoint(tmp_path / "ckpt" / f"{name}.npz")
+        assert meta["step"] == 20
+    _, again = paper.run_cell(prepared, cell, checkpoints=tmp_path / "ckpt")  # resumes at step 20: nothing left to run
+    assert np.array_equal(again["kip_labels"].images, first["kip_labels"].images)
+    assert np.array_equal(again["kip_labels"].labels, first["kip_labels"].labels)
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_dvc_reruns_only_the_changed_cell(tmp_path):
     """Two digits cells through the real experiments/paper/dvc.yaml; then one cell's params change."""
@@ -171,11 +237,13 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = {
         "shared": SHARED,
+        "train": {**TRAIN, "alt": TRAIN["fc"]},  # the RBF cell's networks have settings of their own
         "cells": {
-            "digits-fc_ntk-1": {"dataset": "digits", "kernel": {"kind": "ntk"}, "support_per_class": 1},
-            "digits-rbf-1": {"dataset": "digits", "kernel": {"architecture": "rbf"}, "support_per_class": 1},
+            "digits-fc_ntk-1": {"dataset": "digits", "kernel": {"kind": "ntk"}, "support_per_class": 1, "train": "fc"},
+            "digits-rbf-1": {"dataset": "digits", "kernel": {"architecture": "rbf"}, "support_per_class": 1, "train": "alt"},
         },
-        "baselines": {"digits-1": {"dataset": "digits", "support_per_class": 1}},
+        "baselines": {"digits-1-fc": {"dataset": "digits", "support_per_class": 1, "train": "fc"},
+                      "digits-1-alt": {"dataset": "digits", "support_per_class": 1, "train": "alt"}},
         "paper": [],
         "tracking": {"enabled": False},
     }
@@ -191,7 +259,7 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
 
     first = _ran(_dvc(paper, env, "repro"))
     assert first == {"cell@digits-fc_ntk-1", "cell@digits-rbf-1", "networks@digits-fc_ntk-1", "networks@digits-rbf-1",
-                     "baseline@digits-1", "report"}
+                     "baseline@digits-1-fc", "baseline@digits-1-alt", "report"}
     lock = yaml.safe_load((paper / "dvc.lock").read_text())
     assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/kip.py", "../../stages/paper_cell.py"}
     results = paper / "results"
@@ -207,12 +275,19 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     assert json.loads((results / "cells" / "digits-rbf-1.json").read_text())["config"]["kip"]["steps"] == 25
     assert _ran(_dvc(paper, env, "repro")) == set()
 
-    # How networks train is theirs alone: no KIP stage re-runs, and the supports stay as they were.
-    params["shared"]["train"] = {**SHARED["train"], "steps": 10}
+    # How networks train is theirs alone: no KIP stage re-runs, and the supports stay as they were;
+    # named settings re-run the network stages that use them and no others.
+    params["train"]["fc"] = {**TRAIN["fc"], "steps": 10}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     third = _ran(_dvc(paper, env, "repro"))
-    assert third == {"networks@digits-fc_ntk-1", "networks@digits-rbf-1", "baseline@digits-1", "report"}
+    assert third == {"networks@digits-fc_ntk-1", "baseline@digits-1-fc", "report"}
     assert (results / "cells" / "digits-fc_ntk-1.json").read_bytes() == before
+    params["train"]["alt"] = {**TRAIN["fc"], "width": 32}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc(paper, env, "repro")) == {"networks@digits-rbf-1", "baseline@digits-1-alt", "report"}
+    table = (results / "table.md").read_text()
+    assert "NN in the RBF rows (`train.alt`): width-32 FC ReLU networks" in table
+    assert "NN in the FC NTK rows (`train.fc`): width-64 FC ReLU networks" in table
 
 
 
