@@ -101,6 +101,15 @@ def features(params: Params, x: jax.Array, config: ConvFeatureConfig) -> jax.Arr
     return scale * jnp.moveaxis(h, 0, 1).reshape(x.shape[0], -1)
 
 
+def features_by_network(params: Params, x: jax.Array, config: ConvFeatureConfig) -> jax.Array:
+    """`features`, computed one network at a time (memory: one network's activations, as in
+    `kernel_by_network`), for feature maps of many networks on many images."""
+    body = _body(config)
+    h = jax.lax.map(lambda p: body.apply(p, x), params)  # (networks, n, F)
+    scale = config.w_std / math.sqrt(h.shape[0] * h.shape[2])
+    return scale * jnp.moveaxis(h, 0, 1).reshape(x.shape[0], -1)
+
+
 def kernel_from_features(f1: jax.Array, f2: jax.Array, config: ConvFeatureConfig) -> jax.Array:
     return f1 @ f2.T + config.b_std ** 2
 
@@ -123,10 +132,12 @@ def kernel_by_network(params: Params, x1: jax.Array, x2: jax.Array, config: Conv
     return config.w_std ** 2 * jnp.mean(per_network, axis=0) + config.b_std ** 2
 
 
-def feature_rows(params: Params, x: np.ndarray, config: ConvFeatureConfig, block_size: int = 1000) -> np.ndarray:
+def feature_rows(params: Params, x: np.ndarray, config: ConvFeatureConfig, block_size: int = 1000,
+                 one_network_at_a_time: bool = False) -> np.ndarray:
     """Features of many images, `block_size` at a time (one compiled shape; the last block padded)."""
     x = np.asarray(x, np.float32)
-    apply = jax.jit(lambda p, b: features(p, b, config))
+    featurize = features_by_network if one_network_at_a_time else features
+    apply = jax.jit(lambda p, b: featurize(p, b, config))
     out = None
     for start in range(0, len(x), block_size):
         block = x[start:start + block_size]

@@ -121,7 +121,16 @@ def _input_dim(x: jax.Array) -> int:
 
 def support_matrix(kernel_fn: KernelFn, support: np.ndarray) -> np.ndarray:
     """k(support, support) as a NumPy array, in one piece (supports are small)."""
+    if _has_features(kernel_fn):
+        features = kernel_fn.feature_rows(support)
+        return features @ features.T + np.float32(kernel_fn.offset)
     return np.asarray(_jitted_self(kernel_fn)(jnp.asarray(support)))
+
+
+def _has_features(kernel_fn: KernelFn) -> bool:
+    """Kernels given as an explicit feature map (conv_rf's `EvaluationKernel`): k = f(x1) . f(x2) +
+    offset, with f of each array computed (and kept) once, rather than per pair of blocks."""
+    return callable(getattr(kernel_fn, "feature_rows", None))
 
 
 def kernel_matrix(kernel_fn: KernelFn, x1: np.ndarray, x2: np.ndarray, block_size: int = 1000) -> np.ndarray:
@@ -142,6 +151,12 @@ def kernel_rows(
     split by rows across all devices (`devices`).
     """
     x = np.asarray(x)
+    if _has_features(kernel_fn):
+        features, support_features = kernel_fn.feature_rows(x), kernel_fn.feature_rows(support)
+        for start in range(0, len(x), block_size):
+            rows = slice(start, min(start + block_size, len(x)))
+            yield rows, features[rows] @ support_features.T + np.float32(kernel_fn.offset)
+        return
     rows = devices.padded_rows(min(block_size, len(x)))
     on_devices = devices.put_replicated(np.asarray(support))
     tile = _jitted(kernel_fn)

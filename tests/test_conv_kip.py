@@ -219,6 +219,33 @@ def test_the_evaluation_kernel_is_one_fixed_draw_computed_network_by_network():
     assert np.abs(np.asarray(conv_features.kernel(other_draw, x1, x2, evaluation)) - ours).max() > 1e-3 * np.abs(ours).max()
 
 
+def test_evaluation_passes_each_image_array_through_the_networks_once(monkeypatch):
+    """kernels.kernel_rows and support_matrix take the evaluation kernel's features: the same values
+    as the kernel function (float32-relative, as above), and each distinct array (by content) goes
+    through the networks once until the cache's byte budget pushes it out, least recently used first."""
+    rng = np.random.default_rng(4)
+    x, support = rng.normal(size=(9, 8, 8, 1)).astype(np.float32), rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+    kernel_fn = kernels.make(CONV_RF)
+    passes = []
+    original = conv_features.feature_rows
+    monkeypatch.setattr(conv_features, "feature_rows", lambda params, a, *args, **kw: passes.append(len(a)) or original(params, a, *args, **kw))
+    expected = np.asarray(kernel_fn(jnp.asarray(x), jnp.asarray(support)))
+    scale = 1e-5 * np.abs(expected).max()
+    blocks = list(kernels.kernel_rows(kernel_fn, x, support, block_size=4))
+    assert [(r.start, r.stop) for r, _ in blocks] == [(0, 4), (4, 8), (8, 9)]
+    np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), expected, rtol=0, atol=scale)
+    np.testing.assert_allclose(kernels.support_matrix(kernel_fn, support),
+                               np.asarray(kernel_fn(jnp.asarray(support), jnp.asarray(support))), rtol=0, atol=scale)
+    assert passes == [9, 4]  # x once, the support once (reused by support_matrix)
+    kernels.kernel_matrix(kernel_fn, x.copy(), support)  # equal content: no new pass
+    assert passes == [9, 4]
+    kernel_fn.cache_bytes = kernel_fn.feature_rows(x).nbytes  # room for x alone
+    kernel_fn.feature_rows(x[:2])  # pushes out the support (least recent), then x
+    kernel_fn.feature_rows(x[:2])
+    kernel_fn.feature_rows(support)
+    assert passes == [9, 4, 2, 4]
+
+
 @pytest.mark.parametrize("kernel,distill,message", [
     (dict(kind="ntk"), {}, "kernel.kind='ntk' is not available with kernel.architecture=conv_rf; expected kind: nngp"),
     (dict(activation="erf"), {}, "kernel.activation='erf' is not available with kernel.architecture=conv_rf"),
