@@ -1,28 +1,43 @@
-"""How fast is one KIP step, how close to the machine's matmul roofline, and is memory bounded?
+"""How fast is one KIP step, against what, and how much of the machine does it use?
 
-Step: the jitted value-and-gradient of the KIP loss for support x target sizes {100, 1000} x
-{1000, 5000}, FC NTK kernel (depth 1, the pipeline default), MNIST-sized inputs (28x28x1,
-Gaussian pixels: timing does not depend on their values), float32. In the same process:
+Step: the jitted value-and-gradient of the KIP loss for support x target sizes below, FC NTK kernel
+(depth 1, the pipeline default), MNIST-sized inputs (28x28x1, Gaussian pixels: timing does not
+depend on their values), float32.
 
-  ours       pipeline.kip.kip_loss with pipeline.kernels.make (closed-form kernel, Cholesky solve)
+  ours       pipeline.kip.kip_loss with pipeline.kernels.make, at the default distill.kernel_block
   reference  the paper's notebook: neural-tangents kernel_fn(x, y, 'ntk') for K_ss and K_ts, then
              jax.scipy.linalg.solve(K_ss + reg, y_s, assume_a='pos')
-  floor      the same two kernel matmuls, their backward pass and the solve with a linear kernel
-             (K = X Y^T / d): what no FC kernel can beat, since every entry needs its dot product
-  peak       the best jax.jit float32 matmul rate measured here (the roofline)
+  floor      the same matmuls, backward pass and solve with a linear kernel (K = X Y^T / d): what
+             no FC kernel can beat, since every entry needs its dot product
 
-All three run after `runtime.tune_process()` (glibc keeps freed memory; SciPy's OpenBLAS, which
-jaxlib's LAPACK calls, single-threaded). The reference is also timed in a child process left at
-the defaults, as the paper's code runs. FLOPs count the matmul work any implementation must do:
-forward and backward Gram products 4 n_s (n_s + n_t) d, Cholesky n_s^3 / 3, prediction and its
-backward 4 n_t n_s C. GFLOP/s = that count / median step time.
+Honesty rules (benchmarks/_timing.py): every sample records the cores other processes used while it
+ran and is retried when that exceeds 0.1 core; ours, reference and floor run in turn within each
+round; medians come with their 25-75 % spread. If a published timing could not get enough quiet
+samples, the script refuses: it prints the JSON with `loaded: true` and exits 3 without writing
+--out (pass --allow-load to write it anyway, flagged).
 
-Memory: peak RSS (VmHWM) of a child process that evaluates KRR (1000-image support) on 10k..60k
-images, and of one that takes one KIP step (1000-image support) with 10k..60k targets, in blocks
-of 10000 (distill.target_block) and, for contrast, in one block; beside the resident size before
-the work (runtime, TensorFlow, the images themselves).
+Ratios are like for like:
+  same_process     ours and the reference in this process, after runtime.tune_process() (glibc
+                   keeps freed memory; SciPy's OpenBLAS single-threaded): the kernels compared.
+  default_process  each in its own fresh process, untuned, as a user's script runs it: the
+                   reference as the notebook runs; ours as the library runs without tune_process()
+                   (it limits SciPy's OpenBLAS itself, pipeline/runtime.py). Its gain over
+                   same_process comes from those threads, not from the kernel, and is labelled so.
 
-    python benchmarks/kip_step.py [--repeats 10] [--out benchmarks/results/kip_step.json]
+Share of peak: the step's matmul FLOPs (4 n_s (n_s + n_t) d for the Gram products and their
+backward pass, n_s^3 / 3 for the Cholesky, 4 n_t n_s C for predictions) per second, over the rate
+at which this machine runs the step's own matmul shapes: the K_ts product (n_t x d) (d x n_s), its
+backward (n_s x n_t) (n_t x d), the K_ss product and its backward, each timed alone; "peak" is their
+total FLOPs over their total time. It is defined per row, from that row's shapes, because the rate
+depends on the shapes (137 to 214 GFLOP/s here).
+
+Also measured: LAPACK threads for the solve alone; 2 forced host devices against 1; `kip distill
+--kernel fc` on digits up to its first step (time, memory, whether TensorFlow was imported); the
+privacy report at 1000 support images; peak memory of evaluation and of one KIP step at 10k-60k
+targets (child processes).
+
+    python benchmarks/kip_step.py --out benchmarks/results/kip_step.json   # about 6 minutes, quiet machine
+    python benchmarks/kip_step.py --table benchmarks/results/kip_step.json # the README's table from it
 """
 from __future__ import annotations
 
@@ -34,129 +49,337 @@ import sys
 import time
 from pathlib import Path
 
-from _report import emit
+from _report import OtherLoad, emit
+from _timing import interleaved
 
-SIZES = [(100, 1000), (100, 5000), (1000, 1000), (1000, 5000)]
+SIZES = [(100, 1000), (100, 5000), (100, 20000), (1000, 1000), (1000, 5000), (3000, 1000), (3000, 5000)]
+DEFAULT_PROCESS_SIZES = [(100, 5000), (1000, 5000), (3000, 1000)]
 MEMORY_SIZES = [10_000, 20_000, 40_000, 60_000]
-MEMORY_KINDS = {  # what runs, and its target_block
-    "evaluate": None,
-    "kip": 10_000,
-    "kip_unblocked": None,  # the contrast: one block however many targets
-}
 MEMORY_SUPPORT = 1000
 SHAPE = (28, 28, 1)
 CLASSES = 10
 REG = 1e-6
+LOADED_EXIT = 3
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", choices=["reference", *MEMORY_KINDS], help=argparse.SUPPRESS)
+    parser.add_argument("--allow-load", action="store_true", help="write --out even if a timing was taken under load (flagged)")
+    parser.add_argument("--table", type=Path, help="print the README table from this JSON and exit")
+    parser.add_argument("--child", choices=["reference", "ours", "devices", "startup", "evaluate", "kip", "kip_unblocked"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child == "reference":
-        print(json.dumps(reference_only(args.repeats)))
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
         return 0
-    if args.child in MEMORY_KINDS:
-        print(json.dumps(memory_child(args.child, args.size)))
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
         return 0
 
     from pipeline import runtime
 
     tuned = runtime.tune_process()
     started = time.perf_counter()
-    steps = step_table(args.repeats)
-    untuned = json.loads(_child(["--child", "reference", "--repeats", str(args.repeats)]))
-    for row in steps:
-        row["reference_default_process_ms"] = untuned[f"{row['support']}x{row['targets']}"]
-        row["speedup_vs_reference_default_process"] = round(row["reference_default_process_ms"] / row["ours_ms"], 2)
-    memory = {kind: [json.loads(_child(["--child", kind, "--size", str(n)])) for n in MEMORY_SIZES]
-              for kind in MEMORY_KINDS}
-    emit({
+    report = {
         "benchmark": "kip_step",
         "kernel": "fc ntk, depth 1, relu, ntk parameterisation; float32",
         "process_tuning": tuned,
-        "steps": steps,
-        "memory": memory,
-        "seconds": round(time.perf_counter() - started, 1),
-    }, args.out)
+        "loaded_threshold_cores": OtherLoad.LOADED_CORES,
+        "steps": step_table(args.repeats),
+    }
+    default = {
+        "reference": json.loads(_child(["--child", "reference", "--repeats", str(args.repeats)])),
+        "ours": json.loads(_child(["--child", "ours", "--repeats", str(args.repeats)])),
+    }
+    report["default_process"] = [
+        {"support": n_s, "targets": n_t, "ours": default["ours"][f"{n_s}x{n_t}"], "reference": default["reference"][f"{n_s}x{n_t}"],
+         "speedup": round(default["reference"][f"{n_s}x{n_t}"]["median_ms"] / default["ours"][f"{n_s}x{n_t}"]["median_ms"], 2)}
+        for n_s, n_t in DEFAULT_PROCESS_SIZES
+    ]
+    report["lapack_threads"] = lapack_threads(args.repeats)
+    report["devices"] = json.loads(_child(["--child", "devices", "--repeats", str(args.repeats)], xla_devices=2))
+    report["devices"]["one_device_ms"] = next(r["ours"]["median_ms"] for r in report["steps"] if (r["support"], r["targets"]) == (1000, 5000))
+    report["startup"] = json.loads(_child(["--child", "startup"]))
+    report["privacy_report"] = privacy_timing()
+    report["memory"] = {kind: [json.loads(_child(["--child", kind, "--size", str(n)])) for n in MEMORY_SIZES]
+                        for kind in ("evaluate", "kip", "kip_unblocked")}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    loaded = sorted(set(_loaded_paths(report)))
+    report["loaded"] = loaded
+    if loaded and not args.allow_load:
+        emit(report, None)
+        print(f"kip_step: {len(loaded)} timing(s) taken while other processes used > {OtherLoad.LOADED_CORES} cores "
+              f"({', '.join(loaded[:4])}...); not writing {args.out} (run on a quiet machine, or --allow-load)", file=sys.stderr)
+        return LOADED_EXIT
+    emit(report, args.out)
     return 0
 
 
+# --- the steps ---------------------------------------------------------------------------------
+
 def step_table(repeats: int) -> list[dict]:
     import jax
-    import numpy as np
 
     from pipeline import kip
+    from pipeline.config import DistillConfig
 
-    peak = matmul_peak(repeats)
+    block = DistillConfig().kernel_block
     rows = []
     for n_s, n_t in SIZES:
-        x_s, y_s, x_t, y_t = _inputs(n_s, n_t)
-        ours = jax.jit(jax.value_and_grad(_our_loss))
-        reference = jax.jit(jax.value_and_grad(_reference_loss))
-        floor = jax.jit(jax.value_and_grad(_linear_loss))
-        compile_s = _first_call(ours, x_s, y_s, x_t, y_t)
-        timings = {name: _median_ms(fn, (x_s, y_s, x_t, y_t), repeats)
-                   for name, fn in (("ours", ours), ("reference", reference), ("floor", floor))}
+        inputs = _inputs(n_s, n_t)
+        fns = {
+            "ours": jax.jit(jax.value_and_grad(lambda *a: _our_loss(*a, kernel_block=block))),
+            "reference": jax.jit(jax.value_and_grad(_reference_loss)),
+            "floor": jax.jit(jax.value_and_grad(_linear_loss)),
+        }
+        start = time.perf_counter()
+        jax.block_until_ready(fns["ours"](*inputs))
+        first_call_s = time.perf_counter() - start
+        for fn in fns.values():
+            jax.block_until_ready(fn(*inputs))
+        timings = interleaved({name: (lambda fn=fn: jax.block_until_ready(fn(*inputs))) for name, fn in fns.items()}, repeats)
+        peak = matmul_peak(n_s, n_t, repeats)
         flops = matmul_flops(n_s, n_t)
-        peak = max(peak, _matmul_rate(n_t, int(np.prod(SHAPE)), n_s, repeats))
-        train_step_ms, compilations = _training_step(n_s, n_t, repeats)
-        rows.append({
+        ours_ms = timings["ours"]["median_ms"]
+        row = {
             "support": n_s, "targets": n_t,
-            "ours_ms": round(timings["ours"], 2),
-            "reference_ms": round(timings["reference"], 2),
-            "floor_ms": round(timings["floor"], 2),
-            "speedup_vs_reference": round(timings["reference"] / timings["ours"], 2),
+            "kernel_block": block, "blocked": n_s * n_t > block,
+            **timings,
+            "speedup_same_process": round(timings["reference"]["median_ms"] / ours_ms, 2),
             "gflop": round(flops / 1e9, 3),
-            "ours_gflops": round(flops / timings["ours"] / 1e6, 1),
-            "reference_gflops": round(flops / timings["reference"] / 1e6, 1),
-            "floor_gflops": round(flops / timings["floor"] / 1e6, 1),
-            "first_call_s": round(compile_s, 2),
-            "training_step_ms": round(train_step_ms, 2),
-            "compilations_over_steps": compilations,
-        })
-    for row in rows:
-        row["matmul_peak_gflops"] = round(peak, 1)
-        row["ours_roofline_fraction"] = round(row["ours_gflops"] / peak, 3)
-        row["reference_roofline_fraction"] = round(row["reference_gflops"] / peak, 3)
+            "ours_gflops": round(flops / ours_ms / 1e6, 1),
+            "reference_gflops": round(flops / timings["reference"]["median_ms"] / 1e6, 1),
+            "step_matmul_peak": peak,
+            "ours_share_of_peak": round(flops / ours_ms / 1e6 / peak["gflops"], 3),
+            "first_call_s": round(first_call_s, 2),
+        }
+        if (n_s, n_t) == (1000, 5000):
+            row["training_step"] = training_step(n_s, n_t, repeats)
+        rows.append(row)
+        print(f"kip_step: {n_s} x {n_t}: ours {ours_ms} ms, reference {timings['reference']['median_ms']} ms", file=sys.stderr, flush=True)
     return rows
 
 
-def reference_only(repeats: int) -> dict[str, float]:
-    import jax
-
-    out = {}
-    for n_s, n_t in SIZES:
-        reference = jax.jit(jax.value_and_grad(_reference_loss))
-        out[f"{n_s}x{n_t}"] = round(_median_ms(reference, _inputs(n_s, n_t), repeats), 2)
-    return out
-
-
 def matmul_flops(n_s: int, n_t: int) -> float:
-    d = 1
-    for size in SHAPE:
-        d *= size
+    d = _pixels()
     return 4.0 * n_s * (n_s + n_t) * d + n_s ** 3 / 3 + 4.0 * n_t * n_s * CLASSES
 
 
-def matmul_peak(repeats: int) -> float:
-    return max(_matmul_rate(n, n, n, repeats) for n in (1024, 2048))
-
-
-def _matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
+def matmul_peak(n_s: int, n_t: int, repeats: int) -> dict:
+    """The rate of the step's own matmul shapes, each timed alone: total FLOPs over total time."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    d = _pixels()
+    shapes = {"K_ts": (n_t, d, n_s), "K_ts backward": (n_s, n_t, d), "K_ss": (n_s, d, n_s), "K_ss backward": (n_s, n_s, d)}
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    ms = _median_ms(jax.jit(jnp.matmul), (a, b), max(repeats, 10))
-    return 2.0 * m * k * n / ms / 1e6
+    jobs, flops = {}, {}
+    matmul = jax.jit(jnp.matmul)
+    for name, (m, k, n) in shapes.items():
+        a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        jax.block_until_ready(matmul(a, b))
+        jobs[name] = lambda a=a, b=b: jax.block_until_ready(matmul(a, b))
+        flops[name] = 2.0 * m * k * n
+    timings = interleaved(jobs, repeats)
+    total_ms = sum(t["median_ms"] for t in timings.values())
+    return {
+        "gflops": round(sum(flops.values()) / total_ms / 1e6, 1),
+        "shapes": {name: {"m_k_n": list(shapes[name]), "median_ms": timings[name]["median_ms"],
+                          "gflops": round(flops[name] / timings[name]["median_ms"] / 1e6, 1), "loaded": timings[name]["loaded"]}
+                   for name in shapes},
+    }
 
+
+def training_step(n_s: int, n_t: int, repeats: int) -> dict:
+    """The pipeline's whole update (gather targets from a 60k set, value-and-grad, Adam), and how
+    many times it compiled over steps with different target batches."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from pipeline import kernels, kip
+    from pipeline.config import DistillConfig, KernelConfig
+
+    rng = np.random.default_rng(1)
+    x_train = jnp.asarray(rng.standard_normal((60_000,) + SHAPE), jnp.float32)
+    y_train = jnp.asarray(np.eye(CLASSES)[rng.integers(0, CLASSES, 60_000)] - 0.1, jnp.float32)
+    optimizer = optax.adam(0.01)
+    state = {"support": kip.Support(x_train[:n_s], y_train[:n_s])}
+    state["opt"] = optimizer.init(state["support"])
+    step = kip.make_step(kernels.make(KernelConfig()), optimizer, REG, learn_labels=False, kernel_block=DistillConfig().kernel_block)
+
+    def one_step():
+        idx = jnp.asarray(rng.choice(60_000, n_t, replace=False).astype(np.int32))
+        state["support"], state["opt"], loss = step(state["support"], state["opt"], x_train, y_train, idx)
+        loss.block_until_ready()
+
+    one_step()
+    timing = interleaved({"training_step": one_step}, repeats)["training_step"]
+    return {**timing, "compilations_over_steps": step._cache_size()}
+
+
+def lapack_threads(repeats: int) -> list[dict]:
+    """The solve alone (Cholesky + triangular solves, what krr.fit runs) with SciPy's OpenBLAS on 1
+    and on 2 threads, interleaved: what the one-thread limit costs where nothing runs beside it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from threadpoolctl import ThreadpoolController
+
+    from pipeline import krr
+
+    controller = ThreadpoolController()
+    scipy_blas = controller.select(filepath=[i["filepath"] for i in controller.info() if "scipy.libs" in i["filepath"]])
+    solve = jax.jit(lambda k, y: krr.fit(k, y, REG))
+    rows = []
+    for n in (1000, 3000):
+        x = np.random.default_rng(n).standard_normal((n, _pixels())).astype(np.float32)
+        k = jnp.asarray(x @ x.T / x.shape[1])
+        y = jnp.ones((n, CLASSES), jnp.float32)
+        jax.block_until_ready(solve(k, y))
+
+        def with_threads(threads):
+            def run():
+                with scipy_blas.limit(limits=threads):
+                    jax.block_until_ready(solve(k, y))
+            return run
+
+        timings = interleaved({"one_thread": with_threads(1), "two_threads": with_threads(2)}, repeats)
+        rows.append({"support": n, **timings})
+    return rows
+
+
+def privacy_timing() -> dict:
+    """privacy.report for 1000 support images against 54,000 MNIST-sized training images (the
+    training split less its validation part) and a held-out sample of as many."""
+    import numpy as np
+
+    from pipeline import privacy
+
+    rng = np.random.default_rng(0)
+    x_train = rng.standard_normal((54_000,) + SHAPE, dtype=np.float32)
+    support = rng.standard_normal((1000,) + SHAPE, dtype=np.float32)
+    heldout = rng.standard_normal((6000,) + SHAPE, dtype=np.float32)
+    privacy.report(support[:10], x_train[:1000], heldout[:10], seed=0)  # warm the code paths
+    timing = interleaved({"report": lambda: privacy.report(support, x_train, heldout, seed=0)}, 3)["report"]
+    return {"support": 1000, "train_images": 54_000, **timing}
+
+
+# --- child processes ---------------------------------------------------------------------------
+
+def _default_process(loss_name: str):
+    """Timings in an untuned process (no runtime.tune_process): the reference as the notebook runs,
+    or ours as the library runs from a user's script."""
+    def run(args) -> dict:
+        import jax
+
+        loss = {"reference": _reference_loss, "ours": _our_loss}[loss_name]
+        out = {}
+        for n_s, n_t in DEFAULT_PROCESS_SIZES:
+            inputs = _inputs(n_s, n_t)
+            fn = jax.jit(jax.value_and_grad(loss))
+            jax.block_until_ready(fn(*inputs))
+            out[f"{n_s}x{n_t}"] = interleaved({"step": lambda: jax.block_until_ready(fn(*inputs))}, args.repeats)["step"]
+        return out
+    return run
+
+
+def _devices_child(args) -> dict:
+    """Ours at 1000 x 5000 with the target batch split over the process's forced host devices."""
+    import jax
+
+    from pipeline import devices, runtime
+
+    runtime.tune_process()
+    x_s, y_s, x_t, y_t = _inputs(1000, 5000)
+    fn = jax.jit(jax.value_and_grad(lambda xs, ys, xt, yt: _our_loss(xs, ys, devices.shard_rows(xt), devices.shard_rows(yt))))
+    jax.block_until_ready(fn(x_s, y_s, x_t, y_t))
+    timing = interleaved({"step": lambda: jax.block_until_ready(fn(x_s, y_s, x_t, y_t))}, args.repeats)["step"]
+    return {"devices": jax.device_count(), "support": 1000, "targets": 5000, **timing}
+
+
+def _startup_child(args) -> dict:
+    """`kip distill --kernel fc` on the embedded digits, as the CLI runs it, up to the moment the
+    first step is built: wall time since this interpreter started, resident memory, and which of
+    the heavy libraries it imported."""
+    start = _process_start_seconds()
+    from pipeline import cli, kip
+
+    seen = {}
+    original = kip.make_step
+
+    def first_step(*a, **kw):
+        if not seen:
+            seen.update(seconds=round(time.time() - start, 3), rss_mb=round(_status_kib("VmRSS") / 1024, 1),
+                        peak_rss_mb=round(_status_kib("VmHWM") / 1024, 1),
+                        imported={m: m in sys.modules for m in ("tensorflow", "neural_tangents", "sklearn", "mlflow", "flax")})
+        return original(*a, **kw)
+
+    kip.make_step = first_step
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"kip_step_startup_{os.getpid()}.npz"
+    try:
+        code = cli.main(["distill", "--source", "embedded", "--dataset", "digits", "--kernel", "fc", "--steps", "2", "-q", "-o", str(out)])
+    finally:
+        out.unlink(missing_ok=True)
+    return {"command": "kip distill --source embedded --dataset digits --kernel fc --steps 2", "exit": code,
+            "until_first_step": seen}
+
+
+def _memory_child(kind: str):
+    def run(args) -> dict:
+        """One measurement per process, so the peak is this size's alone."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from pipeline import kernels, kip, krr, runtime
+        from pipeline.config import DistillConfig, KernelConfig
+        from pipeline.evaluate import krr_scores
+
+        runtime.tune_process()
+        n = args.size
+        jnp.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
+        rng = np.random.default_rng(n)
+        images = rng.standard_normal((n,) + SHAPE, dtype=np.float32)
+        labels = (np.arange(n) % CLASSES).astype(np.int64)
+        before = _status_kib("VmRSS") / 1024
+        started = time.perf_counter()
+        block = {"evaluate": None, "kip": DistillConfig().kernel_block, "kip_unblocked": None}[kind]
+        if kind == "evaluate":
+            support = rng.standard_normal((MEMORY_SUPPORT,) + SHAPE, dtype=np.float32)
+            targets = krr.centered_one_hot(np.arange(MEMORY_SUPPORT) % CLASSES, CLASSES)
+            krr_scores(kernels.make(KernelConfig()), support, targets, images, labels, CLASSES, REG, block_size=1000)
+        else:
+            support = kip.Support(jnp.asarray(images[:MEMORY_SUPPORT]), jnp.asarray(krr.centered_one_hot(labels[:MEMORY_SUPPORT], CLASSES)))
+            y_t = jnp.asarray(krr.centered_one_hot(labels, CLASSES))
+            loss = jax.jit(jax.value_and_grad(lambda s, x, y: kip.kip_loss(kernels.make(KernelConfig()), REG, s, x, y, kernel_block=block)))
+            value, _ = loss(support, jnp.asarray(images), y_t)
+            float(value)
+        peak = _status_kib("VmHWM") / 1024
+        return {"images": n, "support": MEMORY_SUPPORT, "kernel_block": block, "evaluation_block_rows": 1000 if kind == "evaluate" else None,
+                "peak_rss_mb": round(peak, 1), "rss_before_work_mb": round(before, 1), "images_mb": round(images.nbytes / 2**20, 1),
+                "peak_above_baseline_mb": round(peak - before, 1), "seconds": round(time.perf_counter() - started, 2)}
+    return run
+
+
+CHILDREN = {
+    "reference": _default_process("reference"),
+    "ours": _default_process("ours"),
+    "devices": _devices_child,
+    "startup": _startup_child,
+    "evaluate": _memory_child("evaluate"),
+    "kip": _memory_child("kip"),
+    "kip_unblocked": _memory_child("kip_unblocked"),
+}
+
+
+# --- losses and inputs -------------------------------------------------------------------------
 
 def _inputs(n_s: int, n_t: int):
     import jax.numpy as jnp
@@ -170,11 +393,12 @@ def _inputs(n_s: int, n_t: int):
     return x_s, y_s, x_t, y_t
 
 
-def _our_loss(x_s, y_s, x_t, y_t):
+def _our_loss(x_s, y_s, x_t, y_t, kernel_block=None):
     from pipeline import kernels, kip
-    from pipeline.config import KernelConfig
+    from pipeline.config import DistillConfig, KernelConfig
 
-    return kip.kip_loss(kernels.make(KernelConfig()), REG, kip.Support(x_s, y_s), x_t, y_t)
+    block = DistillConfig().kernel_block if kernel_block is None else kernel_block
+    return kip.kip_loss(kernels.make(KernelConfig()), REG, kip.Support(x_s, y_s), x_t, y_t, kernel_block=block)
 
 
 def _reference_loss(x_s, y_s, x_t, y_t):
@@ -194,97 +418,74 @@ def _reference_loss(x_s, y_s, x_t, y_t):
 
 
 def _linear_loss(x_s, y_s, x_t, y_t):
+    """The floor: ours with the kernel map removed. K_ss keeps our one-matmul backward pass (the
+    symmetrised Gram of closed_form), or the floor would do a matmul our step does not."""
     import jax.numpy as jnp
     import jax.scipy as sp
 
+    from pipeline import closed_form
+
     a = x_s.reshape(x_s.shape[0], -1)
     b = x_t.reshape(x_t.shape[0], -1)
-    k_ss = a @ a.T / a.shape[1] + jnp.eye(a.shape[0])
+    gram, _ = closed_form.self_gram(x_s)
+    k_ss = 0.5 * (gram + gram.T) / a.shape[1] + jnp.eye(a.shape[0])  # symmetric cotangent into self_gram
     k_ts = b @ a.T / a.shape[1]
     return 0.5 * jnp.mean((k_ts @ sp.linalg.solve(k_ss, y_s, assume_a="pos") - y_t) ** 2)
 
 
-def _training_step(n_s: int, n_t: int, repeats: int) -> tuple[float, int]:
-    """The pipeline's whole update (gather targets from a 60k set, value-and-grad, Adam), and how
-    many times it compiled over `repeats` steps with different target batches."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
+# --- the README table ----------------------------------------------------------------------------
 
-    from pipeline import kernels, kip
-    from pipeline.config import KernelConfig
-
-    rng = np.random.default_rng(1)
-    x_train = jnp.asarray(rng.standard_normal((60_000,) + SHAPE), jnp.float32)
-    y_train = jnp.asarray(np.eye(CLASSES)[rng.integers(0, CLASSES, 60_000)] - 0.1, jnp.float32)
-    optimizer = optax.adam(0.01)
-    support = kip.Support(x_train[:n_s], y_train[:n_s])
-    opt_state = optimizer.init(support)
-    step = kip.make_step(kernels.make(KernelConfig()), optimizer, REG, learn_labels=False)
-    batches = [jnp.asarray(rng.choice(60_000, n_t, replace=False).astype(np.int32)) for _ in range(repeats + 1)]
-    support, opt_state, loss = step(support, opt_state, x_train, y_train, batches[0])
-    loss.block_until_ready()
-    times = []
-    for idx in batches[1:]:
-        start = time.perf_counter()
-        support, opt_state, loss = step(support, opt_state, x_train, y_train, idx)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3), step._cache_size()
+def table(report: dict) -> str:
+    """The README / docs/scaling.md table, from a saved report (so the prose cannot drift from it)."""
+    lines = ["| support × targets | ours | paper's code, same process | linear-kernel floor | ours, share of the step's matmul rate |",
+             "|---|---|---|---|---|"]
+    for row in report["steps"]:
+        ours, ref, floor = row["ours"], row["reference"], row["floor"]
+        blocked = f" ({-(-row['support'] * row['targets'] // row['kernel_block'])} blocks)" if row["blocked"] else ""
+        lines.append(f"| {row['support']} × {row['targets']}{blocked} | {_ms(ours)} | {_ms(ref)} (**{row['speedup_same_process']:.2f}×**) | "
+                     f"{_ms(floor)} | {row['ours_share_of_peak']:.0%} of {row['step_matmul_peak']['gflops']:.0f} GFLOP/s |")
+    lines += ["", "| support × targets | ours, untuned process (library defaults) | paper's code, untuned process | ratio |", "|---|---|---|---|"]
+    for row in report["default_process"]:
+        lines.append(f"| {row['support']} × {row['targets']} | {_ms(row['ours'])} | {_ms(row['reference'])} | {row['speedup']:.2f}× |")
+    if report.get("loaded"):
+        lines += ["", f"**Taken under load** (not a measurement of the code alone): {', '.join(report['loaded'])}"]
+    return "\n".join(lines)
 
 
-def memory_child(kind: str, n: int) -> dict:
-    """One measurement per process, so ru_maxrss is this size's peak alone."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from pipeline import kernels, kip, krr, runtime
-    from pipeline.config import KernelConfig
-    from pipeline.evaluate import krr_scores
-
-    runtime.tune_process()
-    jnp.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
-    rng = np.random.default_rng(n)
-    images = rng.standard_normal((n,) + SHAPE, dtype=np.float32)
-    labels = (np.arange(n) % CLASSES).astype(np.int64)
-    before = _rss_mb()
-    started = time.perf_counter()
-    if kind == "evaluate":
-        support = rng.standard_normal((MEMORY_SUPPORT,) + SHAPE, dtype=np.float32)
-        targets = krr.centered_one_hot(np.arange(MEMORY_SUPPORT) % CLASSES, CLASSES)
-        krr_scores(kernels.make(KernelConfig()), support, targets, images, labels, CLASSES, REG, block_size=1000)
-    else:
-        block = MEMORY_KINDS[kind]
-        support = kip.Support(jnp.asarray(images[:MEMORY_SUPPORT]),
-                              jnp.asarray(krr.centered_one_hot(labels[:MEMORY_SUPPORT], CLASSES)))
-        y_t = jnp.asarray(krr.centered_one_hot(labels, CLASSES))
-        loss = jax.jit(jax.value_and_grad(
-            lambda s, x, y: kip.kip_loss(kernels.make(KernelConfig()), REG, s, x, y, target_block=block)))
-        value, _ = loss(support, jnp.asarray(images), y_t)
-        float(value)
-    return {
-        "images": n, "support": MEMORY_SUPPORT, "block": MEMORY_KINDS[kind] if kind != "evaluate" else 1000,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rss_before_work_mb": round(before, 1),  # interpreter, jax, TensorFlow (via neural-tangents), the images
-        "images_mb": round(images.nbytes / 2**20, 1),
-        "peak_above_baseline_mb": round(_peak_rss_mb() - before, 1),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+def _ms(timing: dict) -> str:
+    digits = 1 if timing["median_ms"] >= 10 else 2
+    return f"{timing['median_ms']:.{digits}f} ms [{timing['p25_ms']:.{digits}f}–{timing['p75_ms']:.{digits}f}]"
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM, the process's peak resident set. Not getrusage's ru_maxrss: Linux carries that over
-    from the parent through fork and exec, so a child would report the benchmark's own peak."""
-    return _status_kib("VmHWM") / 1024
+# --- helpers ---------------------------------------------------------------------------------
+
+def _loaded_paths(node, path="") -> list[str]:
+    if isinstance(node, dict):
+        found = [path] if node.get("loaded") is True else []
+        return found + [p for key, value in node.items() for p in _loaded_paths(value, f"{path}.{key}".strip("."))]
+    if isinstance(node, list):
+        return [p for i, value in enumerate(node) for p in _loaded_paths(value, f"{path}[{i}]")]
+    return []
 
 
-def _rss_mb() -> float:
-    return _status_kib("VmRSS") / 1024
+def _pixels() -> int:
+    d = 1
+    for size in SHAPE:
+        d *= size
+    return d
+
+
+def _process_start_seconds() -> float:
+    """This process's start, as time.time(): from /proc/self/stat's start time since boot."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + start_ticks / ticks
 
 
 def _status_kib(field: str) -> float:
+    """From /proc/self/status. VmHWM, not getrusage's ru_maxrss: Linux carries that over from the
+    parent through fork and exec, so a child would report the benchmark's own peak."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -292,33 +493,17 @@ def _status_kib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _child(arguments: list[str]) -> str:
+def _child(arguments: list[str], xla_devices: int = 1) -> str:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if xla_devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={xla_devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.pop("KIP_KEEP_LAPACK_THREADS", None)
     done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"kip_step child {arguments} failed:\n{done.stderr[-3000:]}")
     return done.stdout.strip().splitlines()[-1]
-
-
-def _first_call(fn, *args) -> float:
-    import jax
-
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def _median_ms(fn, args, repeats: int) -> float:
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 if __name__ == "__main__":

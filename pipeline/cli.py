@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--lr", dest="distill.learning_rate", type=float, default=0.04, help="Adam learning rate")
     kip.add_argument("--lr-schedule", dest="distill.lr_schedule", default="constant", help="constant|cosine (decay to 0)")
     kip.add_argument("--target-batch", dest="distill.target_batch", type=int, default=5000, help="class-balanced target images per step")
-    kip.add_argument("--target-block", dest="distill.target_block", type=int, default=10000,
-                     help="larger target batches are computed in blocks of this many images (bounded memory)")
+    kip.add_argument("--kernel-block", dest="distill.kernel_block", type=int, default=20_000_000,
+                     help="largest target x support kernel block, in entries (bounded memory)")
     kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
     kip.add_argument("--corruption", dest="distill.corruption", type=float, default=0.0,

@@ -150,8 +150,13 @@ class DistillConfig:
     the whole training set (the paper's Label Solve baseline); the KIP-only keys are then unused.
     corruption: that fraction of each support image's pixels is replaced by noise at init and never
     learned (the paper's privacy experiments).
-    target_block: target batches larger than this are summed over blocks of this many images,
-    recomputed in the backward pass, so memory stays bounded (kip.kip_loss).
+    kernel_block: the largest target-by-support kernel block, in entries (targets x support
+    images). A larger K_ts is summed over blocks of targets, each recomputed in the backward pass,
+    so memory stays bounded (kip.kip_loss). Counted in entries, not targets: memory and the cost of
+    blocking (one more K_ts per extra block) grow with both sizes. The default, 20 million entries
+    (80 MB of float32 kernel, well under 1 GB of step scratch for the FC kernel: docs/scaling.md),
+    blocks 60,000 targets at 1000 support images in 3, and leaves 100 x 20,000 and 3000 x 5000
+    whole.
     """
 
     method: str = "kip"
@@ -160,7 +165,7 @@ class DistillConfig:
     learning_rate: float = 0.04
     lr_schedule: str = "constant"
     target_batch: int = 5000
-    target_block: int = 10000
+    kernel_block: int = 20_000_000
     learn_labels: bool = False
     init: str = "real"
     corruption: float = 0.0
@@ -177,7 +182,7 @@ class DistillConfig:
         check_positive("distill.learning_rate", self.learning_rate)
         check_choice("distill.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_positive("distill.target_batch", self.target_batch, integer=True)
-        check_positive("distill.target_block", self.target_block, integer=True)
+        check_positive("distill.kernel_block", self.kernel_block, integer=True)
         check_choice("distill.init", self.init, INITS)
         check_non_negative("distill.corruption", self.corruption)
         if self.corruption >= 1:
@@ -328,12 +333,21 @@ def _check_int_at_least(param: str, value: object, low: int) -> None:
 
 T = TypeVar("T")
 
+# Keys that were renamed, with what to write instead (a params.yaml from an older checkout).
+RENAMED = {
+    "distill.target_block": "distill.kernel_block, counted in kernel entries (targets x support images): "
+                            "target_block 10000 at 1000 support images is kernel_block 10000000 (default 20000000)",
+}
+
 
 def from_mapping(cls: type[T], values: Mapping[str, Any] | None, section: str) -> T:
     """Build a config record from a params.yaml section, rejecting unknown keys and wrong types."""
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
+    for key in unknown:
+        if f"{section}.{key}" in RENAMED:
+            raise UserError(f"{section}.{key} was replaced: use {RENAMED[f'{section}.{key}']}")
     if unknown:
         raise UserError(
             f"{section}.{unknown[0]} is not a known key; expected one of: {'|'.join(fields)}"

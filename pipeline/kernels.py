@@ -15,6 +15,7 @@ shape never changes (one compilation).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Callable, Iterator
@@ -108,11 +109,38 @@ def make_reference(spec: KernelConfig) -> KernelFn:
 
 def self_kernel(kernel_fn: KernelFn, x: jax.Array) -> jax.Array:
     """k(x, x). Gram kernels are told the pairs on the diagonal are identical, which keeps K_ss's
-    diagonal exact in float32 (see `closed_form._relu`)."""
+    diagonal exact in float32 (see `closed_form._relu`), and their backward pass is one matmul
+    (`_gram_self_kernel`)."""
     if isinstance(kernel_fn, GramKernelFn):
-        gram, sq, _ = closed_form.flat_gram(x, x)
-        return kernel_fn.from_gram(gram, sq, sq, _input_dim(x), same=True)
+        return _gram_self_kernel(kernel_fn, x)
     return kernel_fn(x, x)
+
+
+def _gram_self_kernel_value(kernel_fn: "GramKernelFn", x: jax.Array) -> jax.Array:
+    gram, sq = closed_form.self_gram(x)
+    return kernel_fn.from_gram(gram, sq, sq, _input_dim(x), same=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gram_self_kernel(kernel_fn: "GramKernelFn", x: jax.Array) -> jax.Array:
+    """K_ss with its cotangent symmetrised before the backward pass.
+
+    K_ss is symmetric, so sum(C * K_ss) = sum(((C + C^T) / 2) * K_ss) for any cotangent C: the
+    gradient is the same. With a symmetric cotangent, the Gram matrix's is symmetric too, and its
+    backward pass takes one n x n x d matmul instead of two (`closed_form.self_gram`).
+    """
+    return _gram_self_kernel_value(kernel_fn, x)
+
+
+def _gram_self_kernel_forward(kernel_fn, x):
+    return jax.vjp(functools.partial(_gram_self_kernel_value, kernel_fn), x)
+
+
+def _gram_self_kernel_backward(kernel_fn, vjp, cotangent):
+    return vjp(0.5 * (cotangent + cotangent.T))
+
+
+_gram_self_kernel.defvjp(_gram_self_kernel_forward, _gram_self_kernel_backward)
 
 
 def _input_dim(x: jax.Array) -> int:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve, solve
 
+from pipeline import runtime
+
 
 def ridge(k_ss: jax.Array, reg: float) -> jax.Array:
     """The scalar added to K_ss's diagonal: reg * tr(K_ss) / n."""
@@ -23,6 +25,7 @@ def fit(k_ss: jax.Array, y_s: jax.Array, reg: float) -> jax.Array:
     gradient is one more pair of triangular solves, where differentiating through the Cholesky
     factorisation costs O(n^3) again (8 ms against 45 ms for a 1000-image support).
     """
+    runtime.limit_lapack_threads()  # once per process: see pipeline/runtime.py for why
     k_reg = k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
     return solve(k_reg, y_s, assume_a="pos")
 
@@ -59,6 +62,7 @@ def label_solve(k_ss: jax.Array, k_ts: jax.Array, y_t: jax.Array, reg: float) ->
 
 def label_solve_from_moments(k_ss: jax.Array, gram: jax.Array, rhs: jax.Array, reg: float) -> jax.Array:
     """Label Solve given K_st K_ts and K_st y_t, which can be summed block by block over targets."""
+    runtime.limit_lapack_threads()
     n = k_ss.shape[0]
     eye = jnp.eye(n, dtype=k_ss.dtype)
     z = cho_solve(cho_factor(gram + ridge(gram, reg) * eye, lower=True), rhs)

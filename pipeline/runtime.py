@@ -1,24 +1,30 @@
-"""Process settings that make XLA:CPU run KIP at matmul speed; entry points call `tune_process()`.
+"""Process settings that make XLA:CPU run KIP at matmul speed.
 
 Two things cost a KIP step more than its arithmetic on CPU (benchmarks/kip_step.py measures both):
 
+* Two thread pools. XLA calls LAPACK (Cholesky, triangular solves) from SciPy's OpenBLAS. After a
+  call, OpenBLAS's worker threads spin for a while waiting for more work, on the cores XLA's own
+  threads need for the matmuls running beside the solve: a 1000 x 5000 FC step took 263 ms instead
+  of 131. One OpenBLAS thread removes that, and costs the solve itself little (a 3000 x 3000
+  Cholesky: 139 ms on one thread, 129 ms on two, measured alone). The library therefore limits
+  *SciPy's* OpenBLAS (not NumPy's, a separate copy) to one thread the first time KRR solves
+  anything (`limit_lapack_threads`, called from `krr`): whoever calls `kip_loss` from their own
+  script gets the fast step without calling anything. Set KIP_KEEP_LAPACK_THREADS=1 to opt out.
 * Fresh pages. XLA allocates each execution's scratch (~160 MB at 1000 x 5000) with malloc; glibc
   serves blocks above 32 MB with mmap and unmaps them on free, so every step page-faults its
-  scratch in again: 39,000 minor faults, ~45 ms of a 180 ms step. We tell glibc to keep freed
-  memory (no mmap, no trimming, one arena). The price: the process's RSS never shrinks below its
-  high-water mark, which for a pipeline stage is the peak it needed anyway.
-* Two thread pools. XLA calls LAPACK (Cholesky) from SciPy's OpenBLAS, whose 2 threads spin
-  against XLA's own 2 while independent work runs concurrently: the 1000 x 1000 Cholesky took
-  103 ms instead of 5. We limit that OpenBLAS to one thread (threadpoolctl).
+  scratch in again: ~50 ms of a 180 ms step. `tune_process()` tells glibc to keep freed memory
+  (no mmap, no trimming, one arena). The price: the process's RSS never shrinks below its
+  high-water mark, which for a pipeline stage is the peak it needed anyway, but is a change to the
+  whole process a library must not make behind its caller's back; so only the `kip` commands, the
+  DVC stages and the benchmarks call it.
 
-A library must not change its host process behind its back, so importing `pipeline` does
-nothing; `kip` commands, the DVC stages and the benchmarks call `tune_process()` first.
 On platforms without glibc the allocator part is skipped (there is nothing to tune there).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import signal
 import sys
 
@@ -26,19 +32,31 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-_tuned = False
-_blas_limit = None
+_allocator_tuned: bool | None = None
+_lapack_limit = None
+_lapack_checked = False
 
 
 def tune_process() -> dict[str, bool]:
-    """Apply both settings once per process; say which took effect."""
-    global _tuned, _blas_limit
-    if _tuned:
-        return {"allocator": True, "lapack_threads": _blas_limit is not None}
-    allocator = _keep_freed_memory()
-    _blas_limit = _single_threaded_lapack()
-    _tuned = True
-    return {"allocator": allocator, "lapack_threads": _blas_limit is not None}
+    """Both settings, once per process; say which took effect."""
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = _keep_freed_memory()
+    return {"allocator": _allocator_tuned, "lapack_threads": limit_lapack_threads()}
+
+
+def limit_lapack_threads() -> bool:
+    """Limit SciPy's OpenBLAS, the LAPACK that jaxlib calls, to one thread; once per process.
+
+    True if the limit is in place. Cheap after the first call (which imports scipy.linalg and
+    threadpoolctl, ~0.1 s). Not done when KIP_KEEP_LAPACK_THREADS=1.
+    """
+    global _lapack_limit, _lapack_checked
+    if not _lapack_checked:
+        _lapack_checked = True
+        if os.environ.get("KIP_KEEP_LAPACK_THREADS") != "1":
+            _lapack_limit = _single_threaded_lapack()
+    return _lapack_limit is not None
 
 
 def _keep_freed_memory() -> bool:

@@ -98,6 +98,48 @@ def test_float32_kernel_is_close_to_float64_reference(digits_standardized):
     assert _relative(cross, exact_cross) < 1e-5
 
 
+@pytest.mark.parametrize("spec", GRID[::3] + [KernelConfig(architecture="rbf")], ids=lambda s: s.architecture + "-" + _ids(s))
+def test_self_kernel_gradient_under_an_asymmetric_cotangent(rng, spec):
+    """K_ss's backward pass symmetrises the cotangent and then does one Gram matmul instead of two.
+    Under a cotangent that is not symmetric (a weight W != W^T), the gradient must still be the
+    plain autodiff gradient of the unsymmetrised computation, to float64 rounding."""
+    with enable_x64():
+        x = jnp.asarray(rng.standard_normal((9, 4, 4, 2)))
+        weight = jnp.asarray(rng.standard_normal((9, 9)))
+        ours = kernels.make(spec)
+
+        def plain(x):  # the same kernel through autodiff's own two-matmul Gram backward pass
+            gram, sq, _ = closed_form.flat_gram(x, x)
+            return ours.from_gram(gram, sq, sq, 32, same=True)
+
+        loss = lambda k: jnp.sum(weight * k) + jnp.sum(jnp.sin(k) * weight.T ** 2)
+        np.testing.assert_array_equal(kernels.self_kernel(ours, x), plain(x))
+        assert _relative(jax.grad(lambda x: loss(kernels.self_kernel(ours, x)))(x), jax.grad(lambda x: loss(plain(x)))(x)) < 1e-12
+
+
+def test_kip_step_in_float32_matches_float64_after_the_kss_change(rng):
+    """The float32 KIP loss and support gradient (symmetrised K_ss backward, polynomial arc-cosine)
+    against the same computation in float64. Tolerance: the solve amplifies float32 kernel rounding
+    (~1e-7 relative) by the condition number of K_ss + ridge, which the ridge 1e-3 * tr/n caps at
+    ~1e3 for these well-spread images: 1e-4 relative on the gradient, with room."""
+    spec = KernelConfig()
+    x_s = rng.standard_normal((20, 6, 6, 1))
+    x_t = rng.standard_normal((60, 6, 6, 1))
+    y_s, y_t = rng.standard_normal((20, 3)), rng.standard_normal((60, 3))
+
+    def value_and_grad(dtype):
+        kernel_fn = kernels.make(spec)
+        fn = jax.value_and_grad(lambda xs: kip.kip_loss(kernel_fn, 1e-3, kip.Support(xs, jnp.asarray(y_s, dtype)),
+                                                        jnp.asarray(x_t, dtype), jnp.asarray(y_t, dtype)))
+        return fn(jnp.asarray(x_s, dtype))
+
+    loss32, grad32 = value_and_grad(jnp.float32)
+    with enable_x64():
+        loss64, grad64 = value_and_grad(jnp.float64)
+        assert float(loss32) == pytest.approx(float(loss64), rel=1e-5)
+        assert _relative(grad32, grad64) < 1e-4
+
+
 def test_polynomial_arccos_accuracy():
     grid = np.linspace(-1.0, 1.0, 200_001)
     approx = np.asarray(closed_form._arccos_value(jnp.asarray(grid, jnp.float32)), np.float64)
@@ -113,8 +155,9 @@ def test_target_blocks_equal_one_block(rng):
         x_t = jnp.asarray(rng.standard_normal((50, 4, 4, 1)))
         y_t = jnp.asarray(rng.standard_normal((50, 3)))
         whole = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t))(support)
-        for block in (7, 25):  # with padding, and without
-            blocked = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t, target_block=block))(support)
+        for targets in (7, 25):  # with padding, and without
+            block = targets * 6 + 5  # entries: 6 support images; the remainder must not count
+            blocked = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t, kernel_block=block))(support)
             assert float(blocked[0]) == pytest.approx(float(whole[0]), rel=1e-12)
             assert _relative(blocked[1].images, whole[1].images) < 1e-10
             assert _relative(blocked[1].labels, whole[1].labels) < 1e-10

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,33 @@ def test_embedded_digits_are_the_sklearn_digits(digits):
     all_images = np.concatenate([digits.x_train, digits.x_test]).reshape(-1, 64) * 16
     reference = load_digits().data
     assert sorted(map(bytes, np.rint(all_images).astype(np.uint8))) == sorted(map(bytes, reference.astype(np.uint8)))
+
+
+def test_embedded_digits_split_is_sklearns_train_test_split():
+    """Row for row what the loader gave when it called scikit-learn (the split is stored as indices
+    so loading needs no scikit-learn import): images, labels and the order of both splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.sources import embedded
+
+    raw = embedded.load("digits")
+    reference = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        reference.images.astype(np.uint8)[..., None], reference.target.astype(np.int64),
+        test_size=embedded.TEST_FRACTION, stratify=reference.target, random_state=embedded.SPLIT_SEED,
+    )
+    for ours, theirs in ((raw.x_train, x_train), (raw.x_test, x_test), (raw.y_train, y_train), (raw.y_test, y_test)):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_loading_digits_imports_no_scikit_learn():
+    code = ("import sys; from pipeline.sources import embedded; embedded.load('digits'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'tensorflow')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("compress", [True, False])

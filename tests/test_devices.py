@@ -31,9 +31,9 @@ SCRIPT = textwrap.dedent("""
     x_train, x_test = transform.apply(data.x_train), transform.apply(data.x_test)
     kernel_fn = kernels.make(KernelConfig())
     out = {"devices": jax.device_count()}
-    for name, block in (("whole", 10000), ("blocked", 96)):
+    for name, block in (("whole", 10_000_000), ("blocked", 96 * 30)):  # 96 targets x 30 support images
         config = DistillConfig(support_per_class=3, steps=4, learning_rate=0.01, target_batch=400,
-                               target_block=block, learn_labels=True, float64=True, checkpoint_every=0)
+                               kernel_block=block, learn_labels=True, float64=True, checkpoint_every=0)
         result = kip.distill(x_train, data.y_train, 10, kernel_fn, config, progress=False)
         out[name] = {"images": result.images.tolist(), "labels": result.labels.tolist(),
                      "loss": [h["loss"] for h in result.history]}

@@ -21,6 +21,20 @@ def test_nearest_train_matches_scipy(rng):
     np.testing.assert_array_equal(index, full.argmin(axis=1))
 
 
+def test_near_copies_get_their_exact_distance_despite_the_float32_search(rng):
+    """The search runs in float32, where |q|^2 - 2 q.x + |x|^2 for images far from the origin
+    (norm^2 ~ 784 * 50^2 = 2e6) loses everything below ~2e6 * 2^-24 * 784 ~ 100 in the squared
+    distance: a near copy at squared distance 784e-6 would read as noise. The float64
+    recomputation must still report its exact distance and index."""
+    train = 50.0 + rng.standard_normal((2000, 28, 28, 1)).astype(np.float32)
+    picked = np.array([3, 1500, 1999])
+    queries = train[picked].astype(np.float64) + 1e-3 * rng.standard_normal((3, 28, 28, 1))
+    distance, index = privacy.nearest_train(queries, train, block=512)
+    full = cdist(queries.reshape(3, -1), train.reshape(2000, -1).astype(np.float64))
+    np.testing.assert_array_equal(index, picked)
+    np.testing.assert_allclose(distance, full.min(axis=1), rtol=1e-9)
+
+
 def test_masked_nearest_train_matches_scipy_on_the_kept_pixels(rng):
     train = rng.standard_normal((400, 3, 3, 2))
     queries = rng.standard_normal((9, 3, 3, 2))

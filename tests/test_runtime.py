@@ -32,3 +32,38 @@ def test_tuning_applies_once_and_limits_scipys_openblas():
     assert result["applied"] == {"allocator": True, "lapack_threads": True}
     assert result["again"] == result["applied"]
     assert result["scipy_blas_threads"] and set(result["scipy_blas_threads"]) == {1}
+
+
+LIBRARY_ONLY = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp
+    from threadpoolctl import threadpool_info
+    from pipeline import kernels, kip
+    from pipeline.config import KernelConfig
+
+    def scipy_threads():
+        return [i["num_threads"] for i in threadpool_info() if "scipy.libs" in i["filepath"].replace("\\\\", "/")]
+
+    import scipy.linalg  # loaded, as any script using SciPy would have it
+    before = scipy_threads()
+    x = jnp.ones((4, 3, 3, 1)) * jnp.arange(4.0)[:, None, None, None]
+    support = kip.Support(x, jnp.eye(4))
+    float(kip.kip_loss(kernels.make(KernelConfig()), 1e-3, support, x, jnp.eye(4)))  # no tune_process()
+    print(json.dumps({"before": before, "after": scipy_threads()}))
+""")
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(opt_out):
+    """Someone calling kip_loss from their own script gets the one-thread LAPACK that makes the
+    step fast (pipeline/runtime.py), without calling tune_process; KIP_KEEP_LAPACK_THREADS=1 keeps
+    SciPy's OpenBLAS as it was."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OPENBLAS_NUM_THREADS": "2"}
+    env.pop("KIP_KEEP_LAPACK_THREADS", None)
+    if opt_out:
+        env["KIP_KEEP_LAPACK_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-c", LIBRARY_ONLY], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["before"] == [2]
+    assert result["after"] == ([2] if opt_out else [1])
