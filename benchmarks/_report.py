@@ -1,5 +1,12 @@
 """What every benchmark script does with its result: print it as JSON, optionally save it, and say
-which machine it was measured on (numbers without a machine are not comparable)."""
+which machine it was measured on (numbers without a machine are not comparable) and how busy the
+rest of that machine was while the script ran (times taken beside other work are not the code's).
+
+Every benchmark imports this module first thing, so `_STARTED` is the script's start: `emit` adds
+the cores other processes used on average since then (`other_load`), and flags the whole report
+`loaded` above `OtherLoad.LOADED_CORES`. Benchmarks that compare timings also gate each sample
+(`_timing.interleaved`); this run-wide figure is what the accuracy benchmarks' wall-clock and CPU
+minutes can be judged by."""
 from __future__ import annotations
 
 import json
@@ -15,10 +22,19 @@ def machine() -> dict[str, Any]:
 
 
 def emit(report: dict[str, Any], out: Path | None) -> None:
-    text = json.dumps({**report, "machine": machine()}, indent=2)
+    text = json.dumps({**report, "other_load": run_load(), "machine": machine()}, indent=2)
     print(text)
     if out:
         out.write_text(text + "\n")
+
+
+def run_load() -> dict[str, Any]:
+    """Cores other processes kept busy, on average, since this script started."""
+    wall = max(_now() - _STARTED[2], 1e-9)
+    other = (_busy_seconds() - _STARTED[0]) - (_own_seconds() - _STARTED[1])
+    cores = max(0.0, other / wall)
+    return {"cores": round(cores, 3), "seconds": round(wall, 1), "loaded": cores > OtherLoad.LOADED_CORES,
+            "how": "machine busy time (/proc/stat) minus this process's and its waited-for children's CPU time, over wall time"}
 
 
 class OtherLoad:
@@ -57,3 +73,6 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
+
+
+_STARTED = (_busy_seconds(), _own_seconds(), _now())

@@ -36,7 +36,7 @@ Also measured: LAPACK threads for the solve alone; 2 forced host devices against
 privacy report at 1000 support images; peak memory of evaluation and of one KIP step at 10k-60k
 targets (child processes).
 
-    python benchmarks/kip_step.py --out benchmarks/results/kip_step.json   # about 6 minutes, quiet machine
+    python benchmarks/kip_step.py --out benchmarks/results/kip_step.json   # about 3 minutes, quiet machine
     python benchmarks/kip_step.py --table benchmarks/results/kip_step.json # the README's table from it
 """
 from __future__ import annotations

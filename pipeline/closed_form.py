@@ -6,8 +6,8 @@ of three numbers only: x.x', |x|^2 and |x'|^2. Computing the Gram matrix once pe
 applying the layer recursion entry-wise leaves the Gram matmul (and its transpose in the backward
 pass) as the only heavy work. neural-tangents' general `Kernel` machinery carries more state
 through every layer and differentiates through `arctan2`, which XLA:CPU runs as a scalar loop;
-on benchmarks/kip_step.py its step is 1.2x (1000 support images) to 1.5x (100) slower than ours
-in the same process, and our step's matmuls run at 69 % of the machine's peak (docs/scaling.md).
+on benchmarks/kip_step.py its step is 1.3x to 1.5x slower than ours in the same process, and ours
+runs at 72-84 % of the rate of its own matmul shapes at 1000+ support or 5000+ targets (docs/scaling.md).
 
 The recursion is neural-tangents' own (stax.Dense, stax.Relu, stax.Erf), layer for layer and
 in the same order, so both parameterisations agree with it to float rounding; a test checks that
