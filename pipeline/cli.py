@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--history", type=_file_path, default=None, help="write the per-step loss history here (JSON)")
     kip.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     distill.add_argument("-o", "--out", type=_file_path, required=True, help="output .npz")
+    several = distill.add_argument_group("several processes (docs/scaling.md)")
+    several.add_argument("--processes", type=int, default=1,
+                         help="run as this many cooperating processes on this machine (jax.distributed); on a cluster, "
+                              "set KIP_COORDINATOR, KIP_NUM_PROCESSES, KIP_PROCESS_ID (or KIP_DISTRIBUTED=auto) instead")
+    several.add_argument("--devices-per-process", type=int, default=None,
+                         help="with --processes: CPU devices each process exposes (XLA's forced host devices)")
 
     evaluate = commands.add_parser(
         "evaluate", help="KRR test accuracy of a support set, against random real images",
@@ -215,9 +221,14 @@ def _section(args: argparse.Namespace, section: str) -> dict:
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
-    from pipeline import artifacts, atomic, workflow
+    from pipeline import artifacts, atomic, distributed, workflow
     from pipeline.prepared import prepare
 
+    if args.processes != 1 and distributed.process_count() == 1:
+        code = distributed.launch(_without_launch_options(sys.argv[1:]), args.processes, args.devices_per_process)
+        if code:
+            raise SystemExit(code)
+        return
     distill = cfg.DistillConfig(**_section(args, "distill"))
     data = cfg.DataConfig(**_section(args, "data"), seed=distill.seed)
     prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
@@ -227,11 +238,26 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
     run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
     distilled, history = run.distilled, run.history
+    if not distributed.is_main():
+        return  # process 0 writes
     artifacts.save_npz(args.out, distilled)
     if args.history:
         atomic.write_json(args.history, history, indent=None, sort_keys=False)
     loss = distilled.metadata["final_loss"]
     print(f"wrote {args.out}: {len(distilled.images)} images" + (f", final loss {loss:.4g}" if loss is not None else ""))
+
+
+def _without_launch_options(argv: Sequence[str]) -> list[str]:
+    """The command line each launched process runs: the same, less the options that launch."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--processes", "--devices-per-process"):
+            skip = True
+        elif not arg.startswith(("--processes=", "--devices-per-process=")):
+            out.append(arg)
+    return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -296,6 +322,8 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is not None and args.command == "distill" and getattr(args, "processes", 1) != 1:
+        sys.argv = [sys.argv[0], *argv]  # the launcher repeats this command line
     runtime.tune_process()
     runtime.stop_on_sigterm()
     handler = {
@@ -305,10 +333,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _cmd_doctor, "repair": _cmd_doctor,
     }[args.command]
     try:
+        from pipeline import distributed
+
+        distributed.initialize_from_env()  # several processes, if the environment names them
         handler(args)
     except UserError as err:
         print(f"kip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from pipeline import distributed
+
+        if not distributed.failed_collective(err):
+            raise
+        print(f"kip {args.command}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
+        distributed.exit_now(distributed.EXIT_PEER_LOST)
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, runtime.Terminated)
         print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)

@@ -75,6 +75,22 @@ def put_rows(x: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(x.shape, rows_sharding(x.ndim), lambda index: x[index])
 
 
+def to_host(x) -> np.ndarray:
+    """A jax.Array as a NumPy array on this host, whatever its layout.
+
+    With one process every array is addressable and this is np.asarray. Across processes
+    (pipeline/distributed.py) a replicated result (the loss, the support) is read from a local
+    copy, and a row-split one (a kernel block) is gathered from every process.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def padded_rows(rows: int) -> int:
     """The smallest multiple of the device count that holds `rows`."""
     n = count()

@@ -152,7 +152,7 @@ def support_matrix(kernel_fn: KernelFn, support: np.ndarray) -> np.ndarray:
     if _has_features(kernel_fn):
         features = kernel_fn.feature_rows(support)
         return features @ features.T + np.float32(kernel_fn.offset)
-    return np.asarray(_jitted_self(kernel_fn)(jnp.asarray(support)))
+    return devices.to_host(_jitted_self(kernel_fn)(devices.put_replicated(np.asarray(support))))
 
 
 def _has_features(kernel_fn: KernelFn) -> bool:
@@ -191,7 +191,7 @@ def kernel_rows(
     for start in range(0, len(x), rows):
         n = min(rows, len(x) - start)
         block = devices.put_rows(_pad_to(x[start:start + rows], rows))
-        yield slice(start, start + n), np.asarray(tile(block, on_devices))[:n]
+        yield slice(start, start + n), devices.to_host(tile(block, on_devices))[:n]
 
 
 _JIT_CACHE: "weakref.WeakKeyDictionary[KernelFn, Callable]" = weakref.WeakKeyDictionary()

@@ -28,7 +28,7 @@ import optax
 from jax.experimental import enable_x64
 from tqdm.auto import tqdm
 
-from pipeline import atomic, devices, kernels, krr, safe_read
+from pipeline import atomic, devices, distributed, kernels, krr, safe_read
 from pipeline.config import DistillConfig
 from pipeline.errors import UserError
 from pipeline.kernels import KernelFn
@@ -248,7 +248,7 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
 
     if monitor is not None and config.eval_every and start == 0:
         # The starting point of the learning curve: how good the initial support already is.
-        history.append({"step": 0, **monitor(np.asarray(support.images), np.asarray(support.labels))})
+        history.append({"step": 0, **monitor(devices.to_host(support.images), devices.to_host(support.labels))})
     frozen = corruption_mask(init_images.shape, config)
     step_fn = make_step(kernel_fn, optimizer, config.reg, config.learn_labels, frozen, config.kernel_block)
     x_dev = devices.put_replicated(np.asarray(x_train, dtype))
@@ -259,14 +259,14 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         for step in range(start, config.steps):
             idx = target_indices(y_train, num_classes, config.target_batch, config.seed, step)
             new_support, new_opt_state, loss = step_fn(support, opt_state, x_dev, y_dev, idx)
-            loss = float(loss)
+            loss = float(devices.to_host(loss))
             first_loss = loss if first_loss is None else first_loss
             _check_loss(loss, first_loss, step, config, checkpoint if last_saved else None, last_saved)
             support, opt_state = new_support, new_opt_state
             record: dict[str, float] = {"step": step + 1, "loss": loss}
             done = step + 1
             if monitor is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-                record.update(monitor(np.asarray(support.images), np.asarray(support.labels)))
+                record.update(monitor(devices.to_host(support.images), devices.to_host(support.labels)))
             history.append(record)
             bar.update(1)
             if done % 10 == 0 or done == config.steps:
@@ -280,10 +280,10 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     # (A step's loss is taken before its update, so the last update is otherwise never checked.)
     first_batch = target_indices(y_train, num_classes, config.target_batch, config.seed, 0)
     _, _, end_loss = step_fn(support, opt_state, x_dev, y_dev, first_batch)
-    _check_result(float(end_loss), first_loss, support, config)
+    _check_result(float(devices.to_host(end_loss)), first_loss, support, config)
     return KipResult(
-        images=np.asarray(support.images, np.float32),
-        labels=np.asarray(support.labels, np.float32),
+        images=devices.to_host(support.images).astype(np.float32),
+        labels=devices.to_host(support.labels).astype(np.float32),
         classes=np.asarray(classes),
         initial_images=init_images,
         history=history,
@@ -306,7 +306,7 @@ def _check_loss(loss: float, first_loss: float, step: int, config: DistillConfig
 
 
 def _check_finite(support: Support, config: DistillConfig, end_loss: float = 0.0) -> None:
-    finite = np.isfinite(np.asarray(support.images)).all() and np.isfinite(np.asarray(support.labels)).all()
+    finite = np.isfinite(devices.to_host(support.images)).all() and np.isfinite(devices.to_host(support.labels)).all()
     if not finite or not np.isfinite(end_loss):
         raise DivergenceError(
             f"KIP produced non-finite support images or labels: lower distill.learning_rate (now {config.learning_rate})"
@@ -365,8 +365,11 @@ CHECKPOINT_KINDS = (_CHECKPOINT_KIND, "conv-kip-checkpoint")
 
 
 def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
+    """Written by one process (distributed.is_main), read by all of them to resume."""
+    if not distributed.is_main():
+        return
     leaves = jax.tree_util.tree_leaves((support, opt_state))
-    arrays = {f"leaf_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays = {f"leaf_{i:03d}": devices.to_host(leaf) for i, leaf in enumerate(leaves)}
     meta = {"kind": _CHECKPOINT_KIND, "key": key, "step": step, "history": history}
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     atomic.save_npz(Path(path), arrays)

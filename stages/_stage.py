@@ -23,10 +23,20 @@ def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: arg
     runtime.tune_process()
     runtime.stop_on_sigterm()
     try:
+        from pipeline import distributed
+
+        distributed.initialize_from_env()  # several processes, if the environment names them
         main(args)
     except UserError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        from pipeline import distributed
+
+        if not distributed.failed_collective(err):
+            raise
+        print(f"stage {name}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
+        distributed.exit_now(distributed.EXIT_PEER_LOST)
     except KeyboardInterrupt as stop:
         what = "terminated" if isinstance(stop, runtime.Terminated) else "interrupted"
         print(f"stage {name}: {what}; `dvc repro` resumes from the last checkpoint", file=sys.stderr)

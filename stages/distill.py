@@ -11,7 +11,7 @@ from pathlib import Path
 
 from _stage import csv_text, run_stage, tracked
 
-from pipeline import artifacts, atomic, parquet, plots, workflow
+from pipeline import artifacts, atomic, distributed, parquet, plots, workflow
 from pipeline import prepared as prep_io
 from pipeline.config import DistillConfig, KernelConfig
 from pipeline.params import read_params, section, seed
@@ -24,6 +24,9 @@ def main(args: argparse.Namespace) -> None:
     config = section(params, "distill", DistillConfig, seed=seed(params))
     workflow.check_distill_settings(kernel, config)  # before reading any data
     prepared = prep_io.load(args.prepared)
+    if not distributed.is_main():  # one of several processes (pipeline/distributed.py): process 0 writes and tracks
+        workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint, progress=False)
+        return
     dataset = prepared.provenance["dataset"]
     with tracked("distill", params, args.params) as tracker:
         tracker.log_params({
