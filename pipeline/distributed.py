@@ -47,8 +47,7 @@ def initialize_from_env() -> bool:
         return False
     import jax
 
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; GPUs use NCCL
     if explicit:
         count, index = _int_env("KIP_NUM_PROCESSES", 1), _int_env("KIP_PROCESS_ID", 0)
         if not 0 <= index < count:

@@ -123,3 +123,38 @@ def test_a_killed_worker_stops_the_other_with_one_line_and_the_rerun_resumes(tmp
     resumed, uninterrupted = _arrays(tmp_path / "out0.npz"), _arrays(reference_dir / "out0.npz")
     for key in resumed:
         np.testing.assert_array_equal(resumed[key], uninterrupted[key])
+
+
+def test_the_distill_stage_as_two_processes_writes_once_what_one_process_writes(tmp_path):
+    """stages/distill.py under the cluster variables: process 0 writes every output and tracks the
+    run; process 1 computes its share and writes nothing; the support is one process's."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    params = {"data": {"source": "embedded", "name": "digits"},
+              "distill": {"support_per_class": 2, "steps": 6, "target_batch": 300, "float64": True, "learn_labels": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepared = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py"), "prepared.npz", "--params", "params.yaml"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env())
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+
+    def stage(out: str) -> list[str]:
+        return [str(repo / "stages" / "distill.py"), "prepared.npz", "--params", "params.yaml",
+                "--npz", f"{out}.npz", "--parquet", f"{out}.parquet", "--metrics", f"{out}.json", "--loss-curve", f"{out}-l.csv",
+                "--accuracy-curve", f"{out}-a.csv", "--images", f"{out}-s.png", "--curves", f"{out}-c.png"]
+
+    single = subprocess.run([sys.executable, *stage("one")], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env())
+    assert single.returncode == 0, single.stderr[-2000:]
+    port = _free_port()
+    pair = [subprocess.Popen([sys.executable, *stage(f"two{i}")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=_env(KIP_COORDINATOR=f"127.0.0.1:{port}", KIP_NUM_PROCESSES="2", KIP_PROCESS_ID=str(i),
+                                                 XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+            for i in range(2)]
+    results = [_finish(p) for p in pair]
+    assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
+    assert not list(tmp_path.glob("two1*"))
+    assert {p.name for p in tmp_path.glob("two0*")} == {"two0.npz", "two0.parquet", "two0.json", "two0-l.csv", "two0-a.csv",
+                                                        "two0-s.png", "two0-c.png"}
+    a, b = _arrays(tmp_path / "one.npz"), _arrays(tmp_path / "two0.npz")
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6 * np.abs(a[key]).max())
