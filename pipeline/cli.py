@@ -224,6 +224,9 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from pipeline import artifacts, atomic, distributed, workflow
     from pipeline.prepared import prepare
 
+    if args.devices_per_process and args.processes == 1:
+        raise UserError("--devices-per-process applies with --processes N > 1; for one process with several CPU devices "
+                        "set XLA_FLAGS=--xla_force_host_platform_device_count=K")
     if args.processes != 1 and distributed.process_count() == 1:
         code = distributed.launch(_without_launch_options(sys.argv[1:]), args.processes, args.devices_per_process)
         if code:

@@ -158,3 +158,14 @@ def test_the_distill_stage_as_two_processes_writes_once_what_one_process_writes(
     a, b = _arrays(tmp_path / "one.npz"), _arrays(tmp_path / "two0.npz")
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6 * np.abs(a[key]).max())
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--processes", "0"], "--processes=0 is not allowed; expected an integer >= 1"),
+    (["--devices-per-process", "2"], "--devices-per-process applies with --processes N > 1"),
+])
+def test_bad_launch_options_are_one_line_errors(tmp_path, extra, fragment):
+    code, err = _finish(_cli([*RUN, "--steps", "2", "-o", str(tmp_path / "x.npz"), *extra], _env()))
+    lines = [line for line in err.splitlines() if line.startswith("kip distill:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err[-2000:]
+    assert not (tmp_path / "x.npz").exists()
