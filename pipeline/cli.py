@@ -335,25 +335,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "doctor": _cmd_doctor, "repair": _cmd_doctor,
     }[args.command]
-    try:
-        from pipeline import distributed
+    from pipeline import distributed
 
-        distributed.initialize_from_env()  # several processes, if the environment names them
+    code = _run(args, handler, distributed)
+    if distributed.process_count() > 1:
+        distributed.leave(code)  # success: say so, so peers wait for this one at shutdown; failure: go now
+    return code
+
+
+def _run(args: argparse.Namespace, handler, distributed) -> int:
+    try:
+        if args.command == "distill":  # the only command that runs as several processes
+            distributed.initialize_from_env()
         handler(args)
     except UserError as err:
         print(f"kip {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from pipeline import distributed
-
-        if not distributed.failed_collective(err):
-            raise
-        print(f"kip {args.command}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
-        distributed.exit_now(distributed.EXIT_PEER_LOST)
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, runtime.Terminated)
         print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    except Exception as err:
+        if distributed.failed_collective(err):
+            print(f"kip {args.command}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
+            return distributed.EXIT_PEER_LOST
+        if distributed.process_count() == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        return 1
     return 0
 
 

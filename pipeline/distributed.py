@@ -71,6 +71,20 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def same_on_every_process(value: int, what: str) -> None:
+    """Refuse (one line) when the processes disagree on `value`: e.g. the step a checkpoint resumes
+    from, when process 0 wrote it where the others cannot read it."""
+    if process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(multihost_utils.process_allgather(np.asarray([value], np.int64))).reshape(-1)
+    if len(set(values.tolist())) > 1:
+        raise UserError(f"the processes disagree on {what} ({', '.join(map(str, values.tolist()))} by process): "
+                        "put the checkpoint on a filesystem every process reads, or delete it to start afresh")
+
+
 def process_count() -> int:
     if not _state["initialized"]:
         return 1
@@ -79,10 +93,39 @@ def process_count() -> int:
     return jax.process_count()
 
 
+# How a collective reports a peer that is gone (gloo on CPU; the coordination service; NCCL).
+_PEER_GONE = ("gloo", "connection reset", "connection closed", "connection refused", "socket", "unavailable",
+              "deadline_exceeded", "nccl", "coordination service")
+
+
 def failed_collective(error: BaseException) -> bool:
-    """An XLA runtime error in a run of several processes: a peer died or vanished mid-collective
-    (gloo reports the broken connection at once; the watchdog covers a peer that hangs)."""
-    return process_count() > 1 and type(error).__name__ == "XlaRuntimeError"
+    """An XLA runtime error, in a run of several processes, that says a peer died or vanished
+    mid-collective (gloo reports the broken connection at once; the watchdog covers a peer that
+    hangs). Other runtime errors (out of memory, a bug) keep their traceback."""
+    if process_count() <= 1 or type(error).__name__ != "XlaRuntimeError":
+        return False
+    message = str(error).lower()
+    return any(sign in message for sign in _PEER_GONE)
+
+
+def leave(code: int) -> None:
+    """End this process's part. On success, tell the peers (they then wait for it at JAX's
+    shutdown barrier instead of taking its silence for a death). On failure, leave at once: JAX's
+    exit handler would wait at that barrier for peers that are blocked in the next collective, for
+    minutes; exiting closes this process's connections, which stops them within seconds."""
+    if not _state["initialized"]:
+        return
+    if code:
+        exit_now(code)
+    stopping = _state.get("stopping")
+    if stopping is not None:
+        stopping.set()
+    client = _state.get("client")
+    if client is not None:
+        try:
+            client.key_value_set(f"kip/beat/{_state['index']}", _DONE, allow_overwrite=True)
+        except Exception:
+            pass
 
 
 def describe_failed_collective(error: BaseException) -> str:
@@ -111,17 +154,10 @@ def _start_watchdog(index: int, count: int, timeout: float) -> None:
 
     client = jax_distributed.global_state.client
     stopping = threading.Event()
-
-    def finished() -> None:
-        """A process that ends normally says so, so its peers do not take its silence for a death.
-        Registered after jax.distributed's own exit handler, so it runs before that one's shutdown."""
-        stopping.set()
-        try:
-            client.key_value_set(f"kip/beat/{index}", _DONE, allow_overwrite=True)
-        except Exception:
-            pass
-
-    atexit.register(finished)
+    _state.update(client=client, stopping=stopping, index=index)
+    # Registered after jax.distributed's own exit handler, so it runs first: no watchdog verdicts
+    # while JAX's shutdown barrier waits for the peers (`leave` has told them how this one ended).
+    atexit.register(stopping.set)
     thread = threading.Thread(target=_watch, args=(client, index, count, timeout, stopping), name="kip-peer-watchdog", daemon=True)
     thread.start()
 
@@ -172,17 +208,19 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int | None 
     """
     if processes < 1:
         raise UserError(f"--processes={processes} is not allowed; expected an integer >= 1")
+    if devices_per_process is not None and devices_per_process < 1:
+        raise UserError(f"--devices-per-process={devices_per_process} is not allowed; expected an integer >= 1")
     port = _free_port()
-    children = []
-    for index in range(processes):
-        env = {**os.environ, "KIP_COORDINATOR": f"127.0.0.1:{port}", "KIP_NUM_PROCESSES": str(processes),
-               "KIP_PROCESS_ID": str(index)}
-        if devices_per_process:
-            flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-            env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
-        command = [sys.executable, "-m", "pipeline.cli", *argv] + ([] if index == 0 else ["--quiet"])
-        children.append(subprocess.Popen(command, env=env, stdout=None if index == 0 else subprocess.DEVNULL))
+    children: list[subprocess.Popen] = []
     try:
+        for index in range(processes):
+            env = {**os.environ, "KIP_COORDINATOR": f"127.0.0.1:{port}", "KIP_NUM_PROCESSES": str(processes),
+                   "KIP_PROCESS_ID": str(index)}
+            if devices_per_process:
+                flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+                env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
+            command = [sys.executable, "-m", "pipeline.cli", *argv] + ([] if index == 0 else ["--quiet"])
+            children.append(subprocess.Popen(command, env=env, stdout=None if index == 0 else subprocess.DEVNULL))
         return _wait_all(children)
     finally:
         _stop(children)
@@ -191,9 +229,13 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int | None 
 def _wait_all(children: list[subprocess.Popen]) -> int:
     while True:
         codes = [child.poll() for child in children]
-        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            index, code = failed[0]
+        if any(code not in (None, 0) for code in codes):
+            # The first failure makes the others exit EXIT_PEER_LOST within moments; report the
+            # cause, not the echo: give them a moment, then prefer a code that is not that one.
+            time.sleep(1.0)
+            codes = [child.poll() for child in children]
+            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+            index, code = next(((i, c) for i, c in failed if c != EXIT_PEER_LOST), failed[0])
             print(f"kip: process {index} of {len(children)} exited with code {code}; stopped the others",
                   file=sys.stderr, flush=True)
             return code if code > 0 else 128 - code  # a signal's exit code, as a shell reports it

@@ -244,6 +244,8 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
         restored = _load_checkpoint(checkpoint, checkpoint_key, support, opt_state)
         if restored is not None:
             support, opt_state, start, history = restored
+        # Process 0 writes the checkpoint; each process reads it. They must start from the same step.
+        distributed.same_on_every_process(start, "the step the checkpoint resumes from")
     support, opt_state = devices.replicate_tree((support, opt_state))
 
     if monitor is not None and config.eval_every and start == 0:
@@ -366,10 +368,10 @@ CHECKPOINT_KINDS = (_CHECKPOINT_KIND, "conv-kip-checkpoint")
 
 def _save_checkpoint(path: Path, key: str, support: Support, opt_state, step: int, history) -> None:
     """Written by one process (distributed.is_main), read by all of them to resume."""
+    leaves = jax.tree_util.tree_leaves((support, opt_state))
+    arrays = {f"leaf_{i:03d}": devices.to_host(leaf) for i, leaf in enumerate(leaves)}  # on every process: may gather
     if not distributed.is_main():
         return
-    leaves = jax.tree_util.tree_leaves((support, opt_state))
-    arrays = {f"leaf_{i:03d}": devices.to_host(leaf) for i, leaf in enumerate(leaves)}
     meta = {"kind": _CHECKPOINT_KIND, "key": key, "step": step, "history": history}
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     atomic.save_npz(Path(path), arrays)

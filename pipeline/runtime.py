@@ -55,7 +55,10 @@ def limit_lapack_threads() -> bool:
     if not _lapack_checked:
         _lapack_checked = True
         if os.environ.get("KIP_KEEP_LAPACK_THREADS") != "1":
-            _lapack_limit = _single_threaded_lapack()
+            try:
+                _lapack_limit = _single_threaded_lapack()
+            except Exception:  # threadpoolctl cannot see or set it: slower, not wrong
+                _lapack_limit = None
     return _lapack_limit is not None
 
 

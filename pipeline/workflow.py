@@ -19,7 +19,7 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import conv_kip, kernels, kip, privacy
+from pipeline import conv_kip, distributed, kernels, kip, privacy
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig
 from pipeline.errors import UserError
@@ -42,6 +42,9 @@ def distill(
 ) -> DistillRun:
     """Distil a support set; returns it with the per-step history and the initial images."""
     check_distill_settings(kernel, config)
+    if distributed.process_count() > 1 and (config.method != "kip" or _random_features(kernel, config)):
+        raise UserError("several processes run distill.method=kip with kernel.architecture fc|rbf|conv; "
+                        f"run distill.method={config.method} with kernel.architecture={kernel.architecture} as one process")
     kernel_fn = kernels.make(kernel)
     monitor = None
     if config.eval_every and not _random_features(kernel, config):

@@ -18,29 +18,45 @@ from pipeline.params import section
 from pipeline.tracking import Tracker, stage_run
 
 
-def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+              several_processes: bool = False) -> None:
+    """several_processes: the stage may run as cooperating processes (pipeline/distributed.py)
+    when the environment names them; only `distill` does."""
     args = parser.parse_args()
     runtime.tune_process()
     runtime.stop_on_sigterm()
-    try:
-        from pipeline import distributed
+    from pipeline import distributed
 
-        distributed.initialize_from_env()  # several processes, if the environment names them
+    code = _run(name, main, args, distributed, several_processes)
+    if distributed.process_count() > 1:
+        distributed.leave(code)
+    if code:
+        sys.exit(code)
+
+
+def _run(name: str, main, args: argparse.Namespace, distributed, several_processes: bool) -> int:
+    try:
+        if several_processes:
+            distributed.initialize_from_env()
         main(args)
     except UserError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as err:
-        from pipeline import distributed
-
-        if not distributed.failed_collective(err):
-            raise
-        print(f"stage {name}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
-        distributed.exit_now(distributed.EXIT_PEER_LOST)
+        return 2
     except KeyboardInterrupt as stop:
         what = "terminated" if isinstance(stop, runtime.Terminated) else "interrupted"
         print(f"stage {name}: {what}; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
-        sys.exit(143 if isinstance(stop, runtime.Terminated) else 130)
+        return 143 if isinstance(stop, runtime.Terminated) else 130
+    except Exception as err:
+        if distributed.failed_collective(err):
+            print(f"stage {name}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
+            return distributed.EXIT_PEER_LOST
+        if distributed.process_count() == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 @contextlib.contextmanager

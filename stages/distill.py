@@ -91,4 +91,4 @@ if __name__ == "__main__":
     parser.add_argument("--curves", type=Path, required=True, help="PNG: loss and monitored accuracy")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    run_stage("distill", main, parser)
+    run_stage("distill", main, parser, several_processes=True)

@@ -169,3 +169,24 @@ def test_bad_launch_options_are_one_line_errors(tmp_path, extra, fragment):
     lines = [line for line in err.splitlines() if line.startswith("kip distill:")]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err[-2000:]
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_processes_that_resume_from_different_steps_are_refused(tmp_path):
+    """Process 0 writes the checkpoint, every process reads it: one that cannot see it (no shared
+    filesystem) would start at step 0 while the others resume, and their gradients would be summed
+    across different supports. Both refuse, in one line, before any step."""
+    args = [*RUN, "--steps", "6", "--checkpoint-every", "3"]
+
+    def two(checkpoints: tuple[str, str], out: str) -> list[subprocess.Popen]:
+        port = _free_port()
+        return [_cli([*args, "--checkpoint", str(tmp_path / checkpoints[i]), "-o", str(tmp_path / f"{out}{i}.npz")],
+                     _env(KIP_COORDINATOR=f"127.0.0.1:{port}", KIP_NUM_PROCESSES="2", KIP_PROCESS_ID=str(i)))
+                for i in range(2)]
+
+    # A finished 2-process run leaves its step-6 checkpoint (the key includes the device layout).
+    assert [_finish(p)[0] for p in two(("seen.npz", "seen.npz"), "first")] == [0, 0]
+    pair = two(("seen.npz", "unseen.npz"), "o")
+    for code, err in [_finish(p, timeout=120) for p in pair]:
+        lines = [line for line in err.splitlines() if line.startswith("kip distill:")]
+        assert code == 2 and len(lines) == 1 and "disagree on the step the checkpoint resumes from (6, 0" in lines[0], err[-2000:]
+    assert not (tmp_path / "o0.npz").exists()
