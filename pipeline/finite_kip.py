@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from pipeline import kip, krr, network_kernel
+from pipeline import kip, krr, network_kernel, runtime
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 
@@ -83,6 +83,7 @@ def kernel_matrix(network: TrainConfig, params: Any, x1: jax.Array, x2: jax.Arra
 def predict(network: TrainConfig, params: Any, x_s: jax.Array, y_s: jax.Array, x: jax.Array, reg: float) -> jax.Array:
     """Kernel regression with the network's own NTK: what that network, trained on (x_s, y_s) with
     centred MSE, predicts for x in the kernel regime (ridge `reg` for float32 stability)."""
+    runtime.limit_lapack_threads()  # as krr's solves: one LAPACK thread (pipeline/runtime.py says why)
     k_ss = kernel_matrix(network, params, x_s, x_s)
     k_ss = k_ss + reg * jnp.trace(k_ss) / k_ss.shape[0] * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
     alpha = cho_solve(cho_factor(k_ss, lower=True), y_s.reshape(-1))

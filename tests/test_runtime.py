@@ -35,7 +35,7 @@ def test_tuning_applies_once_and_limits_scipys_openblas():
 
 
 LIBRARY_ONLY = textwrap.dedent("""
-    import json
+    import json, sys
     import jax, jax.numpy as jnp
     from threadpoolctl import threadpool_info
     from pipeline import kernels, kip
@@ -47,22 +47,28 @@ LIBRARY_ONLY = textwrap.dedent("""
     import scipy.linalg  # loaded, as any script using SciPy would have it
     before = scipy_threads()
     x = jnp.ones((4, 3, 3, 1)) * jnp.arange(4.0)[:, None, None, None]
-    support = kip.Support(x, jnp.eye(4))
-    float(kip.kip_loss(kernels.make(KernelConfig()), 1e-3, support, x, jnp.eye(4)))  # no tune_process()
+    if sys.argv[1] == "kip_loss":  # no tune_process() in either
+        float(kip.kip_loss(kernels.make(KernelConfig()), 1e-3, kip.Support(x, jnp.eye(4)), x, jnp.eye(4)))
+    else:
+        from pipeline import finite, finite_kip
+        from pipeline.config import TrainConfig
+        network = TrainConfig(width=8, depth=1)
+        params = finite.make_model(network, x.shape[1:], 4).init(jax.random.PRNGKey(0), x[:1])
+        float(finite_kip.predict(network, params, x, jnp.eye(4), x, 1e-3).sum())
     print(json.dumps({"before": before, "after": scipy_threads()}))
 """)
 
 
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(opt_out):
-    """Someone calling kip_loss from their own script gets the one-thread LAPACK that makes the
+@pytest.mark.parametrize("entry,opt_out", [("kip_loss", False), ("kip_loss", True), ("finite_kip", False)])
+def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(entry, opt_out):
+    """Someone calling kip_loss (or finite_kip's solve) from their own script gets the one-thread LAPACK that makes the
     step fast (pipeline/runtime.py), without calling tune_process; KIP_KEEP_LAPACK_THREADS=1 keeps
     SciPy's OpenBLAS as it was."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OPENBLAS_NUM_THREADS": "2"}
     env.pop("KIP_KEEP_LAPACK_THREADS", None)
     if opt_out:
         env["KIP_KEEP_LAPACK_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-c", LIBRARY_ONLY], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", LIBRARY_ONLY, entry], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["before"] == [2]
