@@ -146,7 +146,7 @@ def full_run(args) -> dict:
                        cache_dir=default_cache_dir())
     features = ConvFeatureConfig(width=args.width, depth=args.depth, networks=args.networks)
     config = conv_kip.ConvKipConfig(support_per_class=args.spc, steps=args.steps, learning_rate=args.learning_rate,
-                                    target_batch=args.target_batch, reg=args.reg, seed=args.seed)
+                                    target_batch=args.target_batch, reg=args.reg, seed=args.seed, loss=args.loss)
     started = time.process_time(), time.perf_counter()
     result = conv_kip.distill(prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes,
                               features, config, checkpoint=args.checkpoint)
@@ -238,6 +238,8 @@ def train_convnets(args) -> dict:
     networks["cpu_minutes"] = round((time.process_time() - started[0]) / 60, 1)
     networks["wall_minutes"] = round((time.perf_counter() - started[1]) / 60, 1)
     report.pop("machine", None)
+    if "other_load" in report:  # the KIP run's; `emit` adds this command's own as other_load
+        report["run_other_load"] = report.pop("other_load")
     return {**report, "networks": networks}
 
 
@@ -272,6 +274,7 @@ def main() -> int:
     run.add_argument("--depth", type=int, default=ConvFeatureConfig.depth)
     run.add_argument("--eval-networks", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--loss", choices=("mse", "cross_entropy"), default=conv_kip.ConvKipConfig.loss)
     run.add_argument("--checkpoint", type=Path, default=None)
     run.add_argument("--save", type=Path, required=True, help="path stem of the support (.npz, .parquet)")
     convnets = sub.add_parser("convnets", help="train finite ConvNets on a run's saved support, add them to its JSON")

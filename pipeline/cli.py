@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     kip.add_argument("--kernel-block", dest="distill.kernel_block", type=int, default=20_000_000,
                      help="largest target x support kernel block, in entries (bounded memory)")
     kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
+    kip.add_argument("--loss", dest="distill.loss", default="mse",
+                     help="mse (KIP's) | cross_entropy (Platt-scaled, learned temperature; conv_rf kernels)")
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
     kip.add_argument("--corruption", dest="distill.corruption", type=float, default=0.0,
                      help="fraction of pixels replaced by noise at init and never learned (privacy)")

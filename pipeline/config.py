@@ -28,6 +28,7 @@ CONV_READOUTS = ("flatten", "gap")
 INITS = ("real", "noise")
 METHODS = ("kip", "label_solve")
 LR_SCHEDULES = ("constant", "cosine")
+KIP_LOSSES = ("mse", "cross_entropy")  # cross_entropy: the conv_rf loop only (pipeline/conv_kip.py)
 NETWORKS = ("fc", "conv")
 POOLINGS = ("avg", "max", "none")
 LOSSES = ("mse", "xent", "mse_centered", "soft_xent")
@@ -157,6 +158,8 @@ class DistillConfig:
     (80 MB of float32 kernel, well under 1 GB of step scratch for the FC kernel: docs/scaling.md),
     blocks 60,000 targets at 1000 support images in 3, and leaves 100 x 20,000 and 3000 x 5000
     whole.
+    loss: mse is KIP's squared error; cross_entropy is RFAD's Platt-scaled cross-entropy with a
+    learned temperature, available with kernel.architecture=conv_rf (conv_kip says why).
     """
 
     method: str = "kip"
@@ -174,9 +177,11 @@ class DistillConfig:
     eval_every: int = 0
     checkpoint_every: int = 100
     seed: int = 0
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         check_choice("distill.method", self.method, METHODS)
+        check_choice("distill.loss", self.loss, KIP_LOSSES)
         check_positive("distill.support_per_class", self.support_per_class, integer=True)
         check_positive("distill.steps", self.steps, integer=True)
         check_positive("distill.learning_rate", self.learning_rate)
@@ -191,6 +196,11 @@ class DistillConfig:
             raise UserError(
                 "distill.learn_labels=true is not allowed with distill.method=label_solve (it solves the labels); "
                 "expected learn_labels: false"
+            )
+        if self.method == "label_solve" and self.loss != "mse":
+            raise UserError(
+                f"distill.loss={self.loss!r} is not allowed with distill.method=label_solve (it solves the labels by "
+                "least squares); expected loss: mse"
             )
         check_non_negative("distill.reg", self.reg)
         _check_int_at_least("distill.eval_every", self.eval_every, 0)

@@ -6,7 +6,14 @@ takes one Adam step on the support's images (and labels, when learned) against
     loss = 0.5 * mean((y_t - K_ts (K_ss + ridge I)^-1 y_s)^2),   K = estimated NNGP of that draw
 
 as RFAD does (Loo et al., NeurIPS 2022). Resampling keeps the support from fitting one draw's
-noise; the expected loss is KIP's loss under the exact kernel up to the estimate's bias. Target
+noise; the expected loss is KIP's loss under the exact kernel up to the estimate's bias.
+`loss="cross_entropy"` replaces the squared error by RFAD's Platt-scaled cross-entropy,
+softmax(T * K_ts (K_ss + ridge I)^-1 y_s) against the targets' classes, with the temperature T
+learned alongside the support (log-parameterised, from INITIAL_TEMPERATURE). KRR still predicts by
+the argmax of K_ts alpha, which T does not change; the loss only stops paying for squared error on
+targets that are already classified right, which is what accuracy asks for: on MNIST, 100 images,
+it scored 98.1 % on the monitor's validation images at step 100, where the squared error was at
+97.7 % after 2000 (benchmarks/results/conv_kip_mnist_ce.json, conv_kip_mnist.json). Target
 features need no gradient, so a step is one forward pass of the targets and one forward-backward
 pass of the support through the networks.
 
@@ -40,21 +47,23 @@ import optax
 from tqdm.auto import tqdm
 
 from pipeline import atomic, conv_features, kip, krr
-from pipeline.config import DistillConfig, KernelConfig
+from pipeline.config import KIP_LOSSES, DistillConfig, KernelConfig
 from pipeline.conv_features import ConvFeatureConfig
-from pipeline.errors import UserError, check_positive
+from pipeline.errors import UserError, check_choice, check_positive
 
 # Network draws: training steps fold in the step; the monitor and the evaluation kernel are one draw each.
 TRAIN_STREAM, MONITOR_STREAM, EVAL_STREAM = 1, 2, 3
 EVAL_SEED = 0  # the evaluation kernel is the same draw whatever the run's seed
 PIPELINE_VAL_IMAGES = 2000  # kernel.architecture=conv_rf monitors on the first 2,000 validation images
+INITIAL_TEMPERATURE = 10.0  # Platt scale at step 0: softmax of 10 x a one-hot-sized prediction is confident but not saturated
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvKipConfig:
     """The loop: Adam `learning_rate` for `steps` on class-balanced batches of `target_batch`
     training images; `reg` is the ridge relative to K_ss's mean diagonal; validation (its first
-    `val_images`) is scored every `eval_every` steps with `monitor_networks` networks."""
+    `val_images`) is scored every `eval_every` steps with `monitor_networks` networks; `loss` is
+    KIP's squared error (`mse`) or the Platt-scaled cross-entropy (`cross_entropy`)."""
 
     support_per_class: int = 10
     steps: int = 2000
@@ -67,6 +76,7 @@ class ConvKipConfig:
     monitor_networks: int = 16
     checkpoint_every: int = 100
     seed: int = 0
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         for name in ("support_per_class", "steps", "target_batch", "eval_every", "val_images",
@@ -74,6 +84,7 @@ class ConvKipConfig:
             check_positive(f"conv_kip.{name}", getattr(self, name), integer=True)
         check_positive("conv_kip.learning_rate", self.learning_rate)
         check_positive("conv_kip.reg", self.reg)
+        check_choice("conv_kip.loss", self.loss, KIP_LOSSES)
 
 
 class ConvKipResult(NamedTuple):
@@ -107,7 +118,7 @@ def pipeline_settings(kernel: KernelConfig, config: DistillConfig) -> tuple[Conv
         support_per_class=config.support_per_class, steps=config.steps, learning_rate=config.learning_rate,
         target_batch=config.target_batch, reg=config.reg, learn_labels=config.learn_labels,
         eval_every=config.eval_every, val_images=PIPELINE_VAL_IMAGES, monitor_networks=kernel.rf_eval_networks,
-        checkpoint_every=config.checkpoint_every or config.steps, seed=config.seed,
+        checkpoint_every=config.checkpoint_every or config.steps, seed=config.seed, loss=config.loss,
     )
     return feature_config(kernel), loop
 
@@ -163,15 +174,30 @@ def network_key(seed: int, stream: int, index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), index)
 
 
-def loss(support: tuple[jax.Array, jax.Array], params: Any, x_t: jax.Array, y_t: jax.Array,
-         features: ConvFeatureConfig, reg: float) -> jax.Array:
-    """KIP's loss under one draw of random networks; no gradient flows into the targets."""
+def predictions(support: tuple[jax.Array, jax.Array], params: Any, x_t: jax.Array, features: ConvFeatureConfig,
+                reg: float) -> jax.Array:
+    """K_ts (K_ss + ridge I)^-1 y_s under one draw of random networks; no gradient flows into the targets."""
     f_s = conv_features.features(params, support[0], features)
     f_t = jax.lax.stop_gradient(conv_features.features(params, x_t, features))
     k_ss = conv_features.kernel_from_features(f_s, f_s, features)
     k_ts = conv_features.kernel_from_features(f_t, f_s, features)
-    alpha = krr.fit(k_ss, support[1], reg)
-    return 0.5 * jnp.mean((k_ts @ alpha - y_t) ** 2)
+    return k_ts @ krr.fit(k_ss, support[1], reg)
+
+
+def loss(support: tuple[jax.Array, jax.Array], params: Any, x_t: jax.Array, y_t: jax.Array,
+         features: ConvFeatureConfig, reg: float) -> jax.Array:
+    """KIP's loss under one draw of random networks: 0.5 mean squared error of the predictions."""
+    return 0.5 * jnp.mean((predictions(support, params, x_t, features, reg) - y_t) ** 2)
+
+
+def cross_entropy_loss(support: tuple[jax.Array, jax.Array], log_temperature: jax.Array, params: Any, x_t: jax.Array,
+                       y_t: jax.Array, features: ConvFeatureConfig, reg: float) -> jax.Array:
+    """Mean cross-entropy of softmax(exp(log_temperature) x predictions) against the targets'
+    classes (the argmax of their label rows)."""
+    logits = jnp.exp(log_temperature) * predictions(support, params, x_t, features, reg)
+    log_probabilities = jax.nn.log_softmax(logits, axis=1)
+    classes = jnp.argmax(y_t, axis=1)
+    return -jnp.mean(jnp.take_along_axis(log_probabilities, classes[:, None], axis=1))
 
 
 def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray, params: Any,
@@ -197,19 +223,24 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     rng = np.random.default_rng([config.seed, 0])
     idx = kip.class_balanced_indices(y_train, config.support_per_class, num_classes, rng)
     classes = y_train[idx]
-    support = (jnp.asarray(x_train[idx], jnp.float32), jnp.asarray(krr.centered_one_hot(classes, num_classes)))
+    # What Adam learns: the images, the labels and the log of the Platt temperature (unused, and so
+    # never moved, by the squared error: Adam's update of a zero gradient is zero).
+    support = (jnp.asarray(x_train[idx], jnp.float32), jnp.asarray(krr.centered_one_hot(classes, num_classes)),
+               jnp.log(jnp.float32(INITIAL_TEMPERATURE)))
     optimizer = optax.adam(config.learning_rate)
     state = optimizer.init(support)
 
-    def step_loss(images, labels, params, x_t, y_t):
+    def step_loss(images, labels, log_temperature, params, x_t, y_t):
         if not config.learn_labels:
             labels = jax.lax.stop_gradient(labels)
+        if config.loss == "cross_entropy":
+            return cross_entropy_loss((images, labels), log_temperature, params, x_t, y_t, features, config.reg)
         return loss((images, labels), params, x_t, y_t, features, config.reg)
 
     @jax.jit
     def step(support, state, key, x_t, y_t):
         params = conv_features.init(key, features, shape)
-        value, grads = jax.value_and_grad(step_loss, argnums=(0, 1))(*support, params, x_t, y_t)
+        value, grads = jax.value_and_grad(step_loss, argnums=(0, 1, 2))(*support, params, x_t, y_t)
         updates, state = optimizer.update(grads, state, support)
         return value, optax.apply_updates(support, updates), state
 
@@ -242,6 +273,8 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
             raise UserError(f"conv KIP diverged at step {t}; lower conv_kip.learning_rate (now "
                             f"{config.learning_rate}) or raise conv_kip.reg (now {config.reg})")
         point: dict[str, float] = {"step": t, "loss": value}
+        if config.loss == "cross_entropy":
+            point["temperature"] = float(jnp.exp(support[2]))
         if t % config.eval_every == 0 or t == config.steps:
             point["val_accuracy"] = val_accuracy(support)
             bar.set_postfix(val=f"{point['val_accuracy']:.4f}", best=f"{max(best[0], point['val_accuracy']):.4f}")
@@ -250,7 +283,7 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
         history.append(point)
         if checkpoint and (t % config.checkpoint_every == 0 or t == config.steps):
             _save_checkpoint(checkpoint, settings, t, support, state, best, history)
-    images_out, labels_out = (np.asarray(a, np.float32) for a in best[2])
+    images_out, labels_out = (np.asarray(a, np.float32) for a in best[2][:2])
     if not (np.isfinite(images_out).all() and np.isfinite(labels_out).all()):
         raise UserError("conv KIP produced a non-finite support; expected finite images and labels")
     return ConvKipResult(images_out, labels_out, np.asarray(classes), best[1], history,

@@ -150,6 +150,8 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
     """
     from pipeline import workflow
 
+    for config in (cell.kip, cell.kip_labels):  # before any work: a setting the kernel's loop lacks is one line
+        workflow.check_distill_settings(cell.kernel, config)
     kernel_fn = kernels.make(cell.kernel)
     classes = prepared.num_classes
     results = {name: MethodResult() for name in METHODS}
@@ -168,7 +170,7 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
             score(results["random"], prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes))
     with timed(results["label_solve"]):
         for repeat in range(cell.repeats):
-            config = dataclasses.replace(cell.kip, method="label_solve", seed=cell.seed + repeat)
+            config = dataclasses.replace(cell.kip, method="label_solve", loss="mse", seed=cell.seed + repeat)
             solved = workflow.distill(prepared, cell.kernel, config, progress=False).distilled
             score(results["label_solve"], solved.images, solved.labels)
             supports[f"label_solve_{repeat}"] = solved

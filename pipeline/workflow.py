@@ -100,6 +100,9 @@ def check_distill_settings(kernel: KernelConfig, config: DistillConfig) -> None:
     """Refuse kernel/distill combinations that have no meaning together (one line, UserError)."""
     if _random_features(kernel, config):
         conv_kip.pipeline_settings(kernel, config)
+    elif config.loss != "mse":
+        raise UserError(f"distill.loss={config.loss!r} is available with kernel.architecture=conv_rf only (not "
+                        f"{kernel.architecture}); expected loss: mse")
 
 
 def _random_features(kernel: KernelConfig, config: DistillConfig) -> bool:

@@ -1,7 +1,7 @@
 """Published benchmark numbers are the saved JSON's, and the JSON was taken on a quiet machine.
 
 docs/scaling.md's step tables are `benchmarks/kip_step.py --table` of the committed JSON, line for
-line, so the prose cannot drift from the measurement; and that JSON must show, per sample, the
+line (and its ConvNet evaluation-kernel tables `benchmarks/conv_eval_kernel.py --table`), so the prose cannot drift from the measurement; and that JSON must show, per sample, the
 load it was taken under, with no timing flagged as loaded.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "kip_step.json"
 
 
-def _kip_step_module():
+def _benchmark_module(name: str = "kip_step"):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("kip_step_benchmark", ROOT / "benchmarks" / "kip_step.py")
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -28,9 +28,18 @@ def _kip_step_module():
 
 def test_scaling_doc_tables_are_the_saved_benchmark():
     report = json.loads(RESULT.read_text())
-    table = _kip_step_module().table(report)
+    table = _benchmark_module().table(report)
     doc = (ROOT / "docs" / "scaling.md").read_text()
     for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            assert line in doc, f"docs/scaling.md lacks the benchmark's line: {line}"
+
+
+def test_conv_evaluation_kernel_tables_are_the_saved_benchmark():
+    report = json.loads((ROOT / "benchmarks" / "results" / "conv_eval_kernel.json").read_text())
+    assert report["split"].startswith("validation")
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    for line in _benchmark_module("conv_eval_kernel").table(report).splitlines():
         if line.startswith("| ") and not line.startswith("|---"):
             assert line in doc, f"docs/scaling.md lacks the benchmark's line: {line}"
 

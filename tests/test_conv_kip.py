@@ -41,6 +41,30 @@ def test_loss_is_kernel_regression_with_the_draws_kernel():
     assert ours == pytest.approx(expected, rel=1e-3)
 
 
+def test_cross_entropy_is_platt_scaled_kernel_regression():
+    """Against -mean log softmax(T K_ts (K_ss + ridge I)^-1 y_s)[class] in float64 numpy, same
+    networks. As above, the predictions carry ~1e-4 relative error; T = 12 multiplies it into the
+    logits, whose errors move the log-softmax by at most their spread (~12 x 1e-4 x max |prediction|),
+    so 2e-3 relative on a loss of order 1 bounds it."""
+    rng = np.random.default_rng(0)
+    x_s, x_t = rng.normal(size=(6, 8, 8, 1)).astype(np.float32), rng.normal(size=(9, 8, 8, 1)).astype(np.float32)
+    y_s = rng.normal(size=(6, 10)).astype(np.float32)
+    classes = rng.integers(0, 10, size=9)
+    y_t = krr.centered_one_hot(classes, 10)
+    params = conv_features.init(jax.random.PRNGKey(1), FEATURES, (8, 8, 1))
+    f_s = np.asarray(conv_features.features(params, jnp.asarray(x_s), FEATURES), np.float64)
+    f_t = np.asarray(conv_features.features(params, jnp.asarray(x_t), FEATURES), np.float64)
+    k_ss, k_ts = f_s @ f_s.T + FEATURES.b_std ** 2, f_t @ f_s.T + FEATURES.b_std ** 2
+    reg, temperature = 1e-2, 12.0
+    logits = temperature * (k_ts @ np.linalg.solve(k_ss + reg * np.trace(k_ss) / 6 * np.eye(6), y_s))
+    log_softmax = logits - logits.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    expected = -np.mean(log_softmax[np.arange(9), classes])
+    ours = float(conv_kip.cross_entropy_loss((jnp.asarray(x_s), jnp.asarray(y_s)), jnp.log(jnp.float32(temperature)),
+                                             params, jnp.asarray(x_t), jnp.asarray(y_t), FEATURES, reg))
+    assert ours == pytest.approx(expected, rel=2e-3)
+
+
 @pytest.fixture(scope="module")
 def digits_split(digits_standardized):
     x, y, _, _ = digits_standardized
@@ -59,6 +83,25 @@ def test_the_loop_keeps_its_best_validation_step_and_is_deterministic(digits_spl
     assert sorted(first.classes.tolist()) == list(range(10))
     np.testing.assert_array_equal(first.images, again.images)
     np.testing.assert_array_equal(first.labels, again.labels)
+
+
+def test_cross_entropy_learns_its_temperature_deterministically(digits_split):
+    """The Platt temperature starts at INITIAL_TEMPERATURE, is learned with the support (recorded
+    every step), and the run is as deterministic as the squared error's; the squared error never
+    records one (its gradient in the temperature is zero, so it never moves)."""
+    x_train, y_train, x_val, y_val = digits_split
+    config = dataclasses.replace(SMALL, loss="cross_entropy")
+    first = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, config, progress=False)
+    again = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, config, progress=False)
+    temperatures = [h["temperature"] for h in first.history if "loss" in h]
+    assert len(temperatures) == SMALL.steps and all(np.isfinite(temperatures))
+    assert temperatures[0] != conv_kip.INITIAL_TEMPERATURE and len(set(temperatures)) == len(temperatures)
+    assert abs(np.log(temperatures[0] / conv_kip.INITIAL_TEMPERATURE)) <= 1.01 * SMALL.learning_rate  # one Adam step
+    np.testing.assert_array_equal(first.images, again.images)
+    assert first.history == again.history
+    squared = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    assert not any("temperature" in h for h in squared.history)
+    assert not np.array_equal(squared.images, first.images)
 
 
 def test_fixed_labels_stay_fixed(digits_split):
@@ -106,7 +149,7 @@ def test_resume_continues_from_the_checkpoint(digits_split, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("target_batch", 2.5), ("learning_rate", 0.0),
-                                         ("reg", float("nan")), ("monitor_networks", True)])
+                                         ("reg", float("nan")), ("monitor_networks", True), ("loss", "hinge")])
 def test_bad_settings_name_the_parameter(field, value):
     with pytest.raises(UserError, match=f"conv_kip.{field}"):
         ConvKipConfig(**{field: value})
@@ -244,6 +287,20 @@ def test_evaluation_passes_each_image_array_through_the_networks_once(monkeypatc
     kernel_fn.feature_rows(x[:2])
     kernel_fn.feature_rows(support)
     assert passes == [9, 4, 2, 4]
+
+
+def test_cross_entropy_is_refused_where_there_is_no_loop_for_it():
+    with pytest.raises(UserError, match=re.escape("distill.loss='cross_entropy' is available with "
+                                                  "kernel.architecture=conv_rf only (not fc); expected loss: mse")):
+        workflow.check_distill_settings(KernelConfig(), DistillConfig(loss="cross_entropy"))
+    with pytest.raises(UserError, match=re.escape("distill.loss='cross_entropy' is not allowed with "
+                                                  "distill.method=label_solve")):
+        DistillConfig(method="label_solve", loss="cross_entropy")
+    with pytest.raises(UserError, match=re.escape("distill.loss")):
+        DistillConfig(loss="hinge")
+    workflow.check_distill_settings(CONV_RF, dataclasses.replace(PIPELINE_DISTILL, loss="cross_entropy"))  # allowed
+    assert conv_kip.pipeline_settings(CONV_RF, dataclasses.replace(PIPELINE_DISTILL, loss="cross_entropy"))[1].loss \
+        == "cross_entropy"
 
 
 @pytest.mark.parametrize("kernel,distill,message", [

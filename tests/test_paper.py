@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -300,6 +301,18 @@ def test_paper_numbers_must_name_their_source_and_show_only_for_their_kernel(dig
     assert "99.0" not in table  # an RBF number never stands beside the FC NTK row
     table = paper_report.table_markdown([digits_cell], [{**sourced, "kernel": "FC NTK"}], paper_report.checks([digits_cell]))
     assert "| FC NTK | 20 | KIP | " in table and "| 99.0 |" in table
+
+
+def test_a_cell_whose_kernel_has_no_loop_for_its_loss_fails_before_any_work(monkeypatch):
+    """cross_entropy exists in the conv_rf loop only: an FC cell asking for it is one line at once,
+    not after its random subsets and Label Solves have run."""
+    prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+    spec = {"dataset": "digits", "support_per_class": 1, "train": "fc", "kip_labels": {"loss": "cross_entropy"}}
+    cell = paper.cell_config("digits-fc_ntk-1", {**SHARED, "repeats": 1}, spec, TRAIN)
+    monkeypatch.setattr(paper.kernels, "make", lambda *_: pytest.fail("a kernel was built before the check"))
+    with pytest.raises(UserError, match=re.escape("distill.loss='cross_entropy' is available with "
+                                                  "kernel.architecture=conv_rf only")):
+        paper.run_cell(prepared, cell)
 
 
 def test_the_committed_matrix_ran_the_settings_chosen_on_validation():
