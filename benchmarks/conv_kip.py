@@ -50,6 +50,7 @@ import numpy as np
 from _report import OtherLoad, emit
 
 from pipeline import conv_features, conv_kip
+from pipeline.config import KIP_LOSSES
 from pipeline.conv_features import ConvFeatureConfig
 
 SHAPE = (28, 28, 1)
@@ -274,7 +275,7 @@ def main() -> int:
     run.add_argument("--depth", type=int, default=ConvFeatureConfig.depth)
     run.add_argument("--eval-networks", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--loss", choices=("mse", "cross_entropy"), default=conv_kip.ConvKipConfig.loss)
+    run.add_argument("--loss", choices=KIP_LOSSES, default=conv_kip.ConvKipConfig.loss)
     run.add_argument("--checkpoint", type=Path, default=None)
     run.add_argument("--save", type=Path, required=True, help="path stem of the support (.npz, .parquet)")
     convnets = sub.add_parser("convnets", help="train finite ConvNets on a run's saved support, add them to its JSON")
