@@ -15,7 +15,7 @@ inputs, float32), in one process, samples of the implementations interleaved:
 Every sample records the cores other processes used while it ran (`_report.OtherLoad`); medians
 are over unloaded samples, and a row with fewer than half its samples unloaded is marked loaded.
 
-`run`: a full conv-KIP run on MNIST or Fashion-MNIST (standardised, as the paper matrix), settings
+`run`: a full conv-KIP run on MNIST or Fashion-MNIST (standardised as the paper matrix, or `--preprocess zca`), settings
 from the command line, validation choosing the step; then KRR accuracy on the test split, once each,
 with an evaluation kernel of `--eval-networks` networks drawn from a stream neither training nor
 monitoring uses: for the KIP support, for a class-balanced random real subset with one-hot labels,
@@ -50,7 +50,7 @@ import numpy as np
 from _report import OtherLoad, emit
 
 from pipeline import conv_features, conv_kip
-from pipeline.config import KIP_LOSSES
+from pipeline.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
 
 SHAPE = (28, 28, 1)
@@ -140,14 +140,15 @@ def full_run(args) -> dict:
 
     from pipeline import artifacts, kip, krr, parquet, privacy, transfer
     from pipeline.cli import default_cache_dir
-    from pipeline.config import DataConfig, PreprocessConfig, TrainConfig
+    from pipeline.config import DataConfig, TrainConfig
     from pipeline.prepared import prepare
 
-    prepared = prepare(DataConfig(source="registry", name=args.dataset), PreprocessConfig(method="standardize"),
-                       cache_dir=default_cache_dir())
+    prepared = prepare(DataConfig(source="registry", name=args.dataset),
+                       PreprocessConfig(method=args.preprocess, zca_reg=args.zca_reg), cache_dir=default_cache_dir())
     features = ConvFeatureConfig(width=args.width, depth=args.depth, networks=args.networks)
     config = conv_kip.ConvKipConfig(support_per_class=args.spc, steps=args.steps, learning_rate=args.learning_rate,
-                                    target_batch=args.target_batch, reg=args.reg, seed=args.seed, loss=args.loss)
+                                    target_batch=args.target_batch, reg=args.reg, seed=args.seed, loss=args.loss,
+                                    lr_schedule=args.lr_schedule)
     started = time.process_time(), time.perf_counter()
     result = conv_kip.distill(prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes,
                               features, config, checkpoint=args.checkpoint)
@@ -183,7 +184,8 @@ def full_run(args) -> dict:
     parquet.save_parquet(table, support, prepared.class_names)
     _load_support(npz)  # what was saved reads back (checksums, shapes, finiteness)
 
-    return {"benchmark": "conv_kip_run", "dataset": args.dataset, "support_size": len(result.images),
+    return {"benchmark": "conv_kip_run", "dataset": args.dataset, "preprocess": prepared.provenance["preprocess"],
+            "support_size": len(result.images),
             "features": dataclasses.asdict(features), "conv_kip": dataclasses.asdict(config),
             "best_step": result.best_step, "kip_cpu_minutes": round(cpu_minutes, 1), "kip_wall_minutes": round(wall_minutes, 1),
             "validation_curve": [p for p in result.history if "val_accuracy" in p],
@@ -276,6 +278,9 @@ def main() -> int:
     run.add_argument("--eval-networks", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--loss", choices=KIP_LOSSES, default=conv_kip.ConvKipConfig.loss)
+    run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=conv_kip.ConvKipConfig.lr_schedule)
+    run.add_argument("--preprocess", choices=PREPROCESS_METHODS, default=PreprocessConfig.method)
+    run.add_argument("--zca-reg", type=float, default=PreprocessConfig.zca_reg)
     run.add_argument("--checkpoint", type=Path, default=None)
     run.add_argument("--save", type=Path, required=True, help="path stem of the support (.npz, .parquet)")
     convnets = sub.add_parser("convnets", help="train finite ConvNets on a run's saved support, add them to its JSON")

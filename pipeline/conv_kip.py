@@ -47,7 +47,7 @@ import optax
 from tqdm.auto import tqdm
 
 from pipeline import atomic, conv_features, kip, krr
-from pipeline.config import KIP_LOSSES, DistillConfig, KernelConfig
+from pipeline.config import KIP_LOSSES, LR_SCHEDULES, DistillConfig, KernelConfig
 from pipeline.conv_features import ConvFeatureConfig
 from pipeline.errors import UserError, check_choice, check_positive
 
@@ -60,9 +60,10 @@ INITIAL_TEMPERATURE = 10.0  # Platt scale at step 0: softmax of 10 x a one-hot-s
 
 @dataclasses.dataclass(frozen=True)
 class ConvKipConfig:
-    """The loop: Adam `learning_rate` for `steps` on class-balanced batches of `target_batch`
-    training images; `reg` is the ridge relative to K_ss's mean diagonal; validation (its first
-    `val_images`) is scored every `eval_every` steps with `monitor_networks` networks; `loss` is
+    """The loop: Adam `learning_rate` (constant, or cosine-decayed to zero over the run:
+    `lr_schedule`) for `steps` on class-balanced batches of `target_batch` training images; `reg`
+    is the ridge relative to K_ss's mean diagonal; validation (its first `val_images`) is scored
+    every `eval_every` steps with `monitor_networks` networks; `loss` is
     KIP's squared error (`mse`) or the Platt-scaled cross-entropy (`cross_entropy`)."""
 
     support_per_class: int = 10
@@ -77,6 +78,7 @@ class ConvKipConfig:
     checkpoint_every: int = 100
     seed: int = 0
     loss: str = "mse"
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("support_per_class", "steps", "target_batch", "eval_every", "val_images",
@@ -85,6 +87,7 @@ class ConvKipConfig:
         check_positive("conv_kip.learning_rate", self.learning_rate)
         check_positive("conv_kip.reg", self.reg)
         check_choice("conv_kip.loss", self.loss, KIP_LOSSES)
+        check_choice("conv_kip.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
 
 class ConvKipResult(NamedTuple):
@@ -105,7 +108,7 @@ def feature_config(kernel: KernelConfig, networks: int | None = None) -> ConvFea
 def pipeline_settings(kernel: KernelConfig, config: DistillConfig) -> tuple[ConvFeatureConfig, ConvKipConfig]:
     """The loop's settings for `kernel.architecture: conv_rf`; refuses distill keys it has no
     counterpart for, rather than ignoring them."""
-    unsupported = (("lr_schedule", "constant"), ("init", "real"), ("corruption", 0.0), ("float64", False))
+    unsupported = (("init", "real"), ("corruption", 0.0), ("float64", False))
     for name, only in unsupported:
         if getattr(config, name) != only:
             raise UserError(f"distill.{name}={getattr(config, name)!r} is not available with "
@@ -119,6 +122,7 @@ def pipeline_settings(kernel: KernelConfig, config: DistillConfig) -> tuple[Conv
         target_batch=config.target_batch, reg=config.reg, learn_labels=config.learn_labels,
         eval_every=config.eval_every, val_images=PIPELINE_VAL_IMAGES, monitor_networks=kernel.rf_eval_networks,
         checkpoint_every=config.checkpoint_every or config.steps, seed=config.seed, loss=config.loss,
+        lr_schedule=config.lr_schedule,
     )
     return feature_config(kernel), loop
 
@@ -227,7 +231,7 @@ def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     # never moved, by the squared error: Adam's update of a zero gradient is zero).
     support = (jnp.asarray(x_train[idx], jnp.float32), jnp.asarray(krr.centered_one_hot(classes, num_classes)),
                jnp.log(jnp.float32(INITIAL_TEMPERATURE)))
-    optimizer = optax.adam(config.learning_rate)
+    optimizer = optax.adam(kip.learning_rate_schedule(config.lr_schedule, config.learning_rate, config.steps))
     state = optimizer.init(support)
 
     def step_loss(images, labels, log_temperature, params, x_t, y_t):

@@ -163,11 +163,11 @@ def target_indices(labels: np.ndarray, num_classes: int, batch: int, seed: int, 
     return class_balanced_indices(labels, per_class, num_classes, rng).astype(np.int32)
 
 
-def learning_rate_schedule(config: DistillConfig) -> optax.ScalarOrSchedule:
-    """Constant, or cosine decay to zero over the run (settles the support at the end)."""
-    if config.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=config.steps)
-    return config.learning_rate
+def learning_rate_schedule(schedule: str, learning_rate: float, steps: int) -> optax.ScalarOrSchedule:
+    """Constant, or cosine decay to zero over the run's `steps` (settles the support at the end)."""
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, decay_steps=steps)
+    return learning_rate
 
 
 def init_support(
@@ -235,7 +235,7 @@ def _distill(x_train, y_train, num_classes, kernel_fn, config, checkpoint, check
     dtype = jnp.float64 if config.float64 else jnp.float32
     init_images, classes = init_support(x_train, y_train, num_classes, config)
     init_labels = krr.centered_one_hot(classes, num_classes)
-    optimizer = optax.adam(learning_rate_schedule(config))
+    optimizer = optax.adam(learning_rate_schedule(config.lr_schedule, config.learning_rate, config.steps))
     support = Support(jnp.asarray(init_images, dtype), jnp.asarray(init_labels, dtype))
     opt_state = optimizer.init(support)
     history: list[dict[str, float]] = []

@@ -149,7 +149,8 @@ def test_resume_continues_from_the_checkpoint(digits_split, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("target_batch", 2.5), ("learning_rate", 0.0),
-                                         ("reg", float("nan")), ("monitor_networks", True), ("loss", "hinge")])
+                                         ("reg", float("nan")), ("monitor_networks", True), ("loss", "hinge"),
+                                         ("lr_schedule", "linear")])
 def test_bad_settings_name_the_parameter(field, value):
     with pytest.raises(UserError, match=f"conv_kip.{field}"):
         ConvKipConfig(**{field: value})
@@ -303,12 +304,41 @@ def test_cross_entropy_is_refused_where_there_is_no_loop_for_it():
         == "cross_entropy"
 
 
+def test_cosine_schedule_halves_the_second_of_two_steps(digits_split, tmp_path):
+    """Over 2 steps optax's cosine decay gives the learning rate lr, then lr * (1 + cos(pi / 2)) / 2
+    = lr / 2. Both runs reach the same support and Adam state after step 1, so step 2's Adam
+    direction is the same and the cosine run's displacement must be exactly half the constant
+    run's. The supports are read from the checkpoint, which holds the last step's (the result is the
+    best validation step's). Tolerance: each float32 support is rounded once per step, so each
+    displacement is off by at most 2 ulp of the largest pixel; 8 ulp covers both sides."""
+    x_train, y_train, x_val, y_val = digits_split
+
+    def last_support(steps: int, schedule: str):
+        config = dataclasses.replace(SMALL, steps=steps, checkpoint_every=1, lr_schedule=schedule)
+        path = tmp_path / f"{schedule}{steps}.npz"
+        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, config, checkpoint=path, progress=False)
+        _, leaves = kip.read_checkpoint(path)
+        return leaves[0], leaves[1]  # images, labels
+
+    first = last_support(1, "constant")
+    constant, cosine = last_support(2, "constant"), last_support(2, "cosine")
+    for before, full, halved in zip(first, constant, cosine):
+        assert np.abs(full - before).max() > 1e-3  # step 2 moved the support
+        tolerance = 8 * np.finfo(np.float32).eps * np.abs(full).max()
+        np.testing.assert_allclose(halved - before, 0.5 * (full - before), rtol=0, atol=tolerance)
+
+
+def test_the_pipeline_passes_its_lr_schedule_to_the_loop():
+    cosine = dataclasses.replace(PIPELINE_DISTILL, lr_schedule="cosine")
+    assert conv_kip.pipeline_settings(CONV_RF, cosine)[1].lr_schedule == "cosine"
+    assert conv_kip.pipeline_settings(CONV_RF, PIPELINE_DISTILL)[1].lr_schedule == "constant"
+
+
 @pytest.mark.parametrize("kernel,distill,message", [
     (dict(kind="ntk"), {}, "kernel.kind='ntk' is not available with kernel.architecture=conv_rf; expected kind: nngp"),
     (dict(activation="erf"), {}, "kernel.activation='erf' is not available with kernel.architecture=conv_rf"),
     (dict(rf_networks=0), {}, "kernel.rf_networks"),
     ({}, dict(corruption=0.5), "distill.corruption=0.5 is not available with kernel.architecture=conv_rf"),
-    ({}, dict(lr_schedule="cosine"), "distill.lr_schedule='cosine' is not available"),
     ({}, dict(eval_every=0), "distill.eval_every=0 is not allowed with kernel.architecture=conv_rf"),
     ({}, dict(reg=0.0), "distill.reg"),
 ])
