@@ -156,12 +156,36 @@ def _relu(nngp, var1, var2, diagonal=None):
     diagonal: where x1[i] is x2[j]. Their cosine is 1 exactly; computed, it is 1 - O(eps), and the
     arc-cosine turns that into an O(sqrt(eps)) angle (3e-4 in float32), so we pin it.
     """
-    scale = jnp.sqrt(var1 * var2)
-    cosine = nngp / scale
+    scale, cosine = _scale_and_cosine(nngp, var1, var2)
     if diagonal is not None:
         cosine = jnp.where(diagonal, 1.0, cosine)
     slope = (math.pi - _arccos(cosine)) / (2 * math.pi)
     return scale * _arccos_map(cosine), var1 / 2, var2 / 2, slope
+
+
+@jax.custom_jvp
+def _scale_and_cosine(nngp, var1, var2):
+    """sqrt(var1 var2) and nngp / sqrt(var1 var2), for a column var1 and a row var2.
+
+    The roots and reciprocals are taken once per image, so each of the n1 x n2 entries pays
+    multiplications, not a square root and a division. Autodiff of that form would reduce over
+    rows and over columns twice each (once through the scale, once through the cosine); the JVP
+    below goes through d log(scale) alone, so the backward pass reduces once per side, as
+    autodiff of sqrt(var1 * var2) did.
+    """
+    root1, root2 = jnp.sqrt(var1), jnp.sqrt(var2)
+    return root1 * root2, nngp * ((1.0 / root1) * (1.0 / root2))
+
+
+@_scale_and_cosine.defjvp
+def _scale_and_cosine_jvp(primals, tangents):
+    nngp, var1, var2 = primals
+    d_nngp, d_var1, d_var2 = tangents
+    root1, root2 = jnp.sqrt(var1), jnp.sqrt(var2)
+    inverse = (1.0 / root1) * (1.0 / root2)
+    scale, cosine = root1 * root2, nngp * inverse
+    d_log_scale = 0.5 * (d_var1 / var1) + 0.5 * (d_var2 / var2)
+    return (scale, cosine), (scale * d_log_scale, d_nngp * inverse - cosine * d_log_scale)
 
 
 @jax.custom_jvp
@@ -206,9 +230,8 @@ def _arccos_jvp(primals, tangents):
     cosine cannot change to first order, so any finite multiplier is exact; infinity would be NaN."""
     (cosine,), (d_cosine,) = primals, tangents
     c = jnp.clip(cosine, -1.0, 1.0)
-    sine_sq = 1.0 - c * c
-    safe = jnp.where(sine_sq > 0, sine_sq, 1.0)
-    return _arccos(cosine), jnp.where(sine_sq > 0, -d_cosine / jnp.sqrt(safe), 0.0)
+    sine = jnp.sqrt(1.0 - c * c)  # as `_arccos_map` computes it, so XLA computes it once for both
+    return _arccos(cosine), jnp.where(sine > 0, -d_cosine / jnp.where(sine > 0, sine, 1.0), 0.0)
 
 
 def _erf(nngp, var1, var2):
