@@ -358,15 +358,7 @@ def _run(args: argparse.Namespace, handler, distributed) -> int:
         print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as err:
-        if distributed.failed_collective(err):
-            print(f"kip {args.command}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
-            return distributed.EXIT_PEER_LOST
-        if distributed.process_count() == 1:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        return 1
+        return distributed.exit_code_of_failure(err, f"kip {args.command}")
     return 0
 
 

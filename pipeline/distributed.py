@@ -136,6 +136,22 @@ def describe_failed_collective(error: BaseException) -> str:
             f"to resume from the last checkpoint (exit {EXIT_PEER_LOST})")
 
 
+def exit_code_of_failure(error: Exception, command: str) -> int:
+    """The exit code of `command` (e.g. "kip distill") after an unexpected error. A lost peer
+    prints one line and gives EXIT_PEER_LOST; in one process the error propagates, its traceback
+    being the report; among several, each prints its traceback and returns 1, so the launcher
+    sees every process's rather than the first one's."""
+    if failed_collective(error):
+        print(f"{command}: {describe_failed_collective(error)}", file=sys.stderr)
+        return EXIT_PEER_LOST
+    if process_count() == 1:
+        raise error
+    import traceback
+
+    traceback.print_exception(error)
+    return 1
+
+
 def _int_env(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     try:

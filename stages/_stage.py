@@ -47,15 +47,7 @@ def _run(name: str, main, args: argparse.Namespace, distributed, several_process
         print(f"stage {name}: {what}; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
         return 143 if isinstance(stop, runtime.Terminated) else 130
     except Exception as err:
-        if distributed.failed_collective(err):
-            print(f"stage {name}: {distributed.describe_failed_collective(err)}", file=sys.stderr)
-            return distributed.EXIT_PEER_LOST
-        if distributed.process_count() == 1:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        return 1
+        return distributed.exit_code_of_failure(err, f"stage {name}")
     return 0
 
 
