@@ -17,8 +17,23 @@ from typing import Any
 
 
 def machine() -> dict[str, Any]:
+    """The platform, the cores this process may use, and the CPU model with its vector extensions:
+    two machines of "this kind" can differ in AVX-512/AMX, and with it in how fast matmuls run
+    against element-wise work, which moves the ratios between implementations."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus}
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus, **_cpu_model()}
+
+
+def _cpu_model() -> dict[str, Any]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    vector = sorted(f for f in flags if f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile"))
+    return {"cpu_model": fields.get("model name", ""), "vector_extensions": vector}
 
 
 def emit(report: dict[str, Any], out: Path | None) -> None:
