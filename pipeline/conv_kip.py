@@ -199,9 +199,7 @@ def cross_entropy_loss(support: tuple[jax.Array, jax.Array], log_temperature: ja
     """Mean cross-entropy of softmax(exp(log_temperature) x predictions) against the targets'
     classes (the argmax of their label rows)."""
     logits = jnp.exp(log_temperature) * predictions(support, params, x_t, features, reg)
-    log_probabilities = jax.nn.log_softmax(logits, axis=1)
-    classes = jnp.argmax(y_t, axis=1)
-    return -jnp.mean(jnp.take_along_axis(log_probabilities, classes[:, None], axis=1))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(y_t, axis=1)))
 
 
 def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray, params: Any,
