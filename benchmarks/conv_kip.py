@@ -31,6 +31,8 @@ run's JSON.
     python benchmarks/conv_kip.py steps --out benchmarks/results/conv_kip_steps.json
     python benchmarks/conv_kip.py run --dataset mnist --steps 2000 --eval-networks 16 --checkpoint /tmp/conv.ckpt.npz \\
         --save benchmarks/results/supports/mnist100_conv_kip --out benchmarks/results/conv_kip_mnist.json
+    python benchmarks/conv_kip.py run --dataset fashion_mnist --steps 300 --loss cross_entropy --preprocess zca \\
+        --zca-reg 1.0 --validation-only   # a settings pilot: validation curve only
     python benchmarks/conv_kip.py convnets benchmarks/results/conv_kip_mnist.json
     python benchmarks/conv_kip.py rescore benchmarks/results/supports/mnist100_conv_kip.npz
 """
@@ -153,6 +155,13 @@ def full_run(args) -> dict:
     result = conv_kip.distill(prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes,
                               features, config, checkpoint=args.checkpoint)
     cpu_minutes, wall_minutes = (time.process_time() - started[0]) / 60, (time.perf_counter() - started[1]) / 60
+    if args.validation_only:  # a pilot for choosing settings: the test split is not read, nothing is saved
+        return {"benchmark": "conv_kip_pilot", "dataset": args.dataset, "preprocess": prepared.provenance["preprocess"],
+                "conv_kip": dataclasses.asdict(config), "best_step": result.best_step,
+                "kip_wall_minutes": round(wall_minutes, 1),
+                "validation_curve": [p for p in result.history if "val_accuracy" in p]}
+    if args.save is None:
+        raise SystemExit("conv_kip.py run: --save is required unless --validation-only")
 
     evaluation = dataclasses.replace(features, networks=args.eval_networks)
     eval_params = conv_features.init(conv_kip.network_key(args.seed, EVAL_STREAM, 0), evaluation, SHAPE)
@@ -282,7 +291,9 @@ def main() -> int:
     run.add_argument("--preprocess", choices=PREPROCESS_METHODS, default=PreprocessConfig.method)
     run.add_argument("--zca-reg", type=float, default=PreprocessConfig.zca_reg)
     run.add_argument("--checkpoint", type=Path, default=None)
-    run.add_argument("--save", type=Path, required=True, help="path stem of the support (.npz, .parquet)")
+    run.add_argument("--save", type=Path, default=None, help="path stem of the support (.npz, .parquet)")
+    run.add_argument("--validation-only", action="store_true",
+                     help="a settings pilot: print the validation curve; no test split, nothing saved")
     convnets = sub.add_parser("convnets", help="train finite ConvNets on a run's saved support, add them to its JSON")
     convnets.add_argument("report", type=Path)
     again = sub.add_parser("rescore", help="a saved support's KRR test accuracy under its recorded evaluation kernel")
