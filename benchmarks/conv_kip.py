@@ -245,8 +245,10 @@ def train_convnets(args) -> dict:
                             if k in ("architecture", "conv_width", "conv_depth", "pooling", "parameterization", "seeds")}}
     for side in ("distilled", "baseline"):
         accuracy = [r.accuracy for r in runs[side]]
+        validation = [transfer.validation_accuracy(r, prepared) for r in runs[side]]
         networks[side] = {"settings": runs["settings"][side], "test_accuracy": accuracy,
-                          "mean": float(np.mean(accuracy)), "std": float(np.std(accuracy))}
+                          "mean": float(np.mean(accuracy)), "std": float(np.std(accuracy)),
+                          "validation_accuracy": validation, "validation_mean": float(np.mean(validation))}
     networks["cpu_minutes"] = round((time.process_time() - started[0]) / 60, 1)
     networks["wall_minutes"] = round((time.perf_counter() - started[1]) / 60, 1)
     report.pop("machine", None)

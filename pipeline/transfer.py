@@ -67,6 +67,15 @@ def _mean_curve(results: list) -> dict[int, float]:
     return {step: float(np.mean([p[step] for p in points])) for step in points[0]}
 
 
+def validation_accuracy(result: Any, prepared: Prepared) -> float:
+    """A trained network's accuracy on the validation split: what to compare supports by, since
+    picking the support (or the distillation settings behind it) by test accuracy would fit the test split."""
+    if len(prepared.y_val) == 0:
+        raise UserError("comparing networks on validation needs a validation split; set data.validation_fraction > 0")
+    outputs = np.concatenate([result.predict(prepared.x_val[i:i + 2000]) for i in range(0, len(prepared.y_val), 2000)])
+    return float(np.mean(np.argmax(outputs, axis=1) == prepared.y_val))
+
+
 def _optimizer_text(settings: dict[str, Any]) -> str:
     return f"{settings['optimizer']} {settings['learning_rate']:g} x {settings['steps']} steps"
 

@@ -118,6 +118,24 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     assert metrics["nn_labels"] == metrics["nn_baseline_labels"] == "support"  # labels_choice fixed: their own
 
 
+def test_validation_accuracy_of_a_trained_network_is_its_monitor_at_the_last_step(digits, digits_standardized):
+    """Two paths to the same number: the training loop's own monitor (every eval_every steps, on the
+    validation split) and `transfer.validation_accuracy` from the returned network afterwards."""
+    from pipeline import preprocess
+
+    transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
+    prepared = _prepared(digits_standardized, digits, transform)
+    idx = np.arange(40)
+    result = finite.train(prepared.x_train[idx], np.eye(10, dtype=np.float32)[prepared.y_train[idx]],
+                          prepared.y_train[idx], prepared.x_test, prepared.y_test, 10,
+                          TrainConfig(width=64, steps=20, eval_every=20), 0, monitor=(prepared.x_val, prepared.y_val))
+    assert transfer.validation_accuracy(result, prepared) == result.curve[-1]["val_accuracy"]
+    assert 0.3 < result.curve[-1]["val_accuracy"] < 1.0  # trained, and scored on images it did not see
+    no_validation = dataclasses.replace(prepared, x_val=prepared.x_val[:0], y_val=prepared.y_val[:0])
+    with pytest.raises(UserError, match="data.validation_fraction > 0"):
+        transfer.validation_accuracy(result, no_validation)
+
+
 def test_sides_that_chose_different_optimizers_keep_their_own_curve_points(digits, digits_standardized):
     """One side on SGD for 60 steps, the other on Adam for 1000: each row holds the sides evaluated there."""
     results = {side: [finite.TrainResult(0.5, 1.0, [{"step": s, "train_loss": 0.1, "val_accuracy": v + seed}
