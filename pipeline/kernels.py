@@ -107,11 +107,20 @@ def make_reference(spec: KernelConfig) -> KernelFn:
     return network_kernel
 
 
-def self_kernel(kernel_fn: KernelFn, x: jax.Array) -> jax.Array:
+def self_kernel(kernel_fn: KernelFn, x: jax.Array, *, symmetric_use: bool = False) -> jax.Array:
     """k(x, x). Gram kernels are told the pairs on the diagonal are identical, which keeps K_ss's
     diagonal exact in float32 (see `closed_form._relu`), and their backward pass is one matmul
-    (`_gram_self_kernel`)."""
+    (`_gram_self_kernel`).
+
+    symmetric_use: the caller promises that every cotangent reaching k is symmetric, as
+    `krr.fit`'s is. Gram kernels then skip symmetrising it, an n x n transposed add that XLA:CPU
+    fuses into the kernel map's backward pass with strided reads (3000 support: docs/scaling.md).
+    Under an asymmetric cotangent the gradient would be wrong (the Gram's backward pass is 2 G x,
+    which is (G + G^T) x only for a symmetric G).
+    """
     if isinstance(kernel_fn, GramKernelFn):
+        if symmetric_use:
+            return _gram_self_kernel_value(kernel_fn, x)
         return _gram_self_kernel(kernel_fn, x)
     return kernel_fn(x, x)
 

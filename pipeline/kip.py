@@ -70,7 +70,7 @@ def kip_loss(
     per extra block: blocking only pays when the kernel would not fit, hence a budget in entries
     rather than in targets (at 100 support images, 20,000 targets are 8 MB of kernel).
     """
-    k_ss = kernels.self_kernel(kernel_fn, support.images)
+    k_ss = kernels.self_kernel(kernel_fn, support.images, symmetric_use=True)  # krr.fit's gradient is symmetric
     alpha = krr.fit(k_ss, support.labels, reg)
 
     def squared_error(x_block, y_block):

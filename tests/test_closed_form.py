@@ -117,6 +117,30 @@ def test_self_kernel_gradient_under_an_asymmetric_cotangent(rng, spec):
         assert _relative(jax.grad(lambda x: loss(kernels.self_kernel(ours, x)))(x), jax.grad(lambda x: loss(plain(x)))(x)) < 1e-12
 
 
+@pytest.mark.parametrize("spec", GRID[::3] + [KernelConfig(architecture="rbf")], ids=lambda s: s.architecture + "-" + _ids(s))
+def test_self_kernel_of_symmetric_use_under_a_symmetric_cotangent(rng, spec):
+    """symmetric_use=True skips symmetrising the cotangent: under one that is symmetric (a
+    weight W = W^T, as krr.fit's gradient is) the gradient is autodiff's two-matmul one, to float64
+    rounding, and an asymmetric weight shows the path really skips it (a different gradient)."""
+    with enable_x64():
+        x = jnp.asarray(rng.standard_normal((9, 4, 4, 2)))
+        weight = jnp.asarray(rng.standard_normal((9, 9)))
+        ours = kernels.make(spec)
+
+        def plain(x):
+            gram, sq, _ = closed_form.flat_gram(x, x)
+            return ours.from_gram(gram, sq, sq, 32, same=True)
+
+        def gradients(w):
+            loss = lambda k: jnp.sum(w * k) + jnp.sum(jnp.sin(k) * (w * w))  # noqa: E731
+            return (jax.grad(lambda x: loss(kernels.self_kernel(ours, x, symmetric_use=True)))(x),
+                    jax.grad(lambda x: loss(plain(x)))(x))
+
+        np.testing.assert_array_equal(kernels.self_kernel(ours, x, symmetric_use=True), plain(x))
+        assert _relative(*gradients(weight + weight.T)) < 1e-12
+        assert _relative(*gradients(weight)) > 1e-3
+
+
 def test_kip_step_in_float32_matches_float64_after_the_kss_change(rng):
     """The float32 KIP loss and support gradient (symmetrised K_ss backward, polynomial arc-cosine)
     against the same computation in float64. Tolerance: the solve amplifies float32 kernel rounding

@@ -110,3 +110,30 @@ def test_the_random_baseline_is_krr_on_class_balanced_real_images_as_given(rng):
         accuracies.append(scores["accuracy"])
     assert got["accuracy"] == pytest.approx(np.mean(accuracies))
     assert got["accuracy_std"] == pytest.approx(np.std(accuracies))
+
+
+def test_fit_gradients_match_central_differences(rng):
+    """krr.fit's hand-written gradient against float64 central differences: in K_ss along symmetric
+    directions (the Cholesky reads one triangle, so only the symmetric part is defined, and that is
+    what fit returns) and in the labels. The loss is smooth, so the difference error is
+    O(h^2 * third derivative) + O(eps / h): about 1e-9 relative at h = 1e-5 for this
+    well-conditioned system; 1e-6 leaves three orders of margin while a wrong sign or factor
+    (errors of order 1) cannot pass."""
+    import jax
+    import jax.numpy as jnp
+
+    k_ss = jnp.asarray(random_psd(rng, 12) + 12 * np.eye(12))
+    y_s = jnp.asarray(rng.standard_normal((12, 3)))
+    weights = jnp.asarray(rng.standard_normal((12, 3)))
+    loss = lambda k, y: jnp.sum(weights * krr.fit(k, y, 1e-2) ** 2)  # noqa: E731
+    grad_k, grad_y = jax.grad(loss, argnums=(0, 1))(k_ss, y_s)
+    np.testing.assert_allclose(grad_k, grad_k.T, rtol=0, atol=1e-15 * float(jnp.max(jnp.abs(grad_k))))
+    h = 1e-5
+    for _ in range(3):
+        e = rng.standard_normal((12, 12))
+        e = jnp.asarray(e + e.T)
+        numeric = (loss(k_ss + h * e, y_s) - loss(k_ss - h * e, y_s)) / (2 * h)
+        assert float(jnp.sum(grad_k * e)) == pytest.approx(float(numeric), rel=1e-6)
+        d = jnp.asarray(rng.standard_normal((12, 3)))
+        numeric = (loss(k_ss, y_s + h * d) - loss(k_ss, y_s - h * d)) / (2 * h)
+        assert float(jnp.sum(grad_y * d)) == pytest.approx(float(numeric), rel=1e-6)
