@@ -418,19 +418,19 @@ def _reference_loss(x_s, y_s, x_t, y_t):
 
 
 def _linear_loss(x_s, y_s, x_t, y_t):
-    """The floor: ours with the kernel map removed. K_ss keeps our one-matmul backward pass (the
-    symmetrised Gram of closed_form), or the floor would do a matmul our step does not."""
+    """The floor: ours with the kernel map removed. The same solve (krr.fit, whose gradient comes
+    out symmetric) and K_ss's one-matmul Gram backward pass (closed_form.self_gram), so the floor
+    does no matmul or transposed add that our step does not."""
     import jax.numpy as jnp
-    import jax.scipy as sp
 
-    from pipeline import closed_form
+    from pipeline import closed_form, krr
 
     a = x_s.reshape(x_s.shape[0], -1)
     b = x_t.reshape(x_t.shape[0], -1)
     gram, _ = closed_form.self_gram(x_s)
-    k_ss = 0.5 * (gram + gram.T) / a.shape[1] + jnp.eye(a.shape[0])  # symmetric cotangent into self_gram
+    k_ss = gram / a.shape[1] + jnp.eye(a.shape[0])  # X X^T alone has rank <= d: singular at 3000 support
     k_ts = b @ a.T / a.shape[1]
-    return 0.5 * jnp.mean((k_ts @ sp.linalg.solve(k_ss, y_s, assume_a="pos") - y_t) ** 2)
+    return 0.5 * jnp.mean((k_ts @ krr.fit(k_ss, y_s, REG) - y_t) ** 2)
 
 
 # --- the README table ----------------------------------------------------------------------------

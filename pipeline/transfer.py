@@ -47,6 +47,9 @@ def transfer(distilled: DistilledSet, prepared: Prepared, config: TrainConfig, *
         "nn_baseline_labels": runs["settings"]["baseline"]["labels"],
         "nn_baseline_test_accuracy": float(np.mean(baseline_acc)),
         "nn_baseline_test_accuracy_std": float(np.std(baseline_acc)),
+        # the final networks on the validation split: what to compare runs by (the test split is for reporting)
+        **({"nn_val_accuracy": _mean_validation(runs["distilled"], prepared),
+            "nn_baseline_val_accuracy": _mean_validation(runs["baseline"], prepared)} if len(prepared.y_val) else {}),
         "seeds": config.seeds,
         "support_size": int(len(distilled.images)),
         "test_size": int(len(prepared.y_test)),
@@ -65,6 +68,10 @@ def _mean_curve(results: list) -> dict[int, float]:
         return {}
     points = [{p["step"]: p["val_accuracy"] for p in r.curve if "val_accuracy" in p} for r in results]
     return {step: float(np.mean([p[step] for p in points])) for step in points[0]}
+
+
+def _mean_validation(results: list, prepared: Prepared) -> float:
+    return float(np.mean([validation_accuracy(r, prepared) for r in results]))
 
 
 def validation_accuracy(result: Any, prepared: Prepared) -> float:

@@ -115,6 +115,9 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     assert metrics["nn_test_accuracy"] > 0.5 and metrics["nn_baseline_test_accuracy"] > 0.5
     assert [p["step"] for p in curve] == [30, 60]
     assert metrics["nn_optimizer"] == "sgd 0.5 x 60 steps"
+    # the final networks on validation: the curve's last point is the same networks, the same images
+    assert metrics["nn_val_accuracy"] == pytest.approx(curve[-1]["distilled_val_accuracy"], abs=1e-12)
+    assert metrics["nn_baseline_val_accuracy"] == pytest.approx(curve[-1]["baseline_val_accuracy"], abs=1e-12)
     assert metrics["nn_labels"] == metrics["nn_baseline_labels"] == "support"  # labels_choice fixed: their own
 
 
