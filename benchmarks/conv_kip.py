@@ -26,7 +26,8 @@ metadata); `rescore` recomputes its KRR test accuracy from that file alone.
 `convnets`: finite ConvNets of the kernel's architecture (`train.architecture=conv`, width and depth
 of the features, 3 seeds, label scale and optimizer chosen on validation) trained on a run's saved
 support and on random real subsets of the same size, scored once on the test split; added to the
-run's JSON.
+run's JSON with each network's accuracy on the validation split too, which is what to compare
+supports by (choosing a support by its networks' test accuracy would fit the test split).
 
     python benchmarks/conv_kip.py steps --out benchmarks/results/conv_kip_steps.json
     python benchmarks/conv_kip.py run --dataset mnist --steps 2000 --eval-networks 16 --checkpoint /tmp/conv.ckpt.npz \\
