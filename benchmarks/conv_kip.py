@@ -253,8 +253,11 @@ def train_convnets(args) -> dict:
     networks["cpu_minutes"] = round((time.process_time() - started[0]) / 60, 1)
     networks["wall_minutes"] = round((time.perf_counter() - started[1]) / 60, 1)
     report.pop("machine", None)
-    if "other_load" in report:  # the KIP run's; `emit` adds this command's own as other_load
-        report["run_other_load"] = report.pop("other_load")
+    # The KIP run's load becomes run_other_load; `emit` adds this command's own as other_load. On a
+    # re-run the report's other_load is the earlier networks' (superseded with them).
+    if "other_load" in report:
+        earlier = report.pop("other_load")
+        report.setdefault("run_other_load", earlier)
     return {**report, "networks": networks}
 
 
