@@ -7,7 +7,7 @@ applying the layer recursion entry-wise leaves the Gram matmul (and its transpos
 pass) as the only heavy work. neural-tangents' general `Kernel` machinery carries more state
 through every layer and differentiates through `arctan2`, which XLA:CPU runs as a scalar loop;
 on benchmarks/kip_step.py its step is 1.3x to 1.5x slower than ours in the same process, and ours
-runs at 72-84 % of the rate of its own matmul shapes at 1000+ support or 5000+ targets (docs/scaling.md).
+runs at 46-94 % of the rate of its own matmul shapes (docs/scaling.md; the share falls as the support grows).
 
 The recursion is neural-tangents' own (stax.Dense, stax.Relu, stax.Erf), layer for layer and
 in the same order, so both parameterisations agree with it to float rounding; a test checks that
@@ -67,7 +67,8 @@ def flat_gram(x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
 def self_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x @ x.T, |x|^2) over flattened images, for a kernel of a set with itself (K_ss).
 
-    Differentiate it only under a symmetric cotangent (kernels.self_kernel makes sure): see
+    Differentiate it only under a symmetric cotangent (kernels.self_kernel symmetrises it, or its
+    caller promises one with symmetric_use=True, as kip_loss does for krr.fit's): see
     `_gram_of_symmetric_use`.
     """
     a = x.reshape(x.shape[0], -1)
@@ -80,7 +81,7 @@ def _gram_of_symmetric_use(a: jax.Array) -> jax.Array:
 
     That is 2 n^2 d FLOPs fewer (one 3000 x 3000 x 784 matmul is 67 ms here), and exact when the
     cotangent G is symmetric, which it is when the Gram matrix feeds a symmetric kernel whose own
-    cotangent was symmetrised (kernels.self_kernel). Symmetrising G itself, (G + G^T) a, would be
+    cotangent is symmetric (kernels.self_kernel). Symmetrising G itself, (G + G^T) a, would be
     general but is slower on XLA:CPU: it fuses the kernel map's backward pass into the transposed
     add and computes every entry twice, strided (optimization barriers are removed on CPU).
     """

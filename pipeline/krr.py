@@ -23,9 +23,12 @@ def fit(k_ss: jax.Array, y_s: jax.Array, reg: float) -> jax.Array:
 
     Differentiable in K_ss and y_s (`_solve_pos`): the gradient with respect to K_ss comes out
     symmetric, so a caller that computes K_ss from one set of images can skip symmetrising it
-    (`kernels.self_kernel(..., symmetric_use=True)`).
+    (`kernels.self_kernel(..., symmetric_use=True)`). Reverse mode only (jax.grad, jax.vjp): the
+    hand-written gradient has no forward-mode rule, and nothing here needs one.
     """
     runtime.limit_lapack_threads()  # once per process: see pipeline/runtime.py for why
+    dtype = jnp.result_type(k_ss, y_s)  # as jax's solve promotes: one dtype for the factor and both sides
+    k_ss, y_s = jnp.asarray(k_ss, dtype), jnp.asarray(y_s, dtype)
     k_reg = k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
     return _solve_pos(k_reg, y_s)
 
@@ -54,7 +57,8 @@ def _solve_pos_forward(k_reg, y):
 def _solve_pos_backward(residuals, cotangent):
     factor, alpha = residuals
     lam = cho_solve((factor, True), cotangent)
-    return -0.5 * (lam @ alpha.T + alpha @ lam.T), lam
+    columns_lam, columns_alpha = lam.reshape(len(lam), -1), alpha.reshape(len(alpha), -1)  # y may be one vector
+    return -0.5 * (columns_lam @ columns_alpha.T + columns_alpha @ columns_lam.T), lam
 
 
 _solve_pos.defvjp(_solve_pos_forward, _solve_pos_backward)

@@ -142,8 +142,8 @@ def test_self_kernel_of_symmetric_use_under_a_symmetric_cotangent(rng, spec):
 
 
 def test_kip_step_in_float32_matches_float64_after_the_kss_change(rng):
-    """The float32 KIP loss and support gradient (symmetrised K_ss backward, polynomial arc-cosine)
-    against the same computation in float64. Tolerance: the solve amplifies float32 kernel rounding
+    """The float32 KIP loss and support gradient (K_ss's one-matmul backward under krr.fit's
+    symmetric gradient, polynomial arc-cosine) against the same computation in float64. Tolerance: the solve amplifies float32 kernel rounding
     (~1e-7 relative) by the condition number of K_ss + ridge, which the ridge 1e-3 * tr/n caps at
     ~1e3 for these well-spread images: 1e-4 relative on the gradient, with room."""
     spec = KernelConfig()

@@ -137,3 +137,10 @@ def test_fit_gradients_match_central_differences(rng):
         d = jnp.asarray(rng.standard_normal((12, 3)))
         numeric = (loss(k_ss, y_s + h * d) - loss(k_ss, y_s - h * d)) / (2 * h)
         assert float(jnp.sum(grad_y * d)) == pytest.approx(float(numeric), rel=1e-6)
+    # one label vector (1-D y) takes the same path: its gradient is the first column's
+    one = lambda k, y: jnp.sum(weights[:, 0] * krr.fit(k, y, 1e-2) ** 2)  # noqa: E731
+    grad_k1, grad_y1 = jax.grad(one, argnums=(0, 1))(k_ss, y_s[:, 0])
+    first = lambda k, y: jnp.sum(weights[:, :1] * krr.fit(k, y, 1e-2) ** 2)  # noqa: E731
+    grad_k2, grad_y2 = jax.grad(first, argnums=(0, 1))(k_ss, y_s[:, :1])
+    np.testing.assert_allclose(grad_k1, grad_k2, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(grad_y1, grad_y2[:, 0], rtol=1e-12, atol=0)
