@@ -45,10 +45,10 @@ def _solve_pos(k_reg: jax.Array, y: jax.Array) -> jax.Array:
     XLA:CPU a transposed add over n x n entries, fused into the kernel's backward pass, cost more
     than the kernel's own element-wise work (3000 support: docs/scaling.md).
     """
-    return cho_solve((cholesky(k_reg, lower=True), True), y)
+    return _solve_pos_forward(k_reg, y)[0]
 
 
-def _solve_pos_forward(k_reg, y):
+def _solve_pos_forward(k_reg: jax.Array, y: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     factor = cholesky(k_reg, lower=True)
     alpha = cho_solve((factor, True), y)
     return alpha, (factor, alpha)
