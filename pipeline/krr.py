@@ -15,22 +15,57 @@ from pipeline import runtime
 
 def ridge(k_ss: jax.Array, reg: float) -> jax.Array:
     """The scalar added to K_ss's diagonal: reg * tr(K_ss) / n."""
-    return reg * jnp.trace(k_ss) / k_ss.shape[0]
+    return reg * _trace(k_ss) / k_ss.shape[0]
+
+
+def _trace(k: jax.Array) -> jax.Array:
+    """The sum of k's n diagonal entries, read as every (n + 1)-th entry of the flattened matrix.
+
+    jnp.trace masks all n^2 entries and sums them; XLA:CPU writes the masked matrix out first
+    (36 MB at a 3000-image support) and does the same for its gradient (`_regularised`)."""
+    return jnp.sum(k.reshape(-1)[:: k.shape[0] + 1])
+
+
+@jax.custom_vjp
+def _regularised(k_ss: jax.Array, reg: float) -> jax.Array:
+    """K_ss + ridge I, with a gradient that adds a multiple of I rather than masking an n x n array.
+
+    With G the cotangent: dK = G + (reg / n) tr(G) I and d reg = tr(G) tr(K_ss) / n. Autodiff of
+    `k_ss + ridge * eye` gets the same numbers, but sums G's diagonal by masking all of G, which
+    XLA:CPU materialises; together with the forward pass's trace that was 17 ms of a 3000 x 5000
+    KIP step (docs/scaling.md)."""
+    return _regularised_forward(k_ss, reg)[0]
+
+
+def _regularised_forward(k_ss, reg):
+    n = k_ss.shape[0]
+    trace = _trace(k_ss)
+    return k_ss + (reg * trace / n) * jnp.eye(n, dtype=k_ss.dtype), (trace, reg)
+
+
+def _regularised_backward(residuals, cotangent):
+    trace, reg = residuals
+    n = cotangent.shape[0]
+    cotangent_trace = _trace(cotangent)
+    d_k = cotangent + (reg * cotangent_trace / n) * jnp.eye(n, dtype=cotangent.dtype)
+    return d_k, cotangent_trace * trace / n
+
+
+_regularised.defvjp(_regularised_forward, _regularised_backward)
 
 
 def fit(k_ss: jax.Array, y_s: jax.Array, reg: float) -> jax.Array:
     """Dual coefficients alpha = (K_ss + ridge I)^-1 y_s, by Cholesky (K_ss is PSD).
 
     Differentiable in K_ss and y_s (`_solve_pos`): the gradient with respect to K_ss comes out
-    symmetric, so a caller that computes K_ss from one set of images can skip symmetrising it
+    symmetric (up to rounding), so a caller that computes K_ss from one set of images can skip symmetrising it
     (`kernels.self_kernel(..., symmetric_use=True)`). Reverse mode only (jax.grad, jax.vjp): the
     hand-written gradient has no forward-mode rule, and nothing here needs one.
     """
     runtime.limit_lapack_threads()  # once per process: see pipeline/runtime.py for why
     dtype = jnp.result_type(k_ss, y_s)  # as jax's solve promotes: one dtype for the factor and both sides
     k_ss, y_s = jnp.asarray(k_ss, dtype), jnp.asarray(y_s, dtype)
-    k_reg = k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
-    return _solve_pos(k_reg, y_s)
+    return _solve_pos(_regularised(k_ss, reg), y_s)
 
 
 @jax.custom_vjp
@@ -40,8 +75,10 @@ def _solve_pos(k_reg: jax.Array, y: jax.Array) -> jax.Array:
     Differentiating through the Cholesky factorisation would cost O(n^3) again (45 ms against
     8 ms for a 1000-image support); the gradient needs only one more pair of triangular solves,
     lambda = k_reg^-1 g. The Cholesky reads one triangle, so only the symmetric part of the
-    matrix's gradient is defined: we return -(lambda alpha^T + alpha lambda^T) / 2, two thin
-    matmuls. Autodiff's -lambda alpha^T would leave the symmetrising to the caller, and on
+    matrix's gradient is defined: we return -(lambda alpha^T + alpha lambda^T) / 2, as one thin
+    matmul [lambda alpha] [alpha lambda]^T, so the kernel's backward pass reads one n x n array
+    rather than two (symmetric up to rounding: entry (i, j) adds the same products as (j, i), in
+    another order). Autodiff's -lambda alpha^T would leave the symmetrising to the caller, and on
     XLA:CPU a transposed add over n x n entries, fused into the kernel's backward pass, cost more
     than the kernel's own element-wise work (3000 support: docs/scaling.md).
     """
@@ -58,7 +95,9 @@ def _solve_pos_backward(residuals, cotangent):
     factor, alpha = residuals
     lam = cho_solve((factor, True), cotangent)
     columns_lam, columns_alpha = lam.reshape(len(lam), -1), alpha.reshape(len(alpha), -1)  # y may be one vector
-    return -0.5 * (columns_lam @ columns_alpha.T + columns_alpha @ columns_lam.T), lam
+    left = jnp.concatenate([columns_lam, columns_alpha], axis=1)
+    right = jnp.concatenate([columns_alpha, columns_lam], axis=1)
+    return -0.5 * (left @ right.T), lam
 
 
 _solve_pos.defvjp(_solve_pos_forward, _solve_pos_backward)

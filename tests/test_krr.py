@@ -144,3 +144,36 @@ def test_fit_gradients_match_central_differences(rng):
     grad_k2, grad_y2 = jax.grad(first, argnums=(0, 1))(k_ss, y_s[:, :1])
     np.testing.assert_allclose(grad_k1, grad_k2, rtol=1e-12, atol=0)
     np.testing.assert_allclose(grad_y1, grad_y2[:, 0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reg", [1e-2, 0.5])
+def test_fit_gradients_through_the_ridge_match_autodiff_of_the_plain_formula(rng, reg):
+    """The ridge reg * tr(K)/n moves with K and with reg; `krr._regularised` writes that gradient
+    by hand (dK = G + (reg/n) tr(G) I, d reg = tr(G) tr(K)/n). The reference is autodiff of the
+    plain formula through jnp.trace and jnp.linalg.solve, in float64 (symmetrised in K, the only
+    part fit defines). Both are float64 solves of a system with condition number below 10, so they
+    agree to ~1e-14; 1e-10 leaves margin, while a missing or doubled ridge term is a relative error
+    of order reg (1e-2 or more)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 10
+    k_ss = jnp.asarray(random_psd(rng, n) + n * np.eye(n))
+    y_s = jnp.asarray(rng.standard_normal((n, 3)))
+    weights = jnp.asarray(rng.standard_normal((n, 3)))
+
+    def ours(k, r):
+        return jnp.sum(weights * krr.fit(k, y_s, r) ** 2)
+
+    def plain(k, r):
+        k_reg = k + r * jnp.trace(k) / n * jnp.eye(n)
+        return jnp.sum(weights * jnp.linalg.solve(k_reg, y_s) ** 2)
+
+    reg = jnp.asarray(reg, jnp.float64)
+    grad_k, grad_reg = jax.grad(ours, argnums=(0, 1))(k_ss, reg)
+    want_k, want_reg = jax.grad(plain, argnums=(0, 1))(k_ss, reg)
+    want_k = 0.5 * (want_k + want_k.T)
+    scale = float(jnp.max(jnp.abs(want_k)))
+    np.testing.assert_allclose(grad_k, want_k, rtol=0, atol=1e-10 * scale)
+    assert float(grad_reg) == pytest.approx(float(want_reg), rel=1e-10)
+    assert float(krr.ridge(k_ss, 0.5)) == pytest.approx(0.5 * float(np.trace(np.asarray(k_ss))) / n, rel=1e-15)
