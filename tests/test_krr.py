@@ -152,8 +152,8 @@ def test_fit_gradients_through_the_ridge_match_autodiff_of_the_plain_formula(rng
     by hand (dK = G + (reg/n) tr(G) I, d reg = tr(G) tr(K)/n). The reference is autodiff of the
     plain formula through jnp.trace and jnp.linalg.solve, in float64 (symmetrised in K, the only
     part fit defines). Both are float64 solves of a system with condition number below 10, so they
-    agree to ~1e-14; 1e-10 leaves margin, while a missing or doubled ridge term is a relative error
-    of order reg (1e-2 or more)."""
+    agree to ~1e-14; 1e-10 leaves margin, while a missing or doubled ridge term moves the gradient
+    by 5e-4 of its largest entry or more here."""
     import jax
     import jax.numpy as jnp
 
@@ -176,4 +176,22 @@ def test_fit_gradients_through_the_ridge_match_autodiff_of_the_plain_formula(rng
     scale = float(jnp.max(jnp.abs(want_k)))
     np.testing.assert_allclose(grad_k, want_k, rtol=0, atol=1e-10 * scale)
     assert float(grad_reg) == pytest.approx(float(want_reg), rel=1e-10)
-    assert float(krr.ridge(k_ss, 0.5)) == pytest.approx(0.5 * float(np.trace(np.asarray(k_ss))) / n, rel=1e-15)
+    assert float(krr.ridge(k_ss, float(reg))) == pytest.approx(float(reg) * float(np.trace(np.asarray(k_ss))) / n, rel=1e-14)
+
+
+def test_fit_gradients_keep_float32_under_jit_with_a_python_float_reg(rng):
+    """How KIP calls it: float32 K and labels, reg a Python float, under jit. The hand-written
+    gradients must come back in float32 (no silent promotion) and agree with the float64 ones to
+    float32 accuracy (the system's condition number is below 10: 1e-4 relative is ~1000 ulps)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 8
+    k64 = random_psd(rng, n) + n * np.eye(n)
+    y64 = rng.standard_normal((n, 2))
+    loss = lambda k, y: jnp.sum(krr.fit(k, y, 0.1) ** 2)  # noqa: E731
+    grad_k, grad_y = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(k64, jnp.float32), jnp.asarray(y64, jnp.float32))
+    assert grad_k.dtype == jnp.float32 and grad_y.dtype == jnp.float32
+    want_k, want_y = jax.grad(loss, argnums=(0, 1))(jnp.asarray(k64), jnp.asarray(y64))
+    np.testing.assert_allclose(grad_k, want_k, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want_k))))
+    np.testing.assert_allclose(grad_y, want_y, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want_y))))
