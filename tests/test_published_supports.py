@@ -15,14 +15,15 @@ prediction may flip (README "Guarantees").
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_benchmark_reports import _benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "experiments" / "paper" / "results"
@@ -87,16 +88,6 @@ def test_a_paper_cells_committed_supports_rescore_to_its_published_numbers(key, 
     assert np.mean(solves) == methods["label_solve"]["krr"]["mean"]
 
 
-def _conv_kip_benchmark():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("conv_kip_benchmark", ROOT / "benchmarks" / "conv_kip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _benchmark_runs(pattern: str) -> list[str]:
     return sorted(path.name for path in BENCHMARKS.glob(pattern) if "saved" in json.loads(path.read_text()))
 
@@ -115,21 +106,11 @@ def test_every_saved_support_a_benchmark_names_is_committed_with_the_bytes_it_re
 @pytest.mark.registry
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _benchmark_runs("conv_kip_*.json"))
-def test_a_conv_kip_benchmarks_saved_support_rescores_to_its_published_number(name, registry_cache):
-    """`benchmarks/conv_kip.py rescore`'s computation, from the file and its recorded evaluation kernel."""
-    from pipeline import conv_features, conv_kip
-    from pipeline.conv_features import ConvFeatureConfig
-    from pipeline.prepared import reprepare
-
-    bench = _conv_kip_benchmark()
+def test_a_conv_kip_benchmarks_saved_support_rescores_to_its_published_number(name, registry_cache, monkeypatch):
+    """`benchmarks/conv_kip.py rescore` itself, from the file and its recorded evaluation kernel."""
     run = json.loads((BENCHMARKS / name).read_text())
-    support = bench._load_support(ROOT / "benchmarks" / run["saved"])
-    recorded = dict(support.metadata["evaluation_kernel"])
-    assert recorded == run["evaluation_kernel"]
-    stream, seed = recorded.pop("stream"), recorded.pop("seed")
-    evaluation = ConvFeatureConfig(**recorded)
-    prepared = reprepare(support, cache_dir=registry_cache)
-    params = conv_features.init(conv_kip.network_key(seed, stream, 0), evaluation, prepared.x_test.shape[1:])
-    accuracy = conv_kip.krr_accuracy(support.images, support.labels, prepared.x_test, prepared.y_test, params,
-                                     evaluation, support.metadata["conv_kip"]["reg"])
-    assert accuracy == run["krr_test_accuracy"]["kip"]
+    bench, saved = _benchmark_module("conv_kip"), ROOT / "benchmarks" / run["saved"]
+    assert bench._load_support(saved).metadata["evaluation_kernel"] == run["evaluation_kernel"]
+    monkeypatch.setenv("KIP_CACHE_DIR", str(registry_cache))  # rescore's data cache: the session's
+    rescored = bench.rescore(argparse.Namespace(support=saved))
+    assert rescored["krr_test_accuracy"] == run["krr_test_accuracy"]["kip"]
