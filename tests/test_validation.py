@@ -111,6 +111,29 @@ def test_choosing_kip_settings_never_reads_the_test_split(prepared, monkeypatch)
     assert strip(runs) != strip(clean[1])  # the control: poison where it does read shows
 
 
+def test_choosing_the_conv_cells_loss_and_schedule_never_reads_the_test_split(prepared, monkeypatch):
+    """benchmarks/select_conv_kip_settings.py picks the ConvNet-kernel cells' loss and learning-rate
+    schedule: on a test split of NaN it picks the same, from the same finite validation scores."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import select_conv_kip_settings as selection
+
+    from pipeline import paper
+
+    kip = {"steps": 2, "learning_rate": 0.01, "target_batch": 100, "eval_every": 1}
+    kernel = {"architecture": "conv_rf", "kind": "nngp", "depth": 2, "rf_width": 8, "rf_networks": 1, "rf_eval_networks": 2}
+    spec = {"dataset": "digits", "kernel": kernel, "support_per_class": 1, "kip": kip, "kip_labels": kip, "train": "fc"}
+    cell = paper.cell_config("digits-conv_rf-1", {"repeats": 1, "seed": 0}, spec, {"fc": {}})
+    strip = lambda runs: [{k: v for k, v in run.items() if k not in ("cpu_minutes", "wall_minutes", "other_load_cores")}
+                          for run in runs]  # noqa: E731
+    clean = selection.select_settings(prepared, cell, monitored=140)
+    poisoned = selection.select_settings(_poison_test(prepared), cell, monitored=140)
+    assert poisoned[0] == clean[0] and strip(poisoned[1]) == strip(clean[1])
+    assert set(clean[0]) == {"fixed", "labels"} and len(clean[1]) == 2 * len(selection.CANDIDATES)
+    assert all(run["heldout_images"] == 140 and math.isfinite(run["heldout_accuracy"]) for run in clean[1])
+    control = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
+    assert strip(selection.select_settings(control, cell, monitored=140)[1]) != strip(clean[1])  # the control
+
+
 def test_network_settings_and_learning_curves_never_read_the_test_split(prepared):
     """The label scale and optimizer a network trains with, and the train stage's learning curve, come
     from the validation split: a NaN test split changes none of them (it only spoils the final test number)."""
