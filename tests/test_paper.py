@@ -3,6 +3,7 @@ re-runs exactly the cell whose params changed (experiments/paper/dvc.yaml in a s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -339,6 +340,24 @@ def test_the_committed_matrix_ran_the_settings_chosen_on_validation():
             # (0.4 point at 88 %); the settings themselves are checked for equality above.
             slack = 6 / selection["validation"]["size"]
             assert abs(cell["methods"][name]["krr_val"]["mean"] - chosen["val_accuracy"]) <= slack + 1e-12
+
+
+def test_the_convnet_cells_of_100_images_run_the_loss_and_schedule_chosen_on_validation():
+    """experiments/paper's 100-image ConvNet cells run benchmarks/select_conv_kip_settings.py's choice
+    of loss and learning-rate schedule for each KIP row, everything else as the selection ran it (the
+    selection's runs are the Fashion-MNIST cell's own, so that cell re-runs the winners)."""
+    root = Path(__file__).resolve().parents[1]
+    selection = json.loads((root / "benchmarks" / "results" / "select_conv_kip_settings.json").read_text())
+    params = yaml.safe_load((root / "experiments" / "paper" / "params.yaml").read_text())
+    assert selection["cell"] == "fashion_mnist-conv_rf-10"
+    for key in ("mnist-conv_rf-10", "fashion_mnist-conv_rf-10"):
+        cell = paper.cell_config(key, params["shared"], params["cells"][key], params["train"])
+        assert dataclasses.asdict(cell.kernel) == selection["kernel"] and cell.reg == selection["config"]["reg"]
+        for name, mode in (("kip", "fixed"), ("kip_labels", "labels")):
+            chosen = selection["chosen"][mode]
+            assert chosen["heldout_accuracy"] == max(run["heldout_accuracy"] for run in selection["runs"] if run["labels"] == mode)
+            expected = {**selection["config"][name], "loss": chosen["loss"], "lr_schedule": chosen["lr_schedule"]}
+            assert dataclasses.asdict(getattr(cell, name)) == expected
 
 
 def test_the_root_projects_exp_show_lists_the_main_pipeline_only(tmp_path):
