@@ -33,11 +33,9 @@ from typing import Any, Sequence
 from _report import OtherLoad, emit
 
 from pipeline import evaluate, kernels, paper, workflow
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.conv_kip import PIPELINE_VAL_IMAGES
-from pipeline.params import read_params
-from pipeline.prepared import Prepared, prepare
+from pipeline.errors import UserError
+from pipeline.prepared import Prepared
 
 CANDIDATES = (("mse", "constant"), ("cross_entropy", "cosine"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,15 +87,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    params = read_params(args.params)
-    cells = params.get("cells") or {}
-    if args.cell not in cells:
-        parser.error(f"--cell {args.cell!r} is not in {args.params}; expected one of: {'|'.join(sorted(cells))}")
-    cell = paper.cell_config(args.cell, params.get("shared") or {}, cells[args.cell], params.get("train") or {})
+    sys.path.insert(0, str(ROOT / "stages"))
+    from _paper import load_cell, prepare_dataset  # the cell and its data exactly as `dvc repro cell@<key>` has them
+
+    try:
+        cell = load_cell(args.params, args.cell)
+    except UserError as error:
+        parser.error(str(error))
     if cell.kernel.architecture != "conv_rf":
         parser.error(f"--cell {args.cell!r} has kernel.architecture={cell.kernel.architecture}; expected a conv_rf cell")
-    data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset, seed=cell.seed)  # as stages/_paper.py prepares
-    prepared = prepare(data, PreprocessConfig("standardize"), cache_dir=default_cache_dir())
+    prepared = prepare_dataset(cell.dataset, cell.seed)
     started = time.perf_counter()
     chosen, runs = select_settings(prepared, cell, progress=True)
     emit({
