@@ -36,8 +36,7 @@ SUPPORTS_LOST = {
     for dataset in ("mnist", "fashion_mnist")
     for kernel in ("fc_ntk", "fc_nngp", "rbf")
     for spc in (1, 10, 50)
-} | {"mnist-conv_rf-10"}
-
+}
 
 
 def _cells() -> list[str]:
