@@ -70,9 +70,12 @@ class DataConfig:
                 f"data.validation_fraction={self.validation_fraction!r} is not allowed; expected a number in [0, 1)"
             )
         _check_int_at_least("data.seed", self.seed, 0)
-        if isinstance(self.name, str) and not _DATASET_NAME.fullmatch(self.name) and self.source in ("tfds", "files"):
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise UserError(f"data.data_dir={self.data_dir!r} is not allowed; expected a directory path or null")
+        if self.source in ("tfds", "files") and not (isinstance(self.name, str) and _DATASET_NAME.fullmatch(self.name)):
+            shown = f"{self.name[:40]!r}{'...' if len(self.name) > 40 else ''}" if isinstance(self.name, str) else repr(self.name)
             raise UserError(
-                f"data.name={self.name[:40]!r}{'...' if len(self.name) > 40 else ''} is not allowed; expected 1 to "
+                f"data.name={shown} is not allowed; expected 1 to "
                 "100 letters, digits and _ . : / + - (it names the dataset in lineage and MLflow)"
             )
         if self.source == "embedded":
@@ -189,6 +192,8 @@ class DistillConfig:
         check_positive("distill.target_batch", self.target_batch, integer=True)
         check_positive("distill.kernel_block", self.kernel_block, integer=True)
         check_choice("distill.init", self.init, INITS)
+        _check_bool("distill.learn_labels", self.learn_labels)
+        _check_bool("distill.float64", self.float64)
         check_non_negative("distill.corruption", self.corruption)
         if self.corruption >= 1:
             raise UserError(f"distill.corruption={self.corruption!r} is not allowed; expected a fraction in [0, 1)")
@@ -311,6 +316,8 @@ class TrainConfig:
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_positive("train.learning_rate", self.learning_rate)
         check_non_negative("train.momentum", self.momentum)
+        if self.momentum >= 1:  # heavy-ball SGD with momentum >= 1 never forgets a gradient: it cannot converge
+            raise UserError(f"train.momentum={self.momentum!r} is not allowed; expected a number in [0, 1)")
         check_non_negative("train.l2", self.l2)
         check_positive("train.batch_size", self.batch_size, integer=True)
         check_positive("train.steps", self.steps, integer=True)
@@ -334,6 +341,11 @@ class TrackingConfig:
             raise UserError(f"tracking.uri={self.uri!r} is not allowed; expected an MLflow tracking URI or null")
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise UserError(f"tracking.experiment={self.experiment!r} is not allowed; expected a non-empty name")
+
+
+def _check_bool(param: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{param}={value!r} is not allowed; expected true|false")
 
 
 def _check_int_at_least(param: str, value: object, low: int) -> None:
@@ -384,7 +396,11 @@ def _coerce(param: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer of more than 308 digits
+                raise UserError(f"{param} is an integer of {value.bit_length()} bits, beyond the float range; "
+                                "expected a finite number") from None
         raise UserError(f"{param}={value!r} is not allowed; expected a number")
     if int in allowed:
         if isinstance(value, int) and not isinstance(value, bool):

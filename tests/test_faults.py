@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -68,8 +69,88 @@ def test_killed_distill_resumes_to_the_same_bytes(tmp_path):
     assert out.read_bytes() == reference.read_bytes()
 
 
-# --- malformed params: every key of every section, fed values of every wrong kind ------------------
+# --- malformed params: per key, the values a correct reader must refuse, and some it must keep ------
+#
+# The contract: each record's docstring and validation messages (pipeline/config.py), the comments of
+# params.yaml, and config._coerce ("YAML's natural spellings and nothing looser"). Sizes, steps and
+# counts are positive integers; seeds and `*_every` integers >= 0; standard deviations, rates, scales,
+# ridges finite numbers (> 0, or >= 0 where the message says so); fractions lie in [0, 1); switches
+# are true|false; names one of a fixed list. bool is never a number, a float never an integer, and
+# NaN or an infinity is no key's value. A float key takes 1 for 1.0 and "1e-3" for 0.001 (PyYAML reads
+# 1e-3 as a string) and stores a float. A record refuses the same values when built directly (the
+# config module's docstring: "a record that exists is a record that is valid, whichever way it was
+# built"; artifacts.check_metadata builds them so from a file's JSON).
 
+NAN, INF = float("nan"), float("inf")
+HUGE = 10**400  # an integer no float can hold
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    rejected: tuple  # every one a UserError naming the key
+    accepted: tuple  # every one stored as given (a float key: as float(value))
+    floating: bool = False
+    names: str = ""  # what every error for a string value must show: the allowed values
+
+
+_NOT_A_NUMBER = (None, "", "x", "nan", "inf", "-inf", "1e400", HUGE, True, False, [1], {"a": 1}, NAN, INF, -INF)
+POSITIVE = Kind(_NOT_A_NUMBER + (0, 0.0, -0.0, -1, -1e-9, "-1e-3"), (1e-9, 0.5, 1, 2.5, 10**12, "1e-3"), floating=True)
+NON_NEGATIVE = Kind(_NOT_A_NUMBER + (-1, -1e-9, "-1e-3"), (0, 0.0, 1e-9, 0.5, 1, 10**12, "1e-6"), floating=True)
+FRACTION = Kind(_NOT_A_NUMBER + (-1, -1e-9, 1, 1.0, 1.5, 10**12), (0, 0.0, 0.1, 0.5, 0.999, "0.25"), floating=True)
+COUNT = Kind((None, "", "x", "1", True, False, [1], {"a": 1}, NAN, INF, 0, -1, 0.5, 1.0, 1e12), (1, 7, 10**12))
+INDEX = Kind((None, "", "x", "0", True, False, [1], {"a": 1}, NAN, INF, -1, 0.5, 0.0, 1.0), (0, 1, 10**12))
+SWITCH = Kind((None, "", "true", "false", "yes", 0, 1, 1.0, [True], {"a": 1}, NAN), (True, False), names="true|false")
+
+
+def choice(allowed: tuple[str, ...]) -> Kind:
+    first = allowed[0]
+    return Kind(("", "x", first.upper(), f"{first} ", None, 1, True, [first], {"a": 1}, NAN), allowed, names="|".join(allowed))
+
+
+def text(rejected: tuple, accepted: tuple) -> Kind:
+    return Kind(rejected + (1, 0.5, True, False, [1], {"a": 1}, NAN), accepted)
+
+
+KEYS = {
+    "data": {
+        "source": choice(cfg.SOURCES), "name": choice(cfg.REGISTRY_NAMES),  # the default source, registry; others below
+        "data_dir": text((), (None, "d", "/tmp/a b")), "validation_fraction": FRACTION, "seed": INDEX,
+    },
+    "preprocess": {"method": choice(cfg.PREPROCESS_METHODS), "zca_reg": NON_NEGATIVE},
+    "kernel": {
+        "architecture": choice(cfg.ARCHITECTURES), "kind": choice(cfg.KERNEL_KINDS), "depth": COUNT,
+        "w_std": POSITIVE, "b_std": NON_NEGATIVE, "parameterization": choice(cfg.PARAMETERIZATIONS),
+        "activation": choice(cfg.ACTIVATIONS), "conv_readout": choice(cfg.CONV_READOUTS), "gamma": POSITIVE,
+        "rf_networks": COUNT, "rf_width": COUNT, "rf_eval_networks": COUNT,
+    },
+    "distill": {
+        "method": choice(cfg.METHODS), "support_per_class": COUNT, "steps": COUNT, "learning_rate": POSITIVE,
+        "lr_schedule": choice(cfg.LR_SCHEDULES), "target_batch": COUNT, "kernel_block": COUNT, "learn_labels": SWITCH,
+        "init": choice(cfg.INITS), "corruption": FRACTION, "reg": NON_NEGATIVE, "float64": SWITCH,
+        "eval_every": INDEX, "checkpoint_every": INDEX, "seed": INDEX, "loss": choice(cfg.KIP_LOSSES),
+    },
+    "evaluate": {"reg": NON_NEGATIVE, "baseline_repeats": COUNT, "batch_size": COUNT, "seed": INDEX},
+    "train": {
+        "architecture": choice(cfg.NETWORKS), "width": COUNT, "depth": COUNT, "conv_width": COUNT, "conv_depth": COUNT,
+        "pooling": choice(cfg.POOLINGS), "parameterization": choice(cfg.PARAMETERIZATIONS), "w_std": POSITIVE,
+        "b_std": NON_NEGATIVE, "loss": choice(cfg.LOSSES), "temperature": POSITIVE, "label_scale": POSITIVE,
+        "label_scale_choice": choice(cfg.LABEL_SCALE_CHOICES), "optimizer_choice": choice(cfg.OPTIMIZER_CHOICES),
+        "labels": choice(cfg.LABEL_SOURCES), "labels_choice": choice(cfg.LABEL_SOURCE_CHOICES),
+        "solve_targets": COUNT, "solve_reg": POSITIVE, "optimizer": choice(cfg.OPTIMIZERS), "learning_rate": POSITIVE,
+        "momentum": FRACTION,  # heavy-ball SGD: a momentum >= 1 never forgets a gradient
+        "l2": NON_NEGATIVE, "batch_size": COUNT, "steps": COUNT, "seeds": COUNT, "eval_every": INDEX, "seed": INDEX,
+    },
+    "tracking": {
+        "enabled": SWITCH,
+        "uri": text(("", "  "), (None, "sqlite:///mlflow.db", "http://127.0.0.1:5000", "file:///tmp/ml runs")),
+        "experiment": text((None, "", "  "), ("kip-pipeline", "x")),
+    },
+}
+NEEDS = {  # accepted values that are valid only beside other keys: those keys
+    ("data", "source", "embedded"): {"name": "digits"},
+    ("data", "source", "files"): {"data_dir": "d"},
+    ("kernel", "architecture", "conv_rf"): {"kind": "nngp"},
+}
 RECORDS = {
     "data": cfg.DataConfig, "preprocess": cfg.PreprocessConfig, "kernel": cfg.KernelConfig,
     "distill": cfg.DistillConfig, "evaluate": cfg.EvaluateConfig, "train": cfg.TrainConfig,
@@ -78,71 +159,191 @@ RECORDS = {
 VALUES = [None, "", "x", "1e-3", -1, 0, 0.5, 1, 10**12, -1e-9, True, False, [1], {"a": 1}, float("nan"), float("inf")]
 
 
+def _refusal(build, shown: str) -> str:
+    """The one-line UserError `build()` must raise; anything else fails the test with its traceback."""
+    try:
+        build()
+    except UserError as err:
+        message = str(err)
+        assert "\n" not in message, message
+        return message
+    pytest.fail(f"{shown} was accepted; expected a UserError")
+
+
+def _refused(section: str, values: dict, names: list[str]) -> None:
+    """Refused by from_mapping and by the record itself, in one line naming every one of `names`."""
+    shown = ", ".join(f"{section}.{k}={v!r}" for k, v in values.items())[:200]
+    for how, build in (("params", lambda: cfg.from_mapping(RECORDS[section], values, section)),
+                       ("record", lambda: RECORDS[section](**values))):
+        if how == "record" and any(v is HUGE for v in values.values()):
+            continue  # errors.check_positive compares ints exactly (10**400 < inf): from_mapping is the user's path
+        message = _refusal(build, f"{shown} ({how})")
+        assert "expected" in message and all(name in message for name in names), f"{shown} ({how}): {message}"
+
+
 @pytest.mark.parametrize("section", sorted(RECORDS))
-def test_any_value_for_any_key_is_accepted_or_one_clear_line(section):
-    record = RECORDS[section]
-    for field in dataclasses.fields(record):
-        for value in VALUES:
+def test_every_key_refuses_its_bad_values_in_one_clear_line_and_keeps_good_ones(section):
+    record, keys = RECORDS[section], KEYS[section]
+    assert sorted(keys) == sorted(f.name for f in dataclasses.fields(record)), "a key without its row in KEYS"
+    for key, kind in keys.items():
+        for value in kind.rejected:
+            _refused(section, {key: value}, [f"{section}.{key}"] + ([kind.names] if kind.names and isinstance(value, str) else []))
+        for value in kind.accepted:
+            values = {**NEEDS.get((section, key, value), {}), key: value}
+            stored = float(value) if kind.floating else value
+            for built in (cfg.from_mapping(record, values, section), record(**{**values, key: stored})):
+                assert getattr(built, key) == stored and type(getattr(built, key)) is type(stored), (key, value)
+        for value in VALUES:  # any other value: accepted, or one line naming the section
             try:
-                cfg.from_mapping(record, {field.name: value}, section)
+                cfg.from_mapping(record, {key: value}, section)
             except UserError as err:
-                message = str(err)
-                assert "\n" not in message and f"{section}." in message, message
-            # anything else (TypeError, ValueError, ...) fails the test with its traceback
+                assert "\n" not in str(err) and f"{section}." in str(err), str(err)
+
+
+CROSS_KEY = [  # (section, values, None where valid, else the text the one-line error must show)
+    ("data", {"source": "embedded", "name": "digits"}, None),
+    ("data", {"source": "embedded"}, ["data.name", "digits"]),  # name's default, mnist, is a registry name
+    ("data", {"source": "registry", "name": "digits"}, ["data.name", "mnist|fashion_mnist"]),
+    ("data", {"source": "tfds", "name": "cifar10"}, None),
+    ("data", {"source": "tfds", "name": "svhn_cropped:3.0.0", "data_dir": "d"}, None),
+    ("data", {"source": "files", "name": "my-set_1.0/a+b", "data_dir": "d"}, None),
+    ("data", {"source": "files", "name": "toy"}, ["data.data_dir"]),
+    ("data", {"source": "files", "name": "toy", "data_dir": ""}, ["data.data_dir"]),
+    *(("data", {"source": source, "name": name, "data_dir": "d"}, ["data.name"])
+      for source in ("tfds", "files") for name in ("", " ", "-x", "a b", "a\nb", "x" * 101, 1, None, ["mnist"])),
+    ("kernel", {"architecture": "conv_rf", "kind": "nngp"}, None),
+    ("kernel", {"architecture": "conv_rf"}, ["kernel.kind", "nngp"]),  # kind's default is ntk
+    ("kernel", {"architecture": "conv_rf", "kind": "nngp", "activation": "erf"}, ["kernel.activation", "relu"]),
+    ("kernel", {"architecture": "conv_rf", "kind": "nngp", "parameterization": "standard"}, ["kernel.parameterization", "ntk"]),
+    ("distill", {"method": "label_solve", "learn_labels": True}, ["distill.learn_labels", "false"]),
+    ("distill", {"method": "label_solve", "loss": "cross_entropy"}, ["distill.loss", "mse"]),
+    ("train", {"labels": "solved", "loss": "mse"}, ["train.labels", "train.loss", "mse_centered"]),
+    ("train", {"labels_choice": "validation", "loss": "xent"}, ["train.labels", "train.loss", "mse_centered"]),
+    ("train", {"labels": "solved", "architecture": "conv"}, ["train.labels", "train.architecture", "fc"]),
+    ("train", {"labels_choice": "validation", "architecture": "conv"}, ["train.labels_choice", "train.architecture"]),
+    ("train", {"labels_choice": "validation", "loss": "mse_centered", "architecture": "fc"}, None),
+]
+
+
+@pytest.mark.parametrize("section, values, names", CROSS_KEY, ids=lambda v: v if isinstance(v, str) else None)
+def test_keys_that_depend_on_each_other_are_checked_together(section, values, names):
+    if names is not None:
+        _refused(section, values, names)
+        return
+    for built in (cfg.from_mapping(RECORDS[section], values, section), RECORDS[section](**values)):
+        assert {key: getattr(built, key) for key in values} == values
 
 
 # --- malformed files ------------------------------------------------------------------------------
 
 def _garbage(rng: np.random.Generator, valid: bytes) -> list[bytes]:
-    """Empty, random, truncated and bit-flipped variants of a valid file."""
-    flipped = bytearray(valid)
+    """Empty, random and truncated variants of a valid file, one with 8 random bytes inverted, and
+    one per bit flipped (the lowest bit of a byte: bit rot) at each of the first and last 32 bytes
+    (magic numbers, headers, footers) and at 64 places spread evenly over the rest (data, checksums,
+    metadata)."""
+    inverted = bytearray(valid)
     for i in rng.choice(len(valid), size=8, replace=False):
-        flipped[i] ^= 0xFF
-    return [b"", rng.bytes(64), rng.bytes(4096), valid[: len(valid) // 2], valid[:-7], bytes(flipped)]
+        inverted[i] ^= 0xFF
+    variants = [b"", rng.bytes(64), rng.bytes(4096), valid[: len(valid) // 2], valid[:-7], bytes(inverted)]
+    places = np.unique(np.r_[0:32, len(valid) - 32 : len(valid), np.linspace(0, len(valid) - 1, 64).astype(int)])
+    for i in places[(places >= 0) & (places < len(valid))]:
+        flipped = bytearray(valid)
+        flipped[i] ^= 0x01
+        variants.append(bytes(flipped))
+    return variants
 
 
-@pytest.fixture
-def distilled(rng):
+@pytest.fixture(params=["standardize", "zca"])
+def distilled(rng, request):
     from pipeline import preprocess
     from test_artifacts import lineage
 
-    transform = preprocess.fit(cfg.PreprocessConfig("standardize"), rng.random((20, 4, 4, 1)).astype(np.float32))
+    transform = preprocess.fit(cfg.PreprocessConfig(request.param), rng.random((20, 4, 4, 1)).astype(np.float32))
     return artifacts.DistilledSet(rng.standard_normal((10, 4, 4, 1)).astype(np.float32),
                                   rng.standard_normal((10, 10)).astype(np.float32),
-                                  np.arange(10, dtype=np.int32), transform, {**lineage("standardize"), "seed": 0})
+                                  np.arange(10, dtype=np.int32), transform, {**lineage(request.param), "seed": 0})
+
+
+def _changed_parts(loaded: artifacts.DistilledSet, written: artifacts.DistilledSet, metadata: dict) -> list[str]:
+    """The parts of `loaded` that are not exactly what was written: dtype, shape and every bit."""
+    def parts(distilled):
+        return {"images": distilled.images, "labels": distilled.labels, "classes": distilled.classes,
+                **{f"transform {k}": np.asarray(v) for k, v in distilled.transform.to_arrays().items()}}
+
+    ours, theirs = parts(loaded), parts(written)
+    changed = [name for name in theirs if (ours[name].dtype, ours[name].shape, ours[name].tobytes())
+               != (theirs[name].dtype, theirs[name].shape, theirs[name].tobytes())]
+    return changed + (["metadata"] if loaded.metadata != metadata else [])
 
 
 def test_damaged_artifacts_are_reported_not_crashed_on(distilled, tmp_path, rng):
+    """A damaged distilled set is a one-line error naming the file, or (a flip in zip padding or Parquet
+    statistics, say) loads as exactly the set that was written: never as a set with other values."""
     npz, pq = tmp_path / "d.npz", tmp_path / "d.parquet"
     artifacts.save_npz(npz, distilled)
     parquet.save_parquet(pq, distilled, [str(i) for i in range(10)])
+    metadata = {npz: {"format_version": artifacts.FORMAT_VERSION, **distilled.metadata}, pq: distilled.metadata}
     for path, read in ((npz, artifacts.load_npz), (pq, parquet.read_parquet)):
         valid = path.read_bytes()
-        read(path)  # the undamaged file is accepted, so the errors below are about the damage
-        for damaged in _garbage(rng, valid):
+        assert _changed_parts(read(path), distilled, metadata[path]) == []  # the undamaged file reads back as written
+        for number, damaged in enumerate(_garbage(rng, valid)):
             path.write_bytes(damaged)
             try:
-                read(path)
+                loaded = read(path)
             except UserError as err:
-                assert "\n" not in str(err) and str(path) in str(err)
-            else:  # a flip inside zip padding or Parquet statistics may leave the data intact
-                assert damaged == valid or read(path).images.shape == distilled.images.shape
+                assert "\n" not in str(err) and str(path) in str(err), str(err)
+            else:
+                changed = _changed_parts(loaded, distilled, metadata[path])
+                assert changed == [], f"{path.name} damaged (variant {number}) loaded with other {', '.join(changed)}"
         path.write_bytes(valid)
 
 
-def test_damaged_idx_files_are_reported_not_crashed_on(tmp_path, rng):
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _idx_says(blob: bytes) -> np.ndarray | None:
+    """What raw IDX bytes hold by the format's description (LeCun et al.): magic 0 0 type ndim,
+    big-endian uint32 dimensions, then the data; None unless the size is exactly that."""
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] not in _IDX_TYPES or len(blob) < 4 + 4 * blob[3]:
+        return None
+    shape = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(blob[3]))
+    dtype = np.dtype(_IDX_TYPES[blob[2]])
+    data = blob[4 + 4 * len(shape):]
+    return np.frombuffer(data, dtype).reshape(shape) if len(data) == math.prod(shape) * dtype.itemsize else None
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
+def test_damaged_idx_files_are_reported_not_crashed_on(tmp_path, rng, compress):
+    """gzip records the data's CRC-32 and length, so a damaged .gz file is a one-line error naming it,
+    or (a flip in its header's timestamp, say) loads exactly as written. A raw IDX file has no
+    checksum: a changed data byte cannot be seen, so such a file must load as exactly what its bytes
+    say (nothing invented, dropped or rescaled); anything else is an error naming it. Pixels are
+    uint8 (0..255, loaded as k/255) or float (sources/files.py), labels integers."""
     from test_data import write_idx_dir
 
-    write_idx_dir(tmp_path, compress=False, rng=rng)
-    for name in sorted(p.name for p in tmp_path.iterdir()):
-        valid = (tmp_path / name).read_bytes()
-        for damaged in _garbage(rng, valid):
-            (tmp_path / name).write_bytes(damaged)
+    arrays = write_idx_dir(tmp_path, compress=compress, rng=rng)
+    config = cfg.DataConfig(source="files", name="x", data_dir=str(tmp_path))
+    for stem, original in arrays.items():
+        path = tmp_path / (f"{stem}.gz" if compress else stem)
+        valid = path.read_bytes()
+        for number, damaged in enumerate(_garbage(rng, valid)):
+            path.write_bytes(damaged)
             try:
-                load_dataset(cfg.DataConfig(source="files", name="x", data_dir=str(tmp_path)), tmp_path)
+                dataset = load_dataset(config, tmp_path)
             except UserError as err:
-                assert "\n" not in str(err)
-        (tmp_path / name).write_bytes(valid)
+                assert "\n" not in str(err) and str(path) in str(err), str(err)
+                continue
+            says = original if compress else _idx_says(damaged)
+            shown = f"{path.name} damaged (variant {number})"
+            assert says is not None, f"{shown} is no IDX file, yet it loaded"
+            expected = {**arrays, stem: says}
+            for key, x in (("train-images-idx3-ubyte", dataset.x_train), ("t10k-images-idx3-ubyte", dataset.x_test)):
+                assert expected[key].dtype == np.uint8, f"{shown}: {key} holds {expected[key].dtype} pixels, yet it loaded"
+                assert x.shape == (*expected[key].shape, 1) and np.abs(x[..., 0] * 255.0 - expected[key]).max() < 1e-3, shown
+            for key, y in (("train-labels-idx1-ubyte", dataset.y_train), ("t10k-labels-idx1-ubyte", dataset.y_test)):
+                assert y.shape == expected[key].shape and (y == expected[key]).all(), shown
+            assert dataset.num_classes == 1 + int(max(expected["train-labels-idx1-ubyte"].max(), expected["t10k-labels-idx1-ubyte"].max()))
+        path.write_bytes(valid)
 
 
 # --- `dvc repro` killed at the worst moments, then `kip doctor`: the bytes of an uninterrupted run ---

@@ -3,7 +3,7 @@
 IDX: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
 t10k-labels-idx1-ubyte (each optionally .gz). NPZ: train.npz and test.npz with arrays
 `x` (N, H, W[, C]) and `y` (N,) (`images`/`labels` also accepted). uint8 pixels are read as 0..255,
-float pixels as already in [0, 1].
+float pixels as already in [0, 1]; both splits must hold the same kind.
 
 Files are read through `pipeline.safe_read`: only regular files, each array at most
 `safe_read.MAX_ARRAY_BYTES` (256 MiB), declared sizes checked before reading. Labels must be class
@@ -46,12 +46,14 @@ def load(directory: Path) -> RawSplits:
         if arrays[key].ndim == 3:
             arrays[key] = arrays[key][..., None]
     x_train = arrays["x_train"]
-    if x_train.dtype == np.uint8:
-        pixel_max = 255.0
-    elif np.issubdtype(x_train.dtype, np.floating):
-        pixel_max = 1.0
-    else:
-        raise UserError(f"images in {origins['x_train']} have dtype {x_train.dtype}; expected uint8 or float")
+    for key in ("x_train", "x_test"):  # both splits are scaled by the training images' pixel_max
+        dtype = arrays[key].dtype
+        if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+            raise UserError(f"images in {origins[key]} have dtype {dtype}; expected uint8 or float")
+    if (arrays["x_test"].dtype == np.uint8) != (x_train.dtype == np.uint8):
+        raise UserError(f"images in {origins['x_test']} have dtype {arrays['x_test'].dtype} but those in "
+                        f"{origins['x_train']} {x_train.dtype}; expected uint8 (0..255) or float (0..1) in both")
+    pixel_max = 255.0 if x_train.dtype == np.uint8 else 1.0
     num_classes = max(_check_labels(arrays[key], origins[key]) for key in ("y_train", "y_test")) + 1
     return RawSplits(
         x_train=x_train,
