@@ -218,11 +218,18 @@ def _arccos_value(c):
     if c.dtype == jnp.float64:
         return jnp.arccos(c)
     a = jnp.abs(c)
+    half = _acos_polynomial(a)
+    return jnp.where(c < 0, math.pi - half, half)
+
+
+def _acos_polynomial(a):
+    """sqrt(1 - a) * P(a), A&S 4.4.46's arccos(a) for a in [0, 1], evaluated in a's dtype (Horner).
+
+    Separate so a test can evaluate it in float64, where its error is the formula's own."""
     poly = jnp.full_like(a, _ACOS_COEFFS[-1])
     for coeff in _ACOS_COEFFS[-2::-1]:
         poly = poly * a + coeff
-    half = jnp.sqrt(1.0 - a) * poly
-    return jnp.where(c < 0, math.pi - half, half)
+    return jnp.sqrt(1.0 - a) * poly
 
 
 @_arccos.defjvp

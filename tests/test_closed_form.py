@@ -164,11 +164,34 @@ def test_kip_step_in_float32_matches_float64_after_the_kss_change(rng):
         assert _relative(grad32, grad64) < 1e-4
 
 
-def test_polynomial_arccos_accuracy():
-    grid = np.linspace(-1.0, 1.0, 200_001)
-    approx = np.asarray(closed_form._arccos_value(jnp.asarray(grid, jnp.float32)), np.float64)
-    exact = np.arccos(grid.astype(np.float32).astype(np.float64))
-    assert np.max(np.abs(approx - exact)) < 1e-6
+def test_arccos_polynomial_meets_its_published_bound_in_float64():
+    """The A&S 4.4.46 polynomial (its coefficients as typed) against NumPy's float64 arccos. A&S
+    give |error| <= 2e-8 (one digit); the tabulated coefficients reach pi/2 - 1.5707963050 =
+    2.18e-8 at a = 0, their largest error. In float64 the evaluation adds ~1e-16, so 2.2e-8 holds
+    the formula to its own accuracy: a changed coefficient digit that moves the error (a swap of
+    two digits raises it to 2.4e-8 or more) fails, as float32 rounding (~2e-7) used to hide."""
+    grid = np.linspace(0.0, 1.0, 100_001)
+    with enable_x64():
+        approx = np.asarray(closed_form._acos_polynomial(jnp.asarray(grid, jnp.float64)))
+    assert approx.dtype == np.float64
+    assert np.max(np.abs(approx - np.arccos(grid))) <= 2.2e-8
+
+
+def test_float32_arccos_is_the_polynomial_within_rounding():
+    """The float32 path (both signs) against NumPy's float64 arccos of the same float32 inputs.
+    Error analysis, u = 2^-24: Horner's 7 multiply-adds contribute at most 1.4u relative (the
+    partial sums after the first are below 0.22, against P >= 1.41), then 1 - a (0.5u after the
+    root), the root and the product u each: 3.9u relative on the half-angle, below 4u. For c < 0
+    add pi's rounding to float32 (8.7e-8) and the subtraction's u * pi. Plus the formula's 2.2e-8."""
+    grid = np.linspace(-1.0, 1.0, 200_001).astype(np.float32)
+    approx = np.asarray(closed_form._arccos_value(jnp.asarray(grid)), np.float64)
+    exact = np.arccos(grid.astype(np.float64))
+    u = 2.0 ** -24
+    half = np.arccos(np.abs(grid).astype(np.float64))
+    pi_rounding = abs(float(np.float32(np.pi)) - np.pi)
+    bound = 2.2e-8 + 4 * u * half + np.where(grid < 0, pi_rounding + u * np.pi, 0.0)
+    excess = np.abs(approx - exact) - bound
+    assert excess.max() <= 0, f"error above the bound by {excess.max():.2g} at c = {grid[excess.argmax()]}"
 
 
 def test_target_blocks_equal_one_block(rng):

@@ -49,20 +49,88 @@ def test_label_solve_matches_lstsq(rng):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_label_solve_labels_are_optimal(rng):
-    """The KIP loss at the solved labels is no larger than at perturbed labels."""
-    features = rng.standard_normal((50, 10))
-    k = features @ features.T + 1.0
-    k_ss, k_ts = k[:6, :6], k[6:, :6]
-    y_t = rng.standard_normal((44, 3))
-    reg = 1e-4
+def _label_solve_problem(rng):
+    """A support of 8 and 60 targets whose kernels have the scale of a real one (an offset of 1)."""
+    features = rng.standard_normal((68, 20))
+    k = features @ features.T / 20 + 1.0
+    return k[:8, :8], k[8:, :8], rng.standard_normal((60, 4))
 
-    def loss(y_s):
-        return np.sum((y_t - np.asarray(krr.predict(k_ts, krr.fit(k_ss, y_s, reg)))) ** 2)
 
+@pytest.mark.parametrize("reg", [0.1, 1.0])
+def test_label_solve_matches_sklearn_ridge_where_the_ridge_matters(rng, reg):
+    """Reference: scikit-learn's Ridge(alpha = reg tr(G)/n, no intercept) fitted on K_ts -> y_t,
+    G = K_st K_ts, gives z*; then y_s* = (K_ss + reg tr(K_ss)/n I) z* in NumPy float64. At reg 0.1
+    and 1 the two ridges change the labels at order 1 (tr(G)/n and tr(K_ss)/n differ 30-fold
+    here, so one in place of the other fails). Both sides are float64 solves of systems whose
+    condition number the ridge caps at 1 + n/reg <= 81: agreement to ~1e-14; 1e-10 is margin."""
+    from sklearn.linear_model import Ridge
+
+    k_ss, k_ts, y_t = _label_solve_problem(rng)
+    n = len(k_ss)
+    gram = k_ts.T @ k_ts
+    z = Ridge(alpha=reg * np.trace(gram) / n, fit_intercept=False).fit(k_ts, y_t).coef_.T
+    expected = (k_ss + reg * np.trace(k_ss) / n * np.eye(n)) @ z
+    ours = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+    unregularised, *_ = np.linalg.lstsq(k_ts, y_t, rcond=None)
+    assert np.abs(z - unregularised).max() > 0.1 * np.abs(unregularised).max()  # the ridge does matter here
+
+
+@pytest.mark.parametrize("reg", [0.1, 1.0])
+def test_label_solve_labels_zero_the_gradient_of_the_regularised_loss(rng, reg):
+    """Optimality, by the definition rather than a solver: with z = (K_ss + ridge I)^-1 y_s the
+    labels minimise f(z) = |K_ts z - y_t|^2 + ridge' |z|^2, ridge' = reg tr(G)/n, so
+    K_st (K_ts z - y_t) + ridge' z = 0 at the solved labels (NumPy float64). Each term is of size
+    S = |G| |z| + |K_st y_t|; recovering z and solving for it each lose at most cond * eps relative
+    (cond <= 1 + n/reg <= 81 for both systems), so the gradient is below 100 * 81 * eps * S;
+    the wrong ridge leaves a gradient of order ridge' |z|, ~1e-2 S or more."""
+    k_ss, k_ts, y_t = _label_solve_problem(rng)
+    n = len(k_ss)
+    gram = k_ts.T @ k_ts
     solved = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
-    for _ in range(5):
-        assert loss(solved) <= loss(solved + 1e-2 * rng.standard_normal(solved.shape)) + 1e-9
+    z = np.linalg.solve(k_ss + reg * np.trace(k_ss) / n * np.eye(n), solved)
+    gradient = k_ts.T @ (k_ts @ z - y_t) + reg * np.trace(gram) / n * z
+    scale = np.abs(gram).max() * np.abs(z).max() + np.abs(k_ts.T @ y_t).max()
+    assert np.abs(gradient).max() <= 100 * (1 + n / reg) * np.finfo(np.float64).eps * scale
+
+
+@pytest.mark.parametrize("reg", [1e-4, 0.1])
+def test_krr_scores_match_sklearn_kernel_ridge_end_to_end(rng, reg):
+    """evaluate.krr_scores (support kernel, float64 solve, blocked K_ts, scores) against
+    scikit-learn's KernelRidge(kernel="precomputed", alpha=reg tr(K_ss)/n) fitted on the same
+    kernel matrices, with accuracy and MSE computed here from its predictions in NumPy. The kernel
+    is tested elsewhere; only the solve and the scoring are under test; the targets are the float32
+    centred one-hot krr_scores scores against. Error analysis: both solves are float64, so the
+    predictions differ by at most n cond eps |K_ts| |alpha| (cond of K_ss + ridge, a few hundred
+    here), and the MSE, relatively, by twice that over |residual|; 10x that is the tolerance (~1e-9).
+    Projecting in float32 (errors ~1e-6) or an unscaled ridge cannot pass. The arg-max (accuracy)
+    is exact unless two classes tie to that level: the smallest top-two gap is checked."""
+    from pipeline import kernels
+    from pipeline.config import KernelConfig
+    from pipeline.evaluate import krr_scores
+
+    kernel_fn = kernels.make(KernelConfig())
+    support = rng.standard_normal((30, 4, 4, 1)).astype(np.float32)
+    support_labels = krr.centered_one_hot(np.arange(30) % 3, 3) + 0.1 * rng.standard_normal((30, 3))
+    test_images = rng.standard_normal((50, 4, 4, 1)).astype(np.float32)
+    test_labels = rng.integers(0, 3, 50)
+    k_ss = np.asarray(kernels.support_matrix(kernel_fn, support), np.float64)
+    # in the 16-row tiles krr_scores computes below: both sides see the same float32 kernel entries
+    k_ts = np.asarray(kernels.kernel_matrix(kernel_fn, test_images, support, block_size=16), np.float64)
+    n = len(k_ss)
+    ridge = reg * np.trace(k_ss) / n
+    model = KernelRidge(alpha=ridge, kernel="precomputed").fit(k_ss, support_labels)
+    predictions = model.predict(k_ts)
+    one_hot = (np.eye(3, dtype=np.float32)[test_labels] - np.float32(1 / 3)).astype(np.float64)
+    residual = predictions - one_hot
+    amplification = np.linalg.norm(k_ts, 2) * np.linalg.norm(model.dual_coef_) / np.linalg.norm(residual)
+    tol = 10 * 2 * n * np.linalg.cond(k_ss + ridge * np.eye(n)) * np.finfo(np.float64).eps * amplification
+    assert tol < 1e-7
+    top_two = np.sort(predictions, axis=1)[:, -2:]
+    assert np.min(top_two[:, 1] - top_two[:, 0]) > 1e-6
+    got = krr_scores(kernel_fn, support, support_labels, test_images, test_labels, 3, reg, block_size=16)
+    assert got["accuracy"] == np.mean(np.argmax(predictions, axis=1) == test_labels)
+    assert got["mse"] == pytest.approx(np.mean(np.sum(residual ** 2, axis=1)), rel=tol, abs=0)
 
 
 def test_accuracy_and_mse_by_hand():

@@ -55,9 +55,18 @@ def test_transform_survives_a_round_trip_through_arrays(colour_images, method, t
 
 
 def test_fit_uses_only_the_images_it_is_given(colour_images):
-    a = preprocess.fit(PreprocessConfig("standardize"), colour_images[:200])
-    b = preprocess.fit(PreprocessConfig("standardize"), colour_images)
-    assert not np.allclose(a.channel_mean, b.channel_mean)
+    """Each fit's channel mean and std are those of the images it was given: NumPy float64 mean and
+    population std over every pixel of each channel. Both are stored as float32, so they agree to
+    the storage's half-ulp rounding (2^-24 relative) plus float64 summation error (~1e-14): one
+    float32 ulp, 2^-23, is the tolerance. A sample std (ddof=1) would be off by ~1e-4 relative."""
+    for images in (colour_images[:200], colour_images):
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        fitted = preprocess.fit(PreprocessConfig("standardize"), images)
+        np.testing.assert_allclose(fitted.channel_mean, pixels.mean(axis=0), rtol=2.0 ** -23, atol=0)
+        np.testing.assert_allclose(fitted.channel_std, pixels.std(axis=0), rtol=2.0 ** -23, atol=0)
+    # the two sets' means differ, so a fit that saw other images than it was given would show
+    first_half = colour_images[:200].reshape(-1, 3).astype(np.float64)
+    assert np.abs(first_half.mean(axis=0) - colour_images.reshape(-1, 3).mean(axis=0)).max() > 1e-3
 
 
 def test_zca_maps_new_images_through_the_train_fit(colour_images):
