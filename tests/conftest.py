@@ -39,3 +39,30 @@ def registry_cache(tmp_path_factory) -> Path:
     """One download cache per test session ($KIP_CACHE_DIR reuses a warm one)."""
     env = os.environ.get("KIP_CACHE_DIR")
     return Path(env) if env else tmp_path_factory.mktemp("kip-cache")
+
+
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory):
+    """One finished `dvc repro` of the small scratch project (tests/projects.py), shared by every test
+    that needs a finished pipeline: they copy it (`projects.copy_project`) and never change it."""
+    import shutil
+
+    from projects import finished_project
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    return finished_project(tmp_path_factory.mktemp("small-project"))
+
+
+# With pytest-xdist (`-n 2`, the README's test command), each test module runs whole on one worker, so
+# its module-scoped fixtures are computed once; the modules that copy `small_project` run on one
+# worker together, so the session builds it once.
+_SMALL_PROJECT_MODULES = {"test_dvc_pipeline", "test_faults", "test_services"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__
+        group = "small_project" if module in _SMALL_PROJECT_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(name=group))

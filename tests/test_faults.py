@@ -3,7 +3,7 @@
 The kill test runs `kip distill` in a subprocess, SIGKILLs it once a checkpoint exists, runs the same
 command again, and compares the result byte for byte with an uninterrupted run. The `dvc repro` tests
 (below the file tests) do the same through DVC, killing it also while it writes dvc.lock, with
-`kip doctor` as the documented repair; together they take about a minute and a half.
+`kip doctor` as the documented repair.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import pytest
 from pipeline import artifacts, config as cfg, parquet
 from pipeline.data import load_dataset
 from pipeline.errors import UserError
-from test_dvc_pipeline import SMALL, _dvc, _run, make_project
-from test_dvc_pipeline import _env as _dvc_env
+from projects import SMALL, copy_project
+from projects import dvc as _dvc
+from projects import run as _run
 
 DISTILL = [
     sys.executable, "-m", "pipeline.cli", "distill", "--source", "embedded", "--dataset", "digits",
@@ -351,17 +352,12 @@ def test_damaged_idx_files_are_reported_not_crashed_on(tmp_path, rng, compress):
 # DVC 3.67.1 rewrites dvc.lock and .dvc/tmp/rwlock in place (open "w+" truncates, then it writes), so a
 # kill in between leaves a file every later DVC command rejects. `kip doctor` (pipeline/lockfile.py)
 # repairs that; these tests kill `dvc repro` at chosen moments in a scratch copy of the project (the
-# small embedded-digits setup of test_dvc_pipeline), run `kip doctor` and `dvc repro`, and compare every
+# small embedded-digits setup of tests/projects.py), run `kip doctor` and `dvc repro`, and compare every
 # output and dvc.lock with an uninterrupted run. The writes are killed deterministically by running the
 # DVC CLI under _KILLER, which SIGKILLs its own process once the Nth write has truncated the file and
 # written a chosen fraction of the new text. Nothing is patched outside these test children.
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-FAULT_PARAMS = {  # SMALL, with a distill long enough to be killed after a checkpoint, and a cheaper train
-    **SMALL,
-    "distill": {**SMALL["distill"], "steps": 400, "checkpoint_every": 20},
-    "train": {**SMALL["train"], "steps": 20, "seeds": 1},
-}
 CHECKPOINT = "checkpoints/distill.ckpt.npz"
 RESUMED = f"resuming from {CHECKPOINT} at step"
 
@@ -426,28 +422,33 @@ def _outputs(root: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def dvc_template(tmp_path_factory):
-    """A committed scratch project (no run yet) that every fault test copies: one snapshot of the
-    sources, so all runs here hash the same code even while pipeline/ is being edited."""
+def reference(small_project, tmp_path_factory):
+    """The session's finished small project (one uninterrupted `dvc repro`, committed), copied beside
+    the killer script; and its outputs. Every fault test copies it, so all runs here hash the same code
+    even while pipeline/ is being edited."""
     base = tmp_path_factory.mktemp("faults")
-    root, home = base / "template", base / "home"
-    home.mkdir()
-    env = _dvc_env(home)
     (base / "killer.py").write_text(_KILLER)
-    make_project(root, env, FAULT_PARAMS)
-    return root, env
+    root = copy_project(small_project, base / "reference").root
+    return root, _outputs(root)
 
 
 @pytest.fixture(scope="module")
-def reference(dvc_template):
-    """The template after one uninterrupted `dvc repro`, committed; and its outputs."""
-    template, env = dvc_template
-    root = template.parent / "reference"
-    shutil.copytree(template, root, symlinks=True)
-    _dvc(root, env, "repro")
-    _run(root, env, "git", "add", "-A")
-    _run(root, env, "git", "commit", "-qm", "uninterrupted run")
-    return root, _outputs(root)
+def dvc_template(reference):
+    """The same project as it was before its first `dvc repro`: its first commit, nothing else."""
+    root = _copy(reference[0], "template")
+    env = _run_env(reference)
+    _run(root, env, "git", "reset", "-q", "--hard", "HEAD~1")
+    _run(root, env, "git", "clean", "-q", "-f", "-d", "-x")  # outputs, checkpoints, DVC's cache, mlflow.db
+    assert not (root / "dvc.lock").exists() and not (root / "checkpoints").exists()
+    return root, env
+
+
+def _run_env(reference) -> dict[str, str]:
+    from projects import env_for
+
+    home = reference[0].parent / "home"
+    home.mkdir(exist_ok=True)
+    return env_for(home)
 
 
 def _copy(source: Path, name: str) -> Path:
@@ -557,7 +558,7 @@ def test_repro_killed_with_its_process_group_during_distill_resumes_from_the_che
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
     killed_at = _checkpoint_step(root / CHECKPOINT)
-    assert 40 <= killed_at < FAULT_PARAMS["distill"]["steps"]
+    assert 40 <= killed_at < SMALL["distill"]["steps"]
     assert not (root / "artifacts" / "distilled.npz").exists()  # DVC removed the outputs before distill ran
 
     line = _doctor(root, env)  # DVC would drop the dead process's rwlock entries itself; doctor says so too

@@ -19,7 +19,12 @@ from pipeline import paper, paper_networks, paper_report
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.errors import UserError
 from pipeline.prepared import prepare
-from test_dvc_pipeline import REPO, _dvc, _env, _ran, _run
+from projects import REPO
+from projects import dvc as _dvc
+from projects import env_for as _env
+from projects import run as _run
+from projects import stages_ran as _ran
+from rescoring import assert_cell_rescored_exactly
 
 SHARED = {
     "repeats": 2,
@@ -265,6 +270,9 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     lock = yaml.safe_load((paper / "dvc.lock").read_text())
     assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/kip.py", "../../stages/paper_cell.py"}
     results = paper / "results"
+    for key in ("digits-fc_ntk-1", "digits-rbf-1"):  # the stage's numbers are its saved supports' scores
+        assert_cell_rescored_exactly(json.loads((results / "cells" / f"{key}.json").read_text()), results / "supports" / key,
+                                     Path("/nonexistent"))
     assert (results / "table.md").read_text().count("| RBF | 10 |") == 4
     assert (results / "figure.png").read_bytes()[:4] == b"\x89PNG"
     before = (results / "cells" / "digits-fc_ntk-1.json").read_bytes()

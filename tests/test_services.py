@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 
 from services import mlflow_server, postgres_server, s3_server
-from test_dvc_pipeline import SMALL, _bytes, _dvc, _env, _run, make_project
+from projects import SMALL, copy_project, make_project, write_params
+from projects import distilled_bytes as _bytes
+from projects import dvc as _dvc
+from projects import env_for as _env
+from projects import run as _run
 
 pytestmark = pytest.mark.services
 
@@ -54,17 +58,19 @@ def _use_remote(root: Path, env: dict[str, str], s3) -> None:
 
 
 @pytest.fixture(scope="module")
-def ada(tmp_path_factory, s3):
-    """Ada's clone after `dvc repro` and `dvc push` to the S3 remote, tagged distilled@v1.0.0."""
+def ada(tmp_path_factory, s3, small_project):
+    """Ada's clone after `dvc repro` (the session's finished small project, copied: tracking is no
+    stage's param, so turning it off re-runs nothing) and `dvc push` to the S3 remote, tagged
+    distilled@v1.0.0."""
     base = tmp_path_factory.mktemp("ada")
     (base / "home").mkdir()
     env = _clean_env(base / "home")
-    root = base / "project"
-    make_project(root, env, {**SMALL, "tracking": {"enabled": False}})
+    root = copy_project(small_project, base / "project", home=base / "home").root
+    write_params(root, {"tracking": {"enabled": False}})
     _use_remote(root, env, s3)
-    _dvc(root, env, "repro")
+    assert "Running stage" not in _dvc(root, env, "repro")
     _run(root, env, "git", "add", "-A")
-    _run(root, env, "git", "commit", "-qm", "first run, S3 remote")
+    _run(root, env, "git", "commit", "-qm", "tracking off, S3 remote")
     _run(root, env, "git", "tag", "-a", "distilled@v1.0.0", "-m", "first distilled set")
     pushed = _dvc_as(root, env, s3.env(), "push")
     assert pushed.returncode == 0, pushed.stderr
