@@ -88,6 +88,15 @@ def test_four_devices_really_share_the_work(runs):
 
 @pytest.mark.parametrize("name", ["whole", "blocked"])
 def test_kip_is_the_same_on_four_devices(runs, name):
+    """Reference: the same float64 run on one device. The layouts tile kernel rows and order the
+    sums over targets differently: kernel entries by <= d eps = 1.4e-14 (d = 64), which the solve
+    (cond(K_ss + ridge) = 212 at the start) and the residual's cancellation (|K_ts| |alpha| /
+    |residual| = 68) carry to <= 2 x 212 x 1.4e-14 x 68 = 4e-10 in the loss: rtol 1e-9 is 2.5x
+    that (measured 8e-16). The support: Adam divides by sqrt(v) + 1e-8, and some pixels' gradients
+    are that small (1.2e-8 at the start; the largest is 2.4e-4), where a gradient change dg moves
+    the step by lr dg / 2e-8: <= 0.01 x 4e-10 x 2.4e-4 / 2e-8 = 5e-8 per step, 2e-7 over the 4
+    steps, before the final float32 rounding (1.2e-7 relative): atol 1e-6 is 5x that and rtol
+    1e-5 adds room for the ulp (measured: bit-identical)."""
     one, four = runs
     np.testing.assert_allclose(four[name]["loss"], one[name]["loss"], rtol=1e-9)
     np.testing.assert_allclose(np.asarray(four[name]["images"]), np.asarray(one[name]["images"]), rtol=1e-5, atol=1e-6)
@@ -95,16 +104,25 @@ def test_kip_is_the_same_on_four_devices(runs, name):
 
 
 def test_blocked_targets_give_the_same_run(runs):
+    """Consistency check, not a reference: target blocks of 96 against one block, one device.
+    Only the order of the sums over targets and the blocks' kernel rounding differ, so the error
+    analysis of the four-device test above applies (loss <= 4e-10 against rtol 1e-9; support
+    <= 2e-7 against atol 1e-6; measured 4e-16 and bit-identical)."""
     one, _ = runs
     np.testing.assert_allclose(one["blocked"]["loss"], one["whole"]["loss"], rtol=1e-9)
     np.testing.assert_allclose(np.asarray(one["blocked"]["images"]), np.asarray(one["whole"]["images"]), rtol=1e-5, atol=1e-6)
 
 
 def test_evaluation_and_label_solve_are_the_same_on_four_devices(runs):
+    """Reference: the same float64 evaluation and Label Solve on one device. Kernel entries may
+    round differently between layouts, by <= d eps = 1.4e-14 (d = 64). Scoring: cond(K_ss + ridge)
+    = 211 and |K_ts| |alpha| / |residual| = 74 carry that to <= 2 x 211 x 1.4e-14 x 74 = 4.4e-10
+    in the MSE: rel 1e-8 is 20x (measured equal). An argmax flip needs two class scores within
+    ~1e-10 of each other: the smallest top-two gap of the 359 images is 6e-4. Label Solve: K_ts
+    enters G = K_st K_ts twice and cond(G + ridge) = 2e5: ~6e-9 relative, and the labels are then
+    rounded to float32 (one ulp: 1.2e-7 relative): rtol 1e-6 is 8x that (measured: one-ulp
+    differences, 1e-7)."""
     one, four = runs
-    """In float64 the layouts' rounding differences (~1e-16 relative) grow by at most the condition
-    number (~1e6) to ~1e-10; the labels are then rounded to float32 (one ulp: 6e-8 relative), hence
-    rtol 1e-6. An argmax flip needs two class scores within ~1e-10 of each other: not in 359 images."""
     assert four["scores"]["accuracy"] == one["scores"]["accuracy"]
     assert four["scores"]["mse"] == pytest.approx(one["scores"]["mse"], rel=1e-8)
     np.testing.assert_allclose(np.asarray(four["label_solve"]), np.asarray(one["label_solve"]), rtol=1e-6, atol=1e-7)

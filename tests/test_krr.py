@@ -24,6 +24,13 @@ def random_psd(rng, n, rank=None):
 
 @pytest.mark.parametrize("reg", [1e-6, 1e-2, 1.0])
 def test_fit_predict_matches_sklearn_kernel_ridge(rng, reg):
+    """Reference: scikit-learn's KernelRidge(kernel="precomputed", alpha = reg tr(K_ss)/n).
+    Tolerance: both are float64 solves of K_ss + ridge I (K_ss has rank 13, so cond = 5.9e6,
+    5.9e2 and 6.9 at the three regs); they differ by about n cond eps relative to the largest
+    prediction: 5.2e-8 (8.8e-8 absolute) at reg 1e-6, measured 3.3e-8 relative (8.4e-10
+    absolute); 1e-13 and 1e-15 at the others. atol 1e-6 plus rtol 1e-6 is >= 11x the former; a
+    ridge without the tr/n scale (12.8x off) moves the largest prediction by 5e-3 (reg 1e-2) and
+    0.3 (reg 1) relative."""
     features = rng.standard_normal((40, 12))
     test = rng.standard_normal((15, 12))
     k_ss = features @ features.T + 0.5
@@ -32,11 +39,15 @@ def test_fit_predict_matches_sklearn_kernel_ridge(rng, reg):
     ridge = reg * np.trace(k_ss) / len(k_ss)
     reference = KernelRidge(alpha=ridge, kernel="precomputed").fit(k_ss, y).predict(k_ts)
     ours = np.asarray(krr.predict(k_ts, krr.fit(k_ss, y, reg)))
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_label_solve_matches_lstsq(rng):
-    """With a tiny ridge, y_s* = (K_ss + ridge I) z*, z* = lstsq(K_ts, y_t)."""
+    """With a tiny ridge, y_s* = (K_ss + ridge I) z*, z* = lstsq(K_ts, y_t).
+    Reference: NumPy's SVD least squares for z*, float64. Tolerance: ours keeps the normal
+    equations' ridge' = reg tr(G)/n (G = K_st K_ts), which moves z by <= ridge'/lambda_min(G) =
+    6.5e-10 relative (measured 4.6e-10); float64 rounding, n cond(G) eps = 2.5e-14, is negligible.
+    rtol = atol = 1e-8 is >= 10x that bound (1.2e-9 absolute on the largest label, 1.8)."""
     n_s, n_t = 8, 60
     features = rng.standard_normal((n_s + n_t, 20))
     k = features @ features.T
@@ -46,7 +57,7 @@ def test_label_solve_matches_lstsq(rng):
     z, *_ = np.linalg.lstsq(k_ts, y_t, rcond=None)
     expected = (k_ss + reg * np.trace(k_ss) / n_s * np.eye(n_s)) @ z
     ours = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours, expected, rtol=1e-8, atol=1e-8)
 
 
 def _label_solve_problem(rng):
@@ -62,7 +73,10 @@ def test_label_solve_matches_sklearn_ridge_where_the_ridge_matters(rng, reg):
     G = K_st K_ts, gives z*; then y_s* = (K_ss + reg tr(K_ss)/n I) z* in NumPy float64. At reg 0.1
     and 1 the two ridges change the labels at order 1 (tr(G)/n and tr(K_ss)/n differ 30-fold
     here, so one in place of the other fails). Both sides are float64 solves of systems whose
-    condition number the ridge caps at 1 + n/reg <= 81: agreement to ~1e-14; 1e-10 is margin."""
+    condition number the ridge caps at 1 + n/reg <= 81 (71 and 20 measured). The largest
+    difference: G's entries, summed over 60 targets in another order by each side, 60 eps =
+    1.3e-14 relative (no cancellation: K_ts > 0), times cond <= 71: ~1e-12 relative to the largest
+    label. 1e-11 leaves 10x (measured 1.6e-15)."""
     from sklearn.linear_model import Ridge
 
     k_ss, k_ts, y_t = _label_solve_problem(rng)
@@ -71,7 +85,7 @@ def test_label_solve_matches_sklearn_ridge_where_the_ridge_matters(rng, reg):
     z = Ridge(alpha=reg * np.trace(gram) / n, fit_intercept=False).fit(k_ts, y_t).coef_.T
     expected = (k_ss + reg * np.trace(k_ss) / n * np.eye(n)) @ z
     ours = np.asarray(krr.label_solve(k_ss, k_ts, y_t, reg))
-    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+    np.testing.assert_allclose(ours, expected, rtol=1e-11, atol=1e-11 * np.abs(expected).max())
     unregularised, *_ = np.linalg.lstsq(k_ts, y_t, rcond=None)
     assert np.abs(z - unregularised).max() > 0.1 * np.abs(unregularised).max()  # the ridge does matter here
 
@@ -134,13 +148,16 @@ def test_krr_scores_match_sklearn_kernel_ridge_end_to_end(rng, reg):
 
 
 def test_accuracy_and_mse_by_hand():
+    """Reference: the values worked out by hand. A dozen float64 operations round by ~1e-16
+    relative, so rel 1e-12 has room to spare; a mean over the wrong axis or a missing square is
+    off by O(1)."""
     predictions = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     labels = np.array([0, 1, 1])
-    assert krr.accuracy(predictions, labels) == pytest.approx(2 / 3)
+    assert krr.accuracy(predictions, labels) == pytest.approx(2 / 3, rel=1e-12)
     targets = krr.centered_one_hot(labels, 2)
     np.testing.assert_allclose(targets, [[0.5, -0.5], [-0.5, 0.5], [-0.5, 0.5]])
     expected = np.mean([(0.4**2 + 0.6**2), (0.7**2 + 0.3**2), (1.1**2 + 0.1**2)])
-    assert krr.mse(predictions, targets) == pytest.approx(expected)
+    assert krr.mse(predictions, targets) == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
@@ -158,7 +175,10 @@ def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
 
 def test_the_random_baseline_is_krr_on_class_balanced_real_images_as_given(rng):
     """The baseline scores the training images it is handed, untouched, in the test images' space:
-    the mean of KRR on each repeat's class-balanced subset (rng [seed, 2, repeat])."""
+    the mean of KRR on each repeat's class-balanced subset (rng [seed, 2, repeat]). Consistency
+    check, not a reference: it recomputes with our own krr_scores (held to scikit-learn above) to
+    check the subsets and the averaging; the same computations agree to the mean's rounding, and a
+    wrong subset moves an accuracy by a multiple of 1/25."""
     from pipeline import kernels
     from pipeline.config import KernelConfig
     from pipeline.evaluate import krr_scores, random_subset_baseline
@@ -184,9 +204,11 @@ def test_fit_gradients_match_central_differences(rng):
     """krr.fit's hand-written gradient against float64 central differences: in K_ss along symmetric
     directions (the Cholesky reads one triangle, so only the symmetric part is defined, and that is
     what fit returns) and in the labels. The loss is smooth, so the difference error is
-    O(h^2 * third derivative) + O(eps / h): about 1e-9 relative at h = 1e-5 for this
-    well-conditioned system; 1e-6 leaves three orders of margin while a wrong sign or factor
-    (errors of order 1) cannot pass."""
+    O(h^2 f''' / f') + O(eps |f| / (h f')): each derivative in K brings a factor |E| /
+    lambda_min(K_ss + ridge) ~ 10/12, so the first is ~1e-11 at h = 1e-5; the loss itself rounds
+    by ~n cond eps (cond ~ 5), which over 2h is 7e-10 x |f/f'| (~0.02) x its cancellation. Measured:
+    <= 1.1e-10 in K, <= 1.6e-11 in the labels (the loss is quadratic in them: rounding only).
+    rel 3e-9 is >= 20x that, while a wrong sign or factor (errors of order 1) cannot pass."""
     import jax
     import jax.numpy as jnp
 
@@ -201,10 +223,10 @@ def test_fit_gradients_match_central_differences(rng):
         e = rng.standard_normal((12, 12))
         e = jnp.asarray(e + e.T)
         numeric = (loss(k_ss + h * e, y_s) - loss(k_ss - h * e, y_s)) / (2 * h)
-        assert float(jnp.sum(grad_k * e)) == pytest.approx(float(numeric), rel=1e-6)
+        assert float(jnp.sum(grad_k * e)) == pytest.approx(float(numeric), rel=3e-9)
         d = jnp.asarray(rng.standard_normal((12, 3)))
         numeric = (loss(k_ss, y_s + h * d) - loss(k_ss, y_s - h * d)) / (2 * h)
-        assert float(jnp.sum(grad_y * d)) == pytest.approx(float(numeric), rel=1e-6)
+        assert float(jnp.sum(grad_y * d)) == pytest.approx(float(numeric), rel=3e-9)
     # one label vector (1-D y) takes the same path: its gradient is the first column's
     one = lambda k, y: jnp.sum(weights[:, 0] * krr.fit(k, y, 1e-2) ** 2)  # noqa: E731
     grad_k1, grad_y1 = jax.grad(one, argnums=(0, 1))(k_ss, y_s[:, 0])
@@ -219,9 +241,10 @@ def test_fit_gradients_through_the_ridge_match_autodiff_of_the_plain_formula(rng
     """The ridge reg * tr(K)/n moves with K and with reg; `krr._regularised` writes that gradient
     by hand (dK = G + (reg/n) tr(G) I, d reg = tr(G) tr(K)/n). The reference is autodiff of the
     plain formula through jnp.trace and jnp.linalg.solve, in float64 (symmetrised in K, the only
-    part fit defines). Both are float64 solves of a system with condition number below 10, so they
-    agree to ~1e-14; 1e-10 leaves margin, while a missing or doubled ridge term moves the gradient
-    by 5e-4 of its largest entry or more here."""
+    part fit defines). Both are float64 solves (Cholesky against LU) of a system with condition
+    number 4.8 and 2.8: each solve is good to n cond eps = 1.1e-14 relative, and the gradients
+    combine two solves and a trace, ~2.5e-14; 3e-13 leaves 10x (measured <= 1.8e-15), while a
+    missing or doubled ridge term moves the gradient by 5e-4 of its largest entry or more here."""
     import jax
     import jax.numpy as jnp
 
@@ -242,15 +265,17 @@ def test_fit_gradients_through_the_ridge_match_autodiff_of_the_plain_formula(rng
     want_k, want_reg = jax.grad(plain, argnums=(0, 1))(k_ss, reg)
     want_k = 0.5 * (want_k + want_k.T)
     scale = float(jnp.max(jnp.abs(want_k)))
-    np.testing.assert_allclose(grad_k, want_k, rtol=0, atol=1e-10 * scale)
-    assert float(grad_reg) == pytest.approx(float(want_reg), rel=1e-10)
+    np.testing.assert_allclose(grad_k, want_k, rtol=0, atol=3e-13 * scale)
+    assert float(grad_reg) == pytest.approx(float(want_reg), rel=3e-13)
     assert float(krr.ridge(k_ss, float(reg))) == pytest.approx(float(reg) * float(np.trace(np.asarray(k_ss))) / n, rel=1e-14)
 
 
 def test_fit_gradients_keep_float32_under_jit_with_a_python_float_reg(rng):
     """How KIP calls it: float32 K and labels, reg a Python float, under jit. The hand-written
     gradients must come back in float32 (no silent promotion) and agree with the float64 ones to
-    float32 accuracy (the system's condition number is below 10: 1e-4 relative is ~1000 ulps)."""
+    float32 accuracy (the system's condition number is below 10: 1e-4 relative is ~1000 ulps).
+    Reference: the same function in float64. Each float32 solve is good to n cond u = 8 x 4.1 x
+    6e-8 = 2e-6 relative, the gradient combines two: ~4e-6, so 1e-4 is 25x (measured 4.2e-7)."""
     import jax
     import jax.numpy as jnp
 
