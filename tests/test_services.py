@@ -219,6 +219,14 @@ def test_a_read_only_teammate_can_look_but_not_write(logged, tracking, monkeypat
 SCREENSHOTS = os.environ.get("KIP_SCREENSHOTS")  # a folder: keep the screenshots there (docs/ for the README)
 
 
+def _as_the_ui_shows(value: float) -> str:
+    """A metric in (0.001, 10) as MLflow 3.17's UI writes it (Utils.formatMetric:
+    (Math.round(1e3 * v) / 1e3).toString(); JavaScript's shortest form is Python's repr)."""
+    import math
+
+    return repr(math.floor(1000 * value + 0.5) / 1000)
+
+
 def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tracking, monkeypatch, tmp_path):
     """Through a real browser, logged in as Ada: the experiment opens on its runs table, the compare
     view shows both executions' metrics, and a support-image PNG decodes."""
@@ -231,7 +239,7 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
     parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
     names = [run.info.run_name for run in parents]
-    accuracy = [f"{run.data.metrics['krr_test_accuracy']:.4g}"[:5] for run in parents]
+    accuracy = [_as_the_ui_shows(run.data.metrics["krr_test_accuracy"]) for run in parents]
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     with chromium(login=ADA) as page:
         text = page.open(experiment_url(tracking.uri, experiment_id), *names)
