@@ -31,7 +31,12 @@ def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
     error (estimated from the same 256 networks, to ~5 %) plus the finite-width bias of the mean,
     which is zero at depth 1 (first-layer pre-activations are exactly Gaussian) and O(1/width)
     deeper (Yaida 2020). We allow 5 standard errors plus |k|/width; measured here the error is
-    under 2 standard errors at every depth (a scratch check), i.e. the bias is below the noise at width 64."""
+    under 2 standard errors at every depth (a scratch check), i.e. the bias is below the noise at width 64.
+    Reference: neural-tangents' exact NNGP (conv_features.exact_kernel_fn). The last line is a
+    consistency check: conv_features.kernel (a float32 f f^T) against the float64 mean of the same
+    draw's per-network kernels. A float32 sum of F nonnegative products rounds by ~sqrt(F) u
+    (probabilistic bound), <= 3.1e-5 relative at depth 1 (F = 262,144); rtol 1e-4 is 3x that
+    (measured 4.9e-7)."""
     config = ConvFeatureConfig(width=64, depth=depth, networks=256)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8, 8, 1)).astype(np.float32))
     per_network = _per_network_kernels(config, x, seed=3)
@@ -57,7 +62,11 @@ def test_a_wrong_kernel_is_caught():
 
 def test_features_are_the_finite_convnets_last_block():
     """The finite ConvNet `train.architecture=conv` trains, with the same parameters, outputs its
-    readout applied to exactly these features: the kernel is that network's NNGP."""
+    readout applied to exactly these features: the kernel is that network's NNGP. Consistency
+    check between two of our modules (finite's network and conv_features, each computing the
+    convolutions its own way), not an external reference. Tolerance: the float32 readout is a
+    length-64 sum with sum |f w| <= 4.6, ~sqrt(64) u x 4.6 = 2.2e-6 (probabilistic bound; 1.7e-5
+    worst case), plus the convolutions' rounding; atol 1e-5 is ~5x the former (measured 1.1e-7)."""
     train = TrainConfig(architecture="conv", conv_width=16, conv_depth=2, pooling="avg", parameterization="ntk")
     config = ConvFeatureConfig(width=16, depth=2, networks=1, w_std=train.w_std, b_std=train.b_std)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 8, 8, 1)).astype(np.float32))
@@ -73,6 +82,11 @@ def test_features_are_the_finite_convnets_last_block():
 
 
 def test_feature_rows_match_one_pass():
+    """Consistency check, not a reference: feature_rows' padded blocks against one pass. The same
+    float32 convolutions compiled for two shapes may sum each patch in another order: up to
+    72 u = 4.3e-6 relative for layer 2's 3 x 3 x 8 patches (worst case); rtol 1e-5 is 2x that
+    (measured 3e-8 against features up to 0.29, 2 ulps), while a misplaced or padded-in row is
+    off by O(1)."""
     config = ConvFeatureConfig(width=8, depth=2, networks=2)
     x = np.random.default_rng(2).standard_normal((7, 8, 8, 1)).astype(np.float32)
     params = conv_features.init(jax.random.PRNGKey(0), config, x.shape[1:])

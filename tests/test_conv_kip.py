@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -71,10 +72,53 @@ def digits_split(digits_standardized):
     return x[300:], y[300:], x[:300], y[:300]  # train, validation (the test split is never passed)
 
 
-def test_the_loop_keeps_its_best_validation_step_and_is_deterministic(digits_split):
-    x_train, y_train, x_val, y_val = digits_split
-    first = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
-    again = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+def _read_only(result: conv_kip.ConvKipResult) -> conv_kip.ConvKipResult:
+    for array in (result.images, result.labels, result.classes, result.initial_images):
+        array.flags.writeable = False  # shared between tests: none may change it
+    return result
+
+
+def _distill_keeping_checkpoints(split, config, path, monkeypatch, **kwargs):
+    """conv_kip.distill with a checkpoint at `path`, keeping a copy of the file as saved at each
+    step: (result, {step: copy}). A copy is what a run stopped right after that save leaves."""
+    copies = {}
+    real_save = conv_kip._save_checkpoint
+
+    def save_and_copy(target, settings, step, *rest):
+        real_save(target, settings, step, *rest)
+        copies[step] = path.with_name(f"{path.stem}.step{step}.npz")
+        shutil.copyfile(target, copies[step])
+
+    monkeypatch.setattr(conv_kip, "_save_checkpoint", save_and_copy)
+    try:
+        result = conv_kip.distill(*split, 10, FEATURES, config, checkpoint=path, progress=False, **kwargs)
+    finally:
+        monkeypatch.setattr(conv_kip, "_save_checkpoint", real_save)
+    return result, copies
+
+
+@pytest.fixture(scope="module")
+def small_run(digits_split):
+    """One conv_kip.distill(SMALL), no checkpoint: the reference run that the determinism, resume and
+    checkpoint tests compare with (read-only)."""
+    return _read_only(conv_kip.distill(*digits_split, 10, FEATURES, SMALL, progress=False))
+
+
+@pytest.fixture(scope="module")
+def keyed_run(digits_split, tmp_path_factory):
+    """A second, independent SMALL run, checkpointed under checkpoint_key "a" (every 2 steps), with the
+    file as saved at each step: (result, {step: path}). Tests copy a file before running on it."""
+    path = tmp_path_factory.mktemp("keyed_run") / "conv_kip.npz"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result, copies = _distill_keeping_checkpoints(digits_split, SMALL, path, monkeypatch, checkpoint_key="a")
+    assert sorted(copies) == [2, 4, 6]
+    return _read_only(result), copies
+
+
+def test_the_loop_keeps_its_best_validation_step_and_is_deterministic(small_run, keyed_run):
+    """Two independent runs of the same settings give the same bytes (the second writes checkpoints
+    on the way, which must not change what it learns)."""
+    first, (again, _) = small_run, keyed_run
     scored = [h for h in first.history if "val_accuracy" in h]
     assert [h["step"] for h in scored] == [0, 2, 4, 6]
     best = max(scored, key=lambda h: (h["val_accuracy"], -h["step"]))
@@ -83,9 +127,10 @@ def test_the_loop_keeps_its_best_validation_step_and_is_deterministic(digits_spl
     assert sorted(first.classes.tolist()) == list(range(10))
     np.testing.assert_array_equal(first.images, again.images)
     np.testing.assert_array_equal(first.labels, again.labels)
+    assert first.history == again.history and first.best_step == again.best_step
 
 
-def test_cross_entropy_learns_its_temperature_deterministically(digits_split):
+def test_cross_entropy_learns_its_temperature_deterministically(digits_split, small_run):
     """The Platt temperature starts at INITIAL_TEMPERATURE, is learned with the support (recorded
     every step), and the run is as deterministic as the squared error's; the squared error never
     records one (its gradient in the temperature is zero, so it never moves)."""
@@ -99,7 +144,7 @@ def test_cross_entropy_learns_its_temperature_deterministically(digits_split):
     assert abs(np.log(temperatures[0] / conv_kip.INITIAL_TEMPERATURE)) <= 1.01 * SMALL.learning_rate  # one Adam step
     np.testing.assert_array_equal(first.images, again.images)
     assert first.history == again.history
-    squared = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    squared = small_run
     assert not any("temperature" in h for h in squared.history)
     assert not np.array_equal(squared.images, first.images)
 
@@ -111,14 +156,14 @@ def test_fixed_labels_stay_fixed(digits_split):
     np.testing.assert_array_equal(result.labels, krr.centered_one_hot(result.classes, 10))
 
 
-def test_a_checkpoint_of_other_settings_is_replaced_not_resumed(digits_split, tmp_path, capsys):
+def test_a_checkpoint_of_other_settings_is_replaced_not_resumed(digits_split, small_run, tmp_path, capsys):
     """A longer run of otherwise equal settings is a different run: it starts from step 0 (never
     mixes the two) and ends with the bytes of a run that had no checkpoint, as `kip` does."""
     x_train, y_train, x_val, y_val = digits_split
     checkpoint = tmp_path / "conv_kip.npz"
     conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, dataclasses.replace(SMALL, steps=4),
                      checkpoint=checkpoint, progress=False)
-    fresh = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+    fresh = small_run
     replaced = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint,
                                 progress=False)
     assert "belongs to other settings or code; starting from step 0" in capsys.readouterr().err
@@ -126,23 +171,15 @@ def test_a_checkpoint_of_other_settings_is_replaced_not_resumed(digits_split, tm
     assert replaced.history == fresh.history
 
 
-def test_resume_continues_from_the_checkpoint(digits_split, tmp_path, monkeypatch):
-    """Interrupt after the step-4 checkpoint, then run again: steps 5-6 only, same bytes."""
-    x_train, y_train, x_val, y_val = digits_split
-    whole = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
+def test_resume_continues_from_the_checkpoint(digits_split, small_run, keyed_run, tmp_path, capsys):
+    """A run stopped right after its step-4 checkpoint (the file keyed_run saved then), run again:
+    it resumes at step 4 (steps 5-6 only) and ends with the bytes of an uninterrupted run."""
+    whole, (_, copies) = small_run, keyed_run
     checkpoint = tmp_path / "conv_kip.npz"
-    real_save = conv_kip._save_checkpoint
-
-    def save_then_stop(path, settings, step, *rest):
-        real_save(path, settings, step, *rest)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(conv_kip, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
-    monkeypatch.setattr(conv_kip, "_save_checkpoint", real_save)
-    resumed = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=checkpoint, progress=False)
+    shutil.copyfile(copies[4], checkpoint)
+    resumed = conv_kip.distill(*digits_split, 10, FEATURES, SMALL, checkpoint=checkpoint, checkpoint_key="a",
+                               progress=False)
+    assert f"resuming from {checkpoint} at step 4" in capsys.readouterr().err
     np.testing.assert_array_equal(resumed.images, whole.images)
     np.testing.assert_array_equal(resumed.labels, whole.labels)
     assert resumed.history == whole.history and resumed.best_step == whole.best_step
@@ -230,7 +267,8 @@ def test_conv_rf_distils_through_the_pipeline_as_the_conv_kip_loop(digits_prepar
 
 def test_a_conv_rf_artifact_reloads_and_is_scored_with_the_fixed_evaluation_draw(digits_prepared, conv_rf_run, tmp_path):
     """The saved support reloads with its kernel lineage, and `evaluate` scores it with KRR under the
-    evaluation draw: the same accuracy as conv_kip.krr_accuracy with those networks' features."""
+    evaluation draw: the same accuracy as conv_kip.krr_accuracy with those networks' features.
+    Consistency check between two of our paths (krr_accuracy is our own); tolerance: see below."""
     path = tmp_path / "conv_rf.npz"
     artifacts.save_npz(path, conv_rf_run.distilled)
     loaded = artifacts.load_npz(path)
@@ -248,7 +286,9 @@ def test_a_conv_rf_artifact_reloads_and_is_scored_with_the_fixed_evaluation_draw
 
 def test_the_evaluation_kernel_is_one_fixed_draw_computed_network_by_network():
     """kernels.make(conv_rf) is deterministic (one fixed draw), computed network by network, and equals
-    conv_features.kernel of that draw; the ridge-free comparison is elementwise, float32-relative."""
+    conv_features.kernel of that draw; the ridge-free comparison is elementwise, float32-relative.
+    Consistency check of two of our computations of one kernel (its reference, neural-tangents'
+    exact NNGP, is in test_conv_features); the tolerance is argued in the comment below."""
     rng = np.random.default_rng(3)
     x1, x2 = (jnp.asarray(rng.normal(size=(n, 8, 8, 1)), jnp.float32) for n in (5, 7))
     kernel_fn = kernels.make(CONV_RF)
@@ -266,7 +306,8 @@ def test_the_evaluation_kernel_is_one_fixed_draw_computed_network_by_network():
 def test_evaluation_passes_each_image_array_through_the_networks_once(monkeypatch):
     """kernels.kernel_rows and support_matrix take the evaluation kernel's features: the same values
     as the kernel function (float32-relative, as above), and each distinct array (by content) goes
-    through the networks once until the cache's byte budget pushes it out, least recently used first."""
+    through the networks once until the cache's byte budget pushes it out, least recently used first.
+    Consistency check (ours against ours), with the tolerance of the test above."""
     rng = np.random.default_rng(4)
     x, support = rng.normal(size=(9, 8, 8, 1)).astype(np.float32), rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
     kernel_fn = kernels.make(CONV_RF)
@@ -304,24 +345,22 @@ def test_cross_entropy_is_refused_where_there_is_no_loop_for_it():
         == "cross_entropy"
 
 
-def test_cosine_schedule_halves_the_second_of_two_steps(digits_split, tmp_path):
+def test_cosine_schedule_halves_the_second_of_two_steps(digits_split, tmp_path, monkeypatch):
     """Over 2 steps optax's cosine decay gives the learning rate lr, then lr * (1 + cos(pi / 2)) / 2
     = lr / 2. Both runs reach the same support and Adam state after step 1, so step 2's Adam
     direction is the same and the cosine run's displacement must be exactly half the constant
-    run's. The supports are read from the checkpoint, which holds the last step's (the result is the
+    run's. The supports are read from the checkpoints saved after steps 1 and 2 (the result is the
     best validation step's). Tolerance: each float32 support is rounded once per step, so each
     displacement is off by at most 2 ulp of the largest pixel; 8 ulp covers both sides."""
-    x_train, y_train, x_val, y_val = digits_split
 
-    def last_support(steps: int, schedule: str):
-        config = dataclasses.replace(SMALL, steps=steps, checkpoint_every=1, lr_schedule=schedule)
-        path = tmp_path / f"{schedule}{steps}.npz"
-        conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, config, checkpoint=path, progress=False)
-        _, leaves = kip.read_checkpoint(path)
-        return leaves[0], leaves[1]  # images, labels
+    def supports(schedule: str):
+        config = dataclasses.replace(SMALL, steps=2, checkpoint_every=1, lr_schedule=schedule)
+        _, copies = _distill_keeping_checkpoints(digits_split, config, tmp_path / f"{schedule}.npz", monkeypatch)
+        return [kip.read_checkpoint(copies[step])[1][:2] for step in (1, 2)]  # [(images, labels) after step 1, 2]
 
-    first = last_support(1, "constant")
-    constant, cosine = last_support(2, "constant"), last_support(2, "cosine")
+    (first, constant), (first_cosine, cosine) = supports("constant"), supports("cosine")
+    for a, b in zip(first, first_cosine):  # step 1 runs at lr in both: the premise above
+        np.testing.assert_allclose(b, a, rtol=0, atol=2 * np.finfo(np.float32).eps * np.abs(a).max())
     for before, full, halved in zip(first, constant, cosine):
         assert np.abs(full - before).max() > 1e-3  # step 2 moved the support
         tolerance = 8 * np.finfo(np.float32).eps * np.abs(full).max()
@@ -349,16 +388,16 @@ def test_conv_rf_refuses_settings_it_has_no_counterpart_for(kernel, distill, mes
     assert "\n" not in str(raised.value)
 
 
-def test_the_checkpoint_path_switches_between_loops_and_refuses_foreign_files(digits_split, tmp_path, capsys):
+def test_the_checkpoint_path_switches_between_loops_and_refuses_foreign_files(digits_split, small_run, keyed_run,
+                                                                               tmp_path, capsys):
     """The pipeline passes its checkpoint key (data, code, machine): another key is another run.
     One path serves both loops (`dvc exp run -S kernel.architecture=...`): a fixed-kernel KIP
     checkpoint there is replaced, and so is a conv one by `kip`; a file that is no checkpoint is
     refused, because saving would overwrite it."""
     x_train, y_train, x_val, y_val = digits_split
     path = tmp_path / "ckpt.npz"
-    fresh = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, progress=False)
-    conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path, checkpoint_key="a",
-                     progress=False)
+    fresh, (_, copies) = small_run, keyed_run
+    shutil.copyfile(copies[SMALL.steps], path)  # what a finished run under checkpoint_key "a" leaves there
     other_key = conv_kip.distill(x_train, y_train, x_val, y_val, 10, FEATURES, SMALL, checkpoint=path,
                                  checkpoint_key="b", progress=False)
     np.testing.assert_array_equal(other_key.images, fresh.images)

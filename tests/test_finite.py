@@ -53,7 +53,12 @@ def test_networks_fit_a_small_separable_set(rng, overrides):
 def test_wide_network_at_init_has_the_nngp_covariance(rng, architecture, parameterization):
     """Outputs of a wide ReLU net at init are Gaussian with covariance = the NNGP kernel of the same
     architecture (neural-tangents, itself checked against closed forms in test_kernels). A large
-    b_std makes a mis-scaled bias visible."""
+    b_std makes a mis-scaled bias visible. Reference: kernels.make's NNGP (fc: our closed form, held
+    to neural-tangents; conv: neural-tangents'). Monte-Carlo error, estimated from 40 (fc) and 24
+    (conv) inits: unbiased (their mean is within 1.5 standard errors), and the 6-init mean's
+    standard error is 1.8-2.7 % (fc) and 2.0-2.9 % (conv) of each entry. rtol 0.12 is 4 standard
+    errors on the worst entries (this draw's largest errors: 6.8 % fc, 3.4 % conv), well below what a
+    wrong bias does: a missing or doubled bias moves entries by 15-40 %."""
     x = rng.standard_normal((4, 4, 4, 1)).astype(np.float32)
     width = 3000 if architecture == "fc" else 600
     config = TrainConfig(architecture=architecture, width=width, depth=1, conv_width=width, conv_depth=1,
@@ -66,7 +71,7 @@ def test_wide_network_at_init_has_the_nngp_covariance(rng, architecture, paramet
     spec = KernelConfig(architecture=architecture, kind="nngp", depth=1, w_std=1.5, b_std=1.0, conv_readout="flatten")
     expected = np.asarray(kernels.make(spec)(x, x))
     # Without the bias (or with it scaled twice) entries move by b_std^2 = 1, i.e. 15-40 %.
-    np.testing.assert_allclose(empirical, expected, rtol=0.07)
+    np.testing.assert_allclose(empirical, expected, rtol=0.12)
 
 
 def test_conv_that_pools_images_away_is_refused():
@@ -210,6 +215,9 @@ def test_wide_centred_ntk_network_trained_on_mse_approaches_the_ntk_regression(r
 
 
 def test_soft_xent_targets_are_the_tempered_softmax_of_the_labels():
+    """Reference: the softmax written out in NumPy. Both are float32: exp of arguments up to 4 and
+    a 3-term sum round by a few u each (~8 u = 5e-7 relative in all); rtol 1e-6 is 2x that, while
+    a wrong temperature or axis is off by O(1)."""
     labels = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]], np.float32)
     targets = finite.training_targets(labels, TrainConfig(loss="soft_xent", temperature=0.5))
     expected = np.exp(labels / 0.5) / np.exp(labels / 0.5).sum(axis=1, keepdims=True)
@@ -245,10 +253,11 @@ def test_train_options_are_validated(overrides, message):
     assert str(caught.value) == message and "\n" not in str(caught.value)
 
 
-def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits):
+def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits, monkeypatch):
     """label_scale_choice and optimizer_choice = validation: the (scale, optimizer) whose network scores
     best on the validation split, checked against training each candidate directly; fixed keeps
-    train.label_scale and the configured optimizer."""
+    train.label_scale and the configured optimizer. The choice checked is the one train_networks
+    makes for the distilled side (recorded, not swept a second time)."""
     from pathlib import Path
 
     from pipeline.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER, DataConfig, DistillConfig
@@ -258,7 +267,15 @@ def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits)
     distilled = workflow.distill(prepared, KernelConfig(), DistillConfig(support_per_class=2, steps=5, target_batch=400,
                                  eval_every=0, checkpoint_every=0, learn_labels=True), progress=False).distilled
     config = TrainConfig(width=64, steps=50, seeds=1, eval_every=0)
-    chosen = transfer.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, config)
+    choices, choose = [], transfer.choose_network_settings
+    monkeypatch.setattr(transfer, "choose_network_settings", lambda x, y, classes, *args, **kwargs: choices.append(
+        ((x, y, classes, *args), choose(x, y, classes, *args, **kwargs))) or choices[-1][1])
+    runs = transfer.train_networks(distilled, prepared, config, progress=False)
+    monkeypatch.undo()
+    assert len(choices) == 2  # the distilled side, then the baseline side
+    (x, y, classes, on, with_config), chosen = choices[0]
+    assert np.array_equal(x, distilled.images) and np.array_equal(y, distilled.labels)
+    assert np.array_equal(classes, distilled.classes) and on is prepared and with_config == config
     direct = {}
     for optimizer in ({}, {**AUTO_OPTIMIZER, "momentum": 0.0}):
         for scale in AUTO_LABEL_SCALES:
@@ -274,6 +291,5 @@ def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits)
     assert transfer.choose_network_settings(distilled.images, distilled.labels, distilled.classes, prepared, fixed) == fixed
     only_scale = dataclasses.replace(config, optimizer_choice="fixed")
     assert {c.optimizer for c in transfer.network_candidates(only_scale)} == {"sgd"}
-    runs = transfer.train_networks(distilled, prepared, config, progress=False)
     assert runs["settings"]["distilled"] == transfer.settings_summary(chosen)
     assert runs["label_scale"]["distilled"] == chosen.label_scale and runs["label_scale"]["baseline"] in AUTO_LABEL_SCALES

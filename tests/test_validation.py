@@ -29,6 +29,27 @@ def prepared():
     return prepare(DIGITS, PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
 
 
+def _read_only(run):
+    for array in (run.distilled.images, run.distilled.labels, run.distilled.classes):
+        array.flags.writeable = False  # shared between tests: none may change it
+    return run
+
+
+@pytest.fixture(scope="module")
+def clean_run(prepared):
+    """workflow.distill(RUN, unmonitored) on the clean splits: the distilled set that the reprepare
+    and network tests read (read-only; it used to be distilled once per test)."""
+    return _read_only(workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False))
+
+
+@pytest.fixture(scope="module")
+def validation_poisoned_run(prepared):
+    """The same run with every validation image NaN: the leak test's subject and the test-split
+    test's control."""
+    poisoned = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
+    return _read_only(workflow.distill(poisoned, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False))
+
+
 def test_the_split_is_class_balanced_seeded_and_disjoint_from_training(digits, prepared):
     idx = splits.validation_indices(digits.y_train, 10, 287, seed=3)
     assert len(idx) == 280 and np.all(np.bincount(digits.y_train[idx], minlength=10) == 28)
@@ -41,14 +62,18 @@ def test_the_split_is_class_balanced_seeded_and_disjoint_from_training(digits, p
     assert record == {"of": "training split", "fraction": 0.2, "seed": 3, "size": 280, "sha256": splits.split_digest(idx)}
 
 
-def test_a_validation_image_is_never_a_kip_target_or_support(prepared):
-    poisoned = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
-    run = workflow.distill(poisoned, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False)
+def test_a_validation_image_is_never_a_kip_target_or_support(validation_poisoned_run, clean_run):
+    """Finite, and more: the same support and losses as the clean run, so no validation image
+    entered the optimisation at all."""
+    run = validation_poisoned_run
     assert all(math.isfinite(h["loss"]) for h in run.history)
     assert np.isfinite(run.distilled.images).all() and np.isfinite(run.distilled.labels).all()
+    np.testing.assert_array_equal(run.distilled.images, clean_run.distilled.images)
+    np.testing.assert_array_equal(run.distilled.labels, clean_run.distilled.labels)
+    assert [h["loss"] for h in run.history] == [h["loss"] for h in clean_run.history]
 
 
-def test_distilling_never_reads_the_test_split(prepared):
+def test_distilling_never_reads_the_test_split(prepared, validation_poisoned_run):
     """Learning curve, privacy yardstick, everything a distill run computes: none of it is NaN when
     every test image is NaN. (The same poison in the validation split does show: the control.)"""
     poisoned = dataclasses.replace(prepared, x_test=np.full_like(prepared.x_test, np.nan))
@@ -58,14 +83,12 @@ def test_distilling_never_reads_the_test_split(prepared):
     json.dumps(run.distilled.metadata, allow_nan=False)  # raises on any NaN in the privacy report
     assert run.distilled.metadata["privacy"]["heldout_split"] == "validation"
 
-    control = dataclasses.replace(prepared, x_val=np.full_like(prepared.x_val, np.nan))
-    with pytest.raises(ValueError):
-        json.dumps(workflow.distill(control, KernelConfig(), dataclasses.replace(RUN, eval_every=0),
-                                    progress=False).distilled.metadata, allow_nan=False)
+    with pytest.raises(ValueError):  # the control: a NaN validation split
+        json.dumps(validation_poisoned_run.distilled.metadata, allow_nan=False)
 
 
-def test_reprepare_rebuilds_the_recorded_split(prepared):
-    run = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False)
+def test_reprepare_rebuilds_the_recorded_split(prepared, clean_run):
+    run = clean_run
     again = reprepare(run.distilled, cache_dir=Path("/nonexistent"))
     assert np.array_equal(again.x_val, prepared.x_val) and np.array_equal(again.x_train, prepared.x_train)
     metadata = json.loads(json.dumps(run.distilled.metadata))
@@ -134,27 +157,31 @@ def test_choosing_the_conv_cells_loss_and_schedule_never_reads_the_test_split(pr
     assert strip(selection.select_settings(control, cell, monitored=140)[1]) != strip(clean[1])  # the control
 
 
-def test_network_settings_and_learning_curves_never_read_the_test_split(prepared):
+def test_network_settings_and_learning_curves_never_read_the_test_split(prepared, clean_run, monkeypatch):
     """The label scale and optimizer a network trains with, and the train stage's learning curve, come
-    from the validation split: a NaN test split changes none of them (it only spoils the final test number)."""
+    from the validation split: a NaN test split changes none of them (it only spoils the final test number).
+    The poisoned side's networks are the ones `transfer` trains (recorded, not trained a second time)."""
     from pipeline.config import TrainConfig
 
-    distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
+    distilled = clean_run.distilled
     config = TrainConfig(width=32, steps=20, seeds=1, eval_every=10)
     clean = transfer.train_networks(distilled, prepared, config, progress=False)
-    poisoned = transfer.train_networks(distilled, _poison_test(prepared), config, progress=False)
+    trained, train_networks = [], transfer.train_networks
+    monkeypatch.setattr(transfer, "train_networks", lambda *args, **kwargs: trained.append(
+        train_networks(*args, **kwargs)) or trained[-1])
+    _, curve = transfer.transfer(distilled, _poison_test(prepared), config, progress=False)
+    (poisoned,) = trained  # transfer's own train_networks(distilled, poisoned split, config)
     assert poisoned["label_scale"] == clean["label_scale"] and poisoned["settings"] == clean["settings"]
     steps = {}
     for side in ("distilled", "baseline"):
         assert [r.curve for r in poisoned[side]] == [r.curve for r in clean[side]]
         steps[side] = list(range(10, clean["settings"][side]["steps"] + 1, 10))  # 20 (SGD) or 1000 (Adam)
         assert [p["step"] for p in clean[side][0].curve] == steps[side] and "val_accuracy" in clean[side][0].curve[0]
-    _, curve = transfer.transfer(distilled, _poison_test(prepared), config, progress=False)
     assert [p["step"] for p in curve] == sorted(set(steps["distilled"]) | set(steps["baseline"]))
     assert all(math.isfinite(v) for p in curve for v in p.values())
 
 
-def test_labels_solved_for_a_network_read_training_images_only(prepared):
+def test_labels_solved_for_a_network_read_training_images_only(prepared, clean_run):
     """Solved labels come from training images: NaN validation and test splits leave them, and the
     choice between label sources (which reads validation) untouched by the test split."""
     from pipeline import finite
@@ -167,7 +194,7 @@ def test_labels_solved_for_a_network_read_training_images_only(prepared):
     blind = dataclasses.replace(_poison_test(prepared), x_val=np.full_like(prepared.x_val, np.nan))
     assert np.array_equal(finite.solved_labels(x, prepared.num_classes, config, 3, transfer.solve_targets(blind, config)), solved)
     assert np.isfinite(solved).all()
-    distilled = workflow.distill(prepared, KernelConfig(), dataclasses.replace(RUN, eval_every=0), progress=False).distilled
+    distilled = clean_run.distilled
     clean = transfer.train_networks(distilled, prepared, config, progress=False)
     poisoned = transfer.train_networks(distilled, _poison_test(prepared), config, progress=False)
     assert poisoned["settings"] == clean["settings"]
