@@ -16,6 +16,25 @@ from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.data import Dataset, load_dataset
 
 
+def pytest_configure(config):
+    """A compilation cache for this test process (each xdist worker its own, removed at the end).
+
+    Most tests build a fresh jitted closure per KIP run (`kip.make_step`, `conv_kip.distill`), which
+    XLA compiles again although the program is the same; the cache hands back the executable compiled
+    for the first run. Subprocesses (`dvc repro`, the CLI) keep compiling afresh, so the end-to-end
+    determinism tests still compare two compilations."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    folder = tempfile.mkdtemp(prefix="kip-tests-xla-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @pytest.fixture(scope="session")
 def digits() -> Dataset:
     return load_dataset(DataConfig(source="embedded", name="digits"), Path("/nonexistent-cache"))
@@ -55,9 +74,11 @@ def small_project(tmp_path_factory):
 
 
 # With pytest-xdist (`-n 2`, the README's test command), each test module runs whole on one worker, so
-# its module-scoped fixtures are computed once; the modules that copy `small_project` run on one
-# worker together, so the session builds it once.
-_SMALL_PROJECT_MODULES = {"test_dvc_pipeline", "test_faults", "test_services"}
+# its module-scoped fixtures are computed once; test_dvc_pipeline and test_faults, which copy
+# `small_project` most, run on one worker together. test_services (one copy) goes on its own: it runs
+# for minutes, and on the other worker it balances the load better than it costs to build the
+# project there again.
+_SMALL_PROJECT_MODULES = {"test_dvc_pipeline", "test_faults"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
