@@ -28,6 +28,8 @@ def pytest_configure(config):
 
     import jax
 
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the caller's own (tests/mutation/run.py: one per shard)
+        return
     folder = tempfile.mkdtemp(prefix="kip-tests-xla-cache-")
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
     jax.config.update("jax_compilation_cache_dir", folder)

@@ -310,3 +310,38 @@ def test_rbf_stays_at_most_one_where_rounding_makes_distances_negative(rng):
     kernel_fn = kernels.make(KernelConfig(architecture="rbf"))
     k = np.asarray(kernel_fn(jnp.asarray(x, jnp.float32), jnp.asarray(x.copy(), jnp.float32)))
     assert k.max() <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["ntk", "nngp"])
+def test_derivative_along_the_inputs_at_parallel_and_opposite_pairs_is_the_kernel(rng, kind):
+    """With no bias an FC ReLU kernel is positively homogeneous of degree 1 in each input:
+    K(l x, x') = l K(x, x') for l > 0 (the first layer scales the covariance by l and the variance
+    by l^2, the arc-cosine map keeps the angle and scales by sqrt(q q')). By Euler's theorem the
+    derivative of f(x) = sum(W * K(x, x')) along x itself is f(x). That is the reference, in forward
+    mode (jax.jvp: the custom JVP rules as written) and in reverse mode, at x' = [x; -x], where
+    rounding clips the cosine to +-1 and sin t = 0 (`_arccos_jvp`'s special case). Tolerance: in
+    float64 those pairs' angles come out O(sqrt(eps)) = 1e-8 instead of 0 or pi, which moves the
+    derivative kernel by about that, relatively; 1e-6."""
+    kernel_fn = kernels.make(KernelConfig(kind=kind, depth=3, b_std=0.0))
+    x = rng.standard_normal((20, 4, 4, 2))
+    with enable_x64():
+        x1, x2 = jnp.asarray(x), jnp.asarray(np.concatenate([x, -x]))
+        weight = jnp.asarray(rng.standard_normal((20, 40)))
+        f = lambda a: jnp.sum(weight * kernel_fn(a, x2))  # noqa: E731
+        value, forward = jax.jvp(f, (x1,), (x1,))
+        reverse = jnp.sum(jax.grad(f)(x1) * x1)
+        assert float(forward) == pytest.approx(float(value), rel=1e-6)
+        assert float(reverse) == pytest.approx(float(value), rel=1e-6)
+
+
+def test_a_gram_kernel_called_as_its_type_says_is_a_cross_kernel(rng):
+    """`closed_form.GramKernel` is k(gram, sq1, sq2, same=False): called without `same`, on two
+    different sets (7 and 5 images), it is the plain cross kernel. Reference: the arc-cosine
+    recursion in NumPy float64 (`_relu_fc_reference`); both float64, no clipped or pinned pairs:
+    they agree to rounding, ~1e-15 relative; 1e-10."""
+    spec = KernelConfig(kind="ntk", depth=2)
+    x1, x2 = rng.standard_normal((7, 4, 4, 2)), rng.standard_normal((5, 4, 4, 2))
+    with enable_x64():
+        gram, sq1, sq2 = closed_form.flat_gram(jnp.asarray(x1), jnp.asarray(x2))
+        k = np.asarray(closed_form.gram_kernel(spec, 32)(gram, sq1, sq2))
+    np.testing.assert_allclose(k, _relu_fc_reference(x1, x2, spec), rtol=1e-10)

@@ -93,3 +93,20 @@ def test_distill_cross_field_rules(overrides, fragment):
     with pytest.raises(UserError) as error:
         DistillConfig(**overrides)
     assert fragment in str(error.value)
+
+
+def test_the_first_and_last_image_of_every_block_are_searched(rng):
+    """Near copies of the training images at the block boundaries (the first image, each block's
+    first and last, the last) must come back with their own index and their float64 distance. The
+    reference is scipy's float64 cdist over all 2000 images. Each query is 1e-3 per pixel from its
+    image (squared distance ~6e-5) and ~128 from any other, so the nearest is its own beyond any
+    float32 rounding of the search; both distances are float64 differences (rtol 1e-9)."""
+    train = rng.standard_normal((2000, 8, 8, 1)).astype(np.float32)
+    picked = np.array([0, 1, 499, 500, 999, 1000, 1998, 1999])
+    queries = train[picked].astype(np.float64) + 1e-3 * rng.standard_normal((len(picked), 8, 8, 1))
+    full = cdist(queries.reshape(len(picked), -1), train.reshape(2000, -1).astype(np.float64))
+    np.testing.assert_array_equal(full.argmin(axis=1), picked)
+    for block in (500, 4096):  # four full blocks; one block larger than the training set
+        distance, index = privacy.nearest_train(queries, train, block=block)
+        np.testing.assert_array_equal(index, picked)
+        np.testing.assert_allclose(distance, full.min(axis=1), rtol=1e-9)
