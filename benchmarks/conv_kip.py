@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from _report import OtherLoad, emit
 
-from pipeline import conv_features, conv_kip
+from pipeline import conv_features, conv_kip, krr
 from pipeline.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
 
@@ -264,17 +264,27 @@ def train_convnets(args) -> dict:
 def rescore(args) -> dict:
     """A saved support's KRR test accuracy under the evaluation kernel its metadata records."""
     from pipeline.cli import default_cache_dir
+
+    predictions, y_test = rescore_predictions(args.support, default_cache_dir())
+    return {"benchmark": "conv_kip_rescore", "support": str(args.support),
+            "krr_test_accuracy": krr.accuracy(predictions, y_test)}
+
+
+def rescore_predictions(support_path: Path, cache_dir: Path, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """KRR's outputs on the test images `rows` (all by default) under the evaluation kernel a saved
+    support's metadata records, and those images' labels. A whole 500-image block of rows gives the
+    bytes a full scoring gives them (`conv_kip.krr_predictions`)."""
     from pipeline.prepared import reprepare
 
-    support = _load_support(args.support)
-    prepared = reprepare(support, cache_dir=default_cache_dir())
+    support = _load_support(support_path)
+    prepared = reprepare(support, cache_dir=cache_dir)
     recorded = dict(support.metadata["evaluation_kernel"])
     stream, seed = recorded.pop("stream"), recorded.pop("seed")
     evaluation = ConvFeatureConfig(**recorded)
     params = conv_features.init(conv_kip.network_key(seed, stream, 0), evaluation, prepared.x_test.shape[1:])
-    accuracy = conv_kip.krr_accuracy(support.images, support.labels, prepared.x_test, prepared.y_test, params,
-                                     evaluation, support.metadata["conv_kip"]["reg"])
-    return {"benchmark": "conv_kip_rescore", "support": str(args.support), "krr_test_accuracy": accuracy}
+    predictions = conv_kip.krr_predictions(support.images, support.labels, prepared.x_test[rows], params, evaluation,
+                                           support.metadata["conv_kip"]["reg"])
+    return predictions, prepared.y_test[rows]
 
 
 def main() -> int:

@@ -205,11 +205,21 @@ def cross_entropy_loss(support: tuple[jax.Array, jax.Array], log_temperature: ja
 def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray, params: Any,
                  features: ConvFeatureConfig, reg: float, block_size: int = 500) -> float:
     """Accuracy of KRR fitted on (images, labels) with the kernel of `params`' networks."""
+    return krr.accuracy(krr_predictions(images, labels, x, params, features, reg, block_size), y)
+
+
+def krr_predictions(images: np.ndarray, labels: np.ndarray, x: np.ndarray, params: Any,
+                    features: ConvFeatureConfig, reg: float, block_size: int = 500) -> np.ndarray:
+    """KRR's outputs on `x` (one row per image), fitted on (images, labels) with the kernel of
+    `params`' networks. Everything after the support is computed `block_size` rows at a time, so
+    the rows of one whole block scored alone come out as they do in a full scoring
+    (tests/test_published_supports.py re-scores a block against a full scoring's predictions)."""
     f_s = conv_features.feature_rows(params, images, features, block_size)
     k_ss = jnp.asarray(f_s @ f_s.T + features.b_std ** 2)
     alpha = np.asarray(krr.fit(k_ss, jnp.asarray(labels, jnp.float32), reg))
     f_x = conv_features.feature_rows(params, x, features, block_size)
-    return krr.accuracy((f_x @ f_s.T + features.b_std ** 2) @ alpha, y)
+    return np.concatenate([(f_x[start:start + block_size] @ f_s.T + features.b_std ** 2) @ alpha
+                           for start in range(0, len(f_x), block_size)])
 
 
 def distill(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,

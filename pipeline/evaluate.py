@@ -30,8 +30,28 @@ def krr_scores(
     block_size: int = 1000,
     reg_name: str = "evaluate.reg",
 ) -> dict[str, float]:
-    """KRR fitted on the support, scored on every test image; memory is one block of K_ts.
+    """KRR fitted on the support, scored on every test image (`krr_predictions`)."""
+    predictions = krr_predictions(kernel_fn, support_images, support_labels, test_images, reg, block_size, reg_name)
+    return {
+        "accuracy": krr.accuracy(predictions, test_labels),
+        "mse": krr.mse(predictions, krr.centered_one_hot(test_labels, num_classes)),
+    }
 
+
+def krr_predictions(
+    kernel_fn: KernelFn,
+    support_images: np.ndarray,
+    support_labels: np.ndarray,
+    test_images: np.ndarray,
+    reg: float,
+    block_size: int = 1000,
+    reg_name: str = "evaluate.reg",
+) -> np.ndarray:
+    """KRR's float64 outputs (one row per test image, one column per class); memory is one block of K_ts.
+
+    An image's row is computed in the block of `block_size` rows it falls in, so scoring the rows
+    of one whole block alone gives the same bytes for them (tests/test_published_supports.py
+    re-scores a block of the test split against the predictions a full scoring recorded).
     A support kernel too ill-conditioned to solve (duplicate images with reg 0, say) is a UserError
     naming `reg_name`, the regulariser to raise.
     """
@@ -48,10 +68,7 @@ def krr_scores(
     predictions = np.empty((len(test_images), alpha.shape[1]))
     for rows, block in kernels.kernel_rows(kernel_fn, test_images, support_images, block_size):
         predictions[rows] = block.astype(np.float64) @ alpha
-    return {
-        "accuracy": krr.accuracy(predictions, test_labels),
-        "mse": krr.mse(predictions, krr.centered_one_hot(test_labels, num_classes)),
-    }
+    return predictions
 
 
 def random_subset_baseline(

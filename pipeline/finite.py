@@ -15,6 +15,8 @@ support's labels, learned ones included. docs/reproduction.md says which transfe
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -159,12 +161,9 @@ def train(
     model, params, key_batches = _init(config, x.shape[1:], num_classes, seed)
     if config.labels == "solved":
         y = solved if solved is not None else solved_labels(x, num_classes, config, seed, solve_on)
-    apply = centered_apply(model.apply) if config.loss in CENTERED_LOSSES else _anchored(model.apply)
     anchor = params  # the initial parameters: f_0 for centred losses, unused otherwise
-    optimizer = _optimizer(config)
+    optimizer, step_fn, apply_jit = _compiled(_program_settings(config), tuple(x.shape[1:]), num_classes)
     opt_state = optimizer.init(params)
-    step_fn = _make_step(apply, optimizer, config)
-    apply_jit = jax.jit(apply)  # anchor passed as an argument, not baked into the compiled function
     predict = lambda p, batch: apply_jit(p, anchor, batch)  # noqa: E731
 
     x_dev, y_dev = jnp.asarray(x, jnp.float32), jnp.asarray(training_targets(y, config), jnp.float32)
@@ -194,6 +193,29 @@ def train(
     scale = config.label_scale if config.loss in ("mse", "mse_centered") else 1.0
     outputs = lambda images: np.asarray(predict(params, jnp.asarray(images, jnp.float32))) / scale  # noqa: E731
     return TrainResult(accuracy, _accuracy(predict, params, x, classes, eval_batch), curve, outputs)
+
+
+def _program_settings(config: TrainConfig) -> TrainConfig:
+    """`config` with the settings no compiled function reads set to fixed values: the label scale
+    only scales the targets, the step counts and seeds only drive the loop and the init. Networks
+    whose settings differ only there (a side's seeds, the label-scale candidates) share one model,
+    optimizer and jitted step and apply (`_compiled`), so the process compiles them once."""
+    return dataclasses.replace(config, label_scale=1.0, label_scale_choice="fixed", steps=1, eval_every=0, seeds=1,
+                               seed=0, labels="support", labels_choice="fixed", temperature=1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(settings: TrainConfig, image_shape: tuple[int, ...], num_classes: int):
+    """(optimizer, jitted step, jitted apply) for `_program_settings`; one per process and settings.
+
+    A fresh closure per network would make XLA compile the same program again for each of a
+    stage's networks (most of a small `train` stage's time); the same settings give the same
+    program, so sharing it changes no result."""
+    model = make_model(settings, image_shape, num_classes)
+    apply = centered_apply(model.apply) if settings.loss in CENTERED_LOSSES else _anchored(model.apply)
+    optimizer = _optimizer(settings)
+    # anchor is passed as an argument, not baked into the compiled function
+    return optimizer, _make_step(apply, optimizer, settings), jax.jit(apply)
 
 
 def _init(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int, seed: int):

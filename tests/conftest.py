@@ -65,27 +65,88 @@ def registry_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_project(tmp_path_factory):
     """One finished `dvc repro` of the small scratch project (tests/projects.py), shared by every test
-    that needs a finished pipeline: they copy it (`projects.copy_project`) and never change it."""
+    that needs a finished pipeline: they copy it (`projects.copy_project`) and never change it.
+
+    Under pytest-xdist the workers of one run share it: the first to ask builds it in the run's
+    common temporary folder under a file lock, the others wait and reuse it (the recipe in
+    pytest-xdist's docs, "Making session-scoped fixtures execute only once")."""
     import shutil
 
-    from projects import finished_project
+    from filelock import FileLock
+
+    from projects import Project, env_for, finished_project
 
     if shutil.which("git") is None:
         pytest.skip("needs git")
-    return finished_project(tmp_path_factory.mktemp("small-project"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the folder all workers of this run share
+    folder, printed = base / "small-project", base / "small-project.printed"
+    with FileLock(str(base / "small-project.lock")):
+        if not printed.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-built one from a worker that died
+            folder.mkdir()
+            project = finished_project(folder)
+            printed.write_text(project.printed)
+            return project
+    return Project(folder / "project", env_for(folder / "home"), printed.read_text())
 
 
-# With pytest-xdist (`-n 2`, the README's test command), each test module runs whole on one worker, so
-# its module-scoped fixtures are computed once; test_dvc_pipeline and test_faults, which copy
-# `small_project` most, run on one worker together. test_services (one copy) goes on its own: it runs
-# for minutes, and on the other worker it balances the load better than it costs to build the
-# project there again.
-_SMALL_PROJECT_MODULES = {"test_dvc_pipeline", "test_faults"}
+# With pytest-xdist (`-n 2`, the README's test command) each module runs whole on one worker, so its
+# module-scoped fixtures are computed once, and the longest modules start first, so that the two
+# workers finish close together (longest-processing-time-first). xdist's own `--dist loadgroup`
+# cannot do this with pytest 9 (it renames `item._nodeid`, which pytest 9's `nodeid` no longer
+# reads), so the scheduler below groups by module itself. The order: the `--durations=0` run in
+# docs/testing.md, longest first; a module not listed runs after these, in collection order.
+_LONGEST_FIRST = (
+    "test_published_supports",
+    "test_services",
+    "test_dvc_pipeline",
+    "test_paper",
+    "test_faults",
+    "test_multiprocess",
+    "test_conv_kip",
+    "test_validation",
+    "test_kip",
+    "test_checkpoints",
+    "test_cli",
+    "test_finite",
+)
+# Modules whose tests are independent enough to run on both workers: one unit per test function.
+_SPLIT_BY_FUNCTION = {"test_published_supports"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def _module_name(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__
-        group = "small_project" if module in _SMALL_PROJECT_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(name=group))
+    """Longest modules first; within a module pytest's own order is kept (a stable sort)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_module_name(item.nodeid), len(rank)))
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is in the dev extra; without it the suite runs serially
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class _ModuleScheduling(LoadScopeScheduling):
+        """xdist's loadscope, one work unit per module (per test function in _SPLIT_BY_FUNCTION),
+        handed out in collection order (longest first, above)."""
+
+        def __init__(self, config, log=None):
+            config.option.loadscopereorder = False  # keep our order, not "most tests first"
+            super().__init__(config, log)
+
+        def _split_scope(self, nodeid: str) -> str:
+            module_path, _, rest = nodeid.partition("::")
+            if _module_name(nodeid) in _SPLIT_BY_FUNCTION:
+                return f"{module_path}::{rest.split('[', 1)[0]}"
+            return module_path
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _ModuleScheduling(config, log)

@@ -3,44 +3,43 @@
 The README and docs quote KRR test accuracies of supports committed to git: the ConvNet-kernel runs
 of `benchmarks/conv_kip.py` (`benchmarks/results/supports/`, the issue-14 goal numbers) and the
 paper matrix's cells (`experiments/paper/results/supports/<cell>/`, kept in git since the DVC remote
-of the machine that ran the earlier cells died with it). Each is re-scored here from the file alone,
-on MNIST / Fashion-MNIST's real test split, with the code of this commit: a changed evaluation
-kernel, preprocessing or scoring path, or a support edited after its number was written, fails
-here. A cell whose supports are not in git must be named in `SUPPORTS_LOST` (the README says why),
-so a published number can never silently lose the file behind it.
+of the machine that ran the earlier cells died with it). A cell whose supports are not in git must
+be named in `SUPPORTS_LOST` (the README says why), so a published number can never silently lose
+the file behind it.
 
-Equal, not close: the same computation on the same data, on the machine type and library versions
-that wrote the numbers (the README's determinism promise); on another CPU model a near-tie
-prediction may flip (README "Guarantees").
+What is checked, per support: tests/golden/predictions holds the predicted class of each of the
+10,000 test images, recorded by a full scoring of the file with the library
+(tests/golden/record_predictions.py, which writes nothing unless they give the published number)
+and bound to the support's sha256; here (1) those predictions give the published number exactly,
+and (2) one block of 1,000 test images, scored again from the file with the code of this commit,
+gives exactly the recorded predictions. The block differs between supports (`rescoring.block_of`)
+and is a whole block of the scoring paths' blocked computation, so its rows are the same
+computation as in the full scoring (equal, not close). A changed evaluation kernel, preprocessing
+or scoring path moves predictions in every block; a support edited after its number was written
+fails the sha256. The full re-score of every number is `python tests/golden/record_predictions.py`
+(about ten minutes; docs/testing.md).
+
+Equal holds on the machine type and library versions that wrote the numbers (the README's
+determinism promise); on another CPU model a near-tie prediction may flip (README "Guarantees").
 
 These are regression guards (marker `golden`): they compare with numbers an earlier run of the same
 scoring path published, so they prove re-scorability, not correctness. The kernels' correctness is
 held against independent references in tests/test_conv_features.py (neural-tangents' exact kernel)
 and tests/test_krr.py (scikit-learn).
-
-Most of the time here is the random ConvNets' features of the 10,000 test images. Supports scored
-under the same evaluation networks, test images and code path share them: `_shared_features`
-computes each distinct (networks, images, path) once per test session, with the library's own
-function, so every score is the same computation as an uncached one.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from rescoring import assert_cell_rescored_exactly
+from rescoring import (BENCHMARKS, GOLDEN, PAPER, ROOT, assert_cell_scores_are_published, benchmark_runs, block_of,
+                       cell_scores, golden_file, load_golden, paper_cells)
 from test_benchmark_reports import _benchmark_module
 
 pytestmark = pytest.mark.golden
-
-ROOT = Path(__file__).resolve().parents[1]
-PAPER = ROOT / "experiments" / "paper" / "results"
-BENCHMARKS = ROOT / "benchmarks" / "results"
 
 # Cells whose numbers are committed but whose supports were only `dvc push`ed to the remote in the
 # home of a machine that is gone (README "Reproducing the paper"). Shrinks as cells re-run.
@@ -52,72 +51,68 @@ SUPPORTS_LOST = {
 }
 
 
-@pytest.fixture(scope="module")
-def _shared_features():
-    """`conv_features.feature_rows` remembered by the sha256 of everything it reads (the networks'
-    parameters, the images, the settings): a second support under the same draw gets the very array
-    the first one's call returned."""
-    import hashlib
-
-    import jax
-
-    from pipeline import conv_features
-
-    compute, memory = conv_features.feature_rows, {}
-
-    def remembered(params, x, config, block_size=1000, one_network_at_a_time=False):
-        digest = hashlib.sha256(repr((config, block_size, one_network_at_a_time)).encode())
-        for leaf in [*jax.tree_util.tree_leaves(params), np.ascontiguousarray(x, np.float32)]:
-            leaf = np.asarray(leaf)
-            digest.update(repr((leaf.dtype, leaf.shape)).encode() + leaf.tobytes())
-        key = digest.hexdigest()
-        if key not in memory:
-            memory[key] = compute(params, x, config, block_size, one_network_at_a_time)
-            memory[key].setflags(write=False)
-        return memory[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conv_features, "feature_rows", remembered)
-        yield memory
-
-
-def _cells() -> list[str]:
-    return sorted(path.stem for path in (PAPER / "cells").glob("*.json"))
-
-
 def _in_git(folder: Path) -> set[str]:
     """Files git tracks under `folder` (an untracked folder a local `dvc repro` left does not count)."""
     out = subprocess.run(["git", "ls-files", "--", str(folder)], cwd=ROOT, capture_output=True, text=True, check=True)
     return {Path(line).name for line in out.stdout.splitlines()}
 
 
+def _published_supports() -> list[Path]:
+    cells = [PAPER / "supports" / key / file for key in paper_cells() if key not in SUPPORTS_LOST
+             for file in json.loads((PAPER / "cells" / f"{key}.json").read_text())["supports"].values()]
+    runs = [ROOT / "benchmarks" / json.loads((BENCHMARKS / name).read_text())["saved"]
+            for name in benchmark_runs("conv_kip_*.json")]
+    return cells + runs
+
+
 def test_every_committed_cell_has_its_supports_in_git_or_is_named_lost():
     """The lost list is exact: every name in it is a committed cell without supports in git, and
     every other committed cell has them."""
-    cells = set(_cells())
+    cells = set(paper_cells())
     assert cells and SUPPORTS_LOST <= cells, sorted(SUPPORTS_LOST - cells)
     with_supports = {key for key in cells if _in_git(PAPER / "supports" / key)}
     assert cells - with_supports == SUPPORTS_LOST
     assert with_supports, "no paper cell's supports are in git: nothing below re-scores a matrix number"
 
 
+def test_every_published_support_has_recorded_predictions_and_nothing_else_does():
+    expected = {golden_file(support).name for support in _published_supports()}
+    assert {path.name for path in GOLDEN.glob("*.npz")} == expected
+    assert _in_git(GOLDEN) >= expected, "recorded predictions not committed"
+
+
 @pytest.mark.registry
-@pytest.mark.slow
-@pytest.mark.parametrize("key", [key for key in _cells() if key not in SUPPORTS_LOST])
-def test_a_paper_cells_committed_supports_rescore_to_its_published_numbers(key, registry_cache, _shared_features):
+@pytest.mark.parametrize("key", [key for key in paper_cells() if key not in SUPPORTS_LOST])
+def test_a_paper_cells_committed_supports_rescore_to_its_published_numbers(key, registry_cache):
+    from pipeline import artifacts
+
     cell = json.loads((PAPER / "cells" / f"{key}.json").read_text())
     folder = PAPER / "supports" / key
     assert {name for name in _in_git(folder) if name.endswith(".npz")} == set(cell["supports"].values())
-    assert_cell_rescored_exactly(cell, folder, registry_cache)
+    recorded = {name: load_golden(folder / file) for name, file in cell["supports"].items()}
+    rows = block_of(key)
+    rescored = cell_scores(cell, folder, registry_cache, rows)
+    y_test = rescored["kip"][1]
+    for name, (predicted, y_block) in rescored.items():
+        np.testing.assert_array_equal(predicted, recorded[name][rows], err_msg=name)
+    full_labels = _test_labels(artifacts.load_npz(folder / cell["supports"]["kip"]).metadata, registry_cache)
+    np.testing.assert_array_equal(full_labels[rows], y_test)
+    assert_cell_scores_are_published(cell, {name: float(np.mean(p == full_labels)) for name, p in recorded.items()})
 
 
-def _benchmark_runs(pattern: str) -> list[str]:
-    return sorted(path.name for path in BENCHMARKS.glob(pattern) if "saved" in json.loads(path.read_text()))
+def _test_labels(metadata: dict, cache_dir: Path) -> np.ndarray:
+    """The labels of the test split a support's metadata names (cheap: no kernel)."""
+    from pipeline.config import DataConfig
+    from pipeline.data import load_dataset
+
+    return load_dataset(DataConfig(**metadata["data"]), cache_dir).y_test
 
 
 def test_every_saved_support_a_benchmark_names_is_committed_with_the_bytes_it_recorded():
-    names = _benchmark_runs("*.json")
-    assert set(_benchmark_runs("conv_kip_*.json")) < set(names)  # transfer_finite_kip.json too
+    import hashlib
+
+    names = benchmark_runs("*.json")
+    assert set(benchmark_runs("conv_kip_*.json")) < set(names)  # transfer_finite_kip.json too
     tracked = _in_git(BENCHMARKS / "supports")
     for name in names:
         run = json.loads((BENCHMARKS / name).read_text())
@@ -127,14 +122,16 @@ def test_every_saved_support_a_benchmark_names_is_committed_with_the_bytes_it_re
 
 
 @pytest.mark.registry
-@pytest.mark.slow
-@pytest.mark.parametrize("name", _benchmark_runs("conv_kip_*.json"))
-def test_a_conv_kip_benchmarks_saved_support_rescores_to_its_published_number(name, registry_cache, monkeypatch,
-                                                                            _shared_features):
-    """`benchmarks/conv_kip.py rescore` itself, from the file and its recorded evaluation kernel."""
+@pytest.mark.parametrize("name", benchmark_runs("conv_kip_*.json"))
+def test_a_conv_kip_benchmarks_saved_support_rescores_to_its_published_number(name, registry_cache):
+    """`benchmarks/conv_kip.py`'s own re-scoring (`rescore_predictions`, what `rescore` prints), from
+    the file and its recorded evaluation kernel."""
     run = json.loads((BENCHMARKS / name).read_text())
     bench, saved = _benchmark_module("conv_kip"), ROOT / "benchmarks" / run["saved"]
     assert bench._load_support(saved).metadata["evaluation_kernel"] == run["evaluation_kernel"]
-    monkeypatch.setenv("KIP_CACHE_DIR", str(registry_cache))  # rescore's data cache: the session's
-    rescored = bench.rescore(argparse.Namespace(support=saved))
-    assert rescored["krr_test_accuracy"] == run["krr_test_accuracy"]["kip"]
+    recorded, rows = load_golden(saved), block_of(name)
+    outputs, y_block = bench.rescore_predictions(saved, registry_cache, rows)
+    np.testing.assert_array_equal(np.argmax(outputs, axis=1), recorded[rows])
+    full_labels = _test_labels(bench._load_support(saved).metadata, registry_cache)
+    np.testing.assert_array_equal(full_labels[rows], y_block)
+    assert float(np.mean(recorded == full_labels)) == run["krr_test_accuracy"]["kip"]

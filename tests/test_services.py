@@ -57,89 +57,6 @@ def _use_remote(root: Path, env: dict[str, str], s3) -> None:
     _dvc(root, env, "remote", "modify", "team", "endpointurl", s3.endpoint)
 
 
-@pytest.fixture(scope="module")
-def ada(tmp_path_factory, s3, small_project):
-    """Ada's clone after `dvc repro` (the session's finished small project, copied: tracking is no
-    stage's param, so turning it off re-runs nothing) and `dvc push` to the S3 remote, tagged
-    distilled@v1.0.0."""
-    base = tmp_path_factory.mktemp("ada")
-    (base / "home").mkdir()
-    env = _clean_env(base / "home")
-    root = copy_project(small_project, base / "project", home=base / "home").root
-    write_params(root, {"tracking": {"enabled": False}})
-    _use_remote(root, env, s3)
-    assert "Running stage" not in _dvc(root, env, "repro")
-    _run(root, env, "git", "add", "-A")
-    _run(root, env, "git", "commit", "-qm", "tracking off, S3 remote")
-    _run(root, env, "git", "tag", "-a", "distilled@v1.0.0", "-m", "first distilled set")
-    pushed = _dvc_as(root, env, s3.env(), "push")
-    assert pushed.returncode == 0, pushed.stderr
-    return root, env
-
-
-def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
-    (tmp_path / "home").mkdir()
-    env = _clean_env(tmp_path / "home")
-    clone = tmp_path / "clone"
-    _run(tmp_path, env, "git", "clone", "-q", str(ada_root), str(clone))
-    return clone, env
-
-
-def _dvc_as(root: Path, env: dict[str, str], extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env={**env, **extra},
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_the_bucket_refuses_unknown_keys_and_wrong_secrets(s3):
-    from botocore.exceptions import ClientError
-
-    client = s3.client()
-    client.put_object(Bucket=s3.bucket, Key="probe", Body=b"kip")
-    for key, secret in (("nobody", "nothing-at-all-here"), (s3.access_key, "not-the-secret-key")):
-        with pytest.raises(ClientError) as refused:
-            s3.client(key, secret).get_object(Bucket=s3.bucket, Key="probe")
-        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-
-
-def test_a_teammate_pulls_byte_identical_artifacts_from_s3(ada, s3, tmp_path):
-    root, _ = ada
-    clone, env = _ben(tmp_path, root)
-    assert not (clone / "artifacts" / "distilled.npz").exists()
-    pulled = _dvc_as(clone, env, s3.env(), "pull", "distill")
-    assert pulled.returncode == 0, pulled.stderr
-    assert _bytes(clone) == _bytes(root)
-    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
-    assert json.loads(report[report.index("{"):])["valid"]
-
-
-def test_artifacts_get_fetches_a_tagged_version_from_s3(ada, s3, tmp_path):
-    root, env = ada
-    got = _dvc_as(tmp_path, env, s3.env(), "artifacts", "get", str(root), "distilled", "--rev", "v1.0.0", "-o", "got.parquet")
-    assert got.returncode == 0, got.stderr
-    assert (tmp_path / "got.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
-
-
-@pytest.mark.parametrize("keys", [{"AWS_SECRET_ACCESS_KEY": "not-the-secret-key"}, {}], ids=["wrong-secret", "no-keys"])
-def test_bad_credentials_fail_clearly_and_leave_nothing(ada, s3, tmp_path, keys):
-    root, _ = ada
-    clone, env = _ben(tmp_path, root)
-    credentials = {**s3.env(), **keys} if keys else {k: v for k, v in s3.env().items() if not k.startswith("AWS_")}
-    pulled = _dvc_as(clone, env, credentials, "pull", "distill")
-    assert pulled.returncode != 0
-    errors = [line for line in pulled.stderr.splitlines() if line.startswith("ERROR")]
-    assert errors, pulled.stderr
-    assert not (clone / "artifacts" / "distilled.npz").exists() and not (clone / "artifacts" / "distilled.parquet").exists()
-
-
-def test_a_stopped_server_fails_clearly_and_leaves_nothing(ada, tmp_path):
-    root, _ = ada
-    clone, env = _ben(tmp_path, root)
-    _dvc(clone, env, "remote", "modify", "--local", "team", "endpointurl", "http://127.0.0.1:9")  # nothing listens
-    pulled = _dvc_as(clone, env, {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "pull", "distill")
-    assert pulled.returncode != 0 and any(line.startswith("ERROR") for line in pulled.stderr.splitlines())
-    assert not (clone / "artifacts" / "distilled.npz").exists()
-
-
 def _client(server, user: tuple[str, str] | None, monkeypatch):
     import mlflow
 
@@ -152,6 +69,8 @@ def _client(server, user: tuple[str, str] | None, monkeypatch):
     return mlflow.MlflowClient(tracking_uri=server.uri)
 
 
+# The tracking tests come first: Ada's clone further down copies the session's `small_project`,
+# which under xdist the other worker may still be building when this module starts.
 @pytest.fixture(scope="module")
 def logged(tracking, s3, tmp_path_factory):
     """Ada (a user the admin created) runs `dvc repro` and one `dvc exp run` logging to the server
@@ -287,3 +206,86 @@ def test_two_queued_experiments_run_at_once_and_both_land_with_their_lineage(log
         for run in (parent, *children):
             assert run.data.tags["mlflow.source.git.commit"] == head
             assert run.data.tags["kip.git_dirty"] == "true"  # params.yaml differs from that commit
+
+
+@pytest.fixture(scope="module")
+def ada(tmp_path_factory, s3, small_project):
+    """Ada's clone after `dvc repro` (the session's finished small project, copied: tracking is no
+    stage's param, so turning it off re-runs nothing) and `dvc push` to the S3 remote, tagged
+    distilled@v1.0.0."""
+    base = tmp_path_factory.mktemp("ada")
+    (base / "home").mkdir()
+    env = _clean_env(base / "home")
+    root = copy_project(small_project, base / "project", home=base / "home").root
+    write_params(root, {"tracking": {"enabled": False}})
+    _use_remote(root, env, s3)
+    assert "Running stage" not in _dvc(root, env, "repro")
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "tracking off, S3 remote")
+    _run(root, env, "git", "tag", "-a", "distilled@v1.0.0", "-m", "first distilled set")
+    pushed = _dvc_as(root, env, s3.env(), "push")
+    assert pushed.returncode == 0, pushed.stderr
+    return root, env
+
+
+def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
+    (tmp_path / "home").mkdir()
+    env = _clean_env(tmp_path / "home")
+    clone = tmp_path / "clone"
+    _run(tmp_path, env, "git", "clone", "-q", str(ada_root), str(clone))
+    return clone, env
+
+
+def _dvc_as(root: Path, env: dict[str, str], extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env={**env, **extra},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_bucket_refuses_unknown_keys_and_wrong_secrets(s3):
+    from botocore.exceptions import ClientError
+
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="probe", Body=b"kip")
+    for key, secret in (("nobody", "nothing-at-all-here"), (s3.access_key, "not-the-secret-key")):
+        with pytest.raises(ClientError) as refused:
+            s3.client(key, secret).get_object(Bucket=s3.bucket, Key="probe")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_a_teammate_pulls_byte_identical_artifacts_from_s3(ada, s3, tmp_path):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    assert not (clone / "artifacts" / "distilled.npz").exists()
+    pulled = _dvc_as(clone, env, s3.env(), "pull", "distill")
+    assert pulled.returncode == 0, pulled.stderr
+    assert _bytes(clone) == _bytes(root)
+    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
+    assert json.loads(report[report.index("{"):])["valid"]
+
+
+def test_artifacts_get_fetches_a_tagged_version_from_s3(ada, s3, tmp_path):
+    root, env = ada
+    got = _dvc_as(tmp_path, env, s3.env(), "artifacts", "get", str(root), "distilled", "--rev", "v1.0.0", "-o", "got.parquet")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "got.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
+
+
+@pytest.mark.parametrize("keys", [{"AWS_SECRET_ACCESS_KEY": "not-the-secret-key"}, {}], ids=["wrong-secret", "no-keys"])
+def test_bad_credentials_fail_clearly_and_leave_nothing(ada, s3, tmp_path, keys):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    credentials = {**s3.env(), **keys} if keys else {k: v for k, v in s3.env().items() if not k.startswith("AWS_")}
+    pulled = _dvc_as(clone, env, credentials, "pull", "distill")
+    assert pulled.returncode != 0
+    errors = [line for line in pulled.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors, pulled.stderr
+    assert not (clone / "artifacts" / "distilled.npz").exists() and not (clone / "artifacts" / "distilled.parquet").exists()
+
+
+def test_a_stopped_server_fails_clearly_and_leaves_nothing(ada, tmp_path):
+    root, _ = ada
+    clone, env = _ben(tmp_path, root)
+    _dvc(clone, env, "remote", "modify", "--local", "team", "endpointurl", "http://127.0.0.1:9")  # nothing listens
+    pulled = _dvc_as(clone, env, {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "pull", "distill")
+    assert pulled.returncode != 0 and any(line.startswith("ERROR") for line in pulled.stderr.splitlines())
+    assert not (clone / "artifacts" / "distilled.npz").exists()
