@@ -102,15 +102,14 @@ _LONGEST_FIRST = (
     "test_published_supports",
     "test_services",
     "test_dvc_pipeline",
-    "test_paper",
-    "test_faults",
     "test_multiprocess",
-    "test_conv_kip",
+    "test_faults",
+    "test_paper",
     "test_validation",
-    "test_kip",
-    "test_checkpoints",
-    "test_cli",
+    "test_hostile_inputs",
+    "test_closed_form",
     "test_finite",
+    "test_conv_kip",
 )
 # Modules whose tests are independent enough to run on both workers: one unit per test function.
 _SPLIT_BY_FUNCTION = {"test_published_supports"}
