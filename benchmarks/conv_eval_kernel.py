@@ -68,7 +68,7 @@ def network_counts(dataset: str) -> dict:
     rows = []
     for width, networks in SIZES:
         config = ConvFeatureConfig(width=width, depth=3, networks=networks)
-        params = conv_features.init(conv_kip.network_key(0, STREAM, width), config, prepared.x_train.shape[1:])
+        params = conv_features.init(conv_features.network_key(0, STREAM, width), config, prepared.x_train.shape[1:])
         started = time.perf_counter()
         f_val = conv_features.feature_rows(params, x_val, config, 500, one_network_at_a_time=True)
         f_sides = {name: conv_features.feature_rows(params, x, config, 100, one_network_at_a_time=True)
@@ -96,7 +96,7 @@ def preprocessing(dataset: str) -> list[dict]:
     for preprocess in (PreprocessConfig(method="standardize"), PreprocessConfig(method="zca", zca_reg=0.1),
                        PreprocessConfig(method="zca", zca_reg=1.0)):
         prepared = prepare(DataConfig(source="registry", name=dataset), preprocess, cache_dir=default_cache_dir())
-        params = conv_features.init(conv_kip.network_key(0, STREAM, 0), config, prepared.x_train.shape[1:])
+        params = conv_features.init(conv_features.network_key(0, STREAM, 0), config, prepared.x_train.shape[1:])
         x_val, y_val = prepared.x_val[MONITORED:], prepared.y_val[MONITORED:]
         f_val = conv_features.feature_rows(params, x_val, config, 500, one_network_at_a_time=True)
         for per_class in (10, 100):

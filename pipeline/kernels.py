@@ -5,7 +5,7 @@ differentiable JAX function. Network kernels are the infinite-width NNGP / NTK o
 `stax` networks (Novak et al. 2020). For FC networks and RBF we evaluate the same recursion in
 closed form from one Gram matrix (`closed_form`: faster KIP steps, held to neural-tangents by
 tests/test_closed_form.py); ConvNet kernels are neural-tangents' own (`make_reference`), and
-conv_rf is their random-feature estimate (`conv_kip.EvaluationKernel`).
+conv_rf is their random-feature estimate (`conv_features.EvaluationKernel`).
 
 `self_kernel(kernel, x)` is k(x, x) with its diagonal pinned exact where the kernel allows.
 
@@ -86,9 +86,9 @@ def make(spec: KernelConfig) -> KernelFn:
     if closed_form.supports(spec):
         return GramKernelFn(spec)
     if spec.architecture == "conv_rf":
-        from pipeline import conv_kip  # it imports kip, which imports this module
+        from pipeline import conv_features  # Flax's ConvNet blocks: imported only for conv_rf
 
-        return conv_kip.EvaluationKernel(spec)
+        return conv_features.EvaluationKernel(spec)
     return make_reference(spec)
 
 
@@ -97,7 +97,7 @@ def make_reference(spec: KernelConfig) -> KernelFn:
     if spec.architecture == "rbf":
         return GramKernelFn(spec)  # RBF has no network; its closed form is the definition
     if spec.architecture == "conv_rf":
-        raise ValueError("conv_rf estimates a kernel; its reference is conv_features.exact_kernel_fn")
+        raise ValueError("conv_rf estimates a kernel; its reference is kernels.exact_conv_kernel_fn")
     _, _, kernel_fn = stax_network(spec)
     kind = spec.kind
 
@@ -227,3 +227,17 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     if len(x) == n:
         return x
     return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)])
+
+
+def exact_conv_kernel_fn(config):
+    """neural-tangents' exact NNGP of the infinite-width ConvNet a `conv_features.ConvFeatureConfig`
+    estimates (a readout layer added): the reference the random-feature estimate is held to. Hours
+    per KIP step on MNIST-sized images; small images only."""
+    stax = _stax()
+    layers = []
+    for _ in range(config.depth):
+        layers += [stax.Conv(1, (3, 3), padding="SAME", W_std=config.w_std, b_std=config.b_std,
+                             parameterization="ntk"), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2))]
+    layers += [stax.Flatten(), stax.Dense(1, W_std=config.w_std, b_std=config.b_std, parameterization="ntk")]
+    _, _, kernel_fn = stax.serial(*layers)
+    return lambda x1, x2: kernel_fn(x1, x2, "nngp")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import conv_features, finite
+from pipeline import conv_features, finite, kernels
 from pipeline.config import TrainConfig
 from pipeline.conv_features import ConvFeatureConfig
 from pipeline.errors import UserError
@@ -32,7 +32,7 @@ def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
     which is zero at depth 1 (first-layer pre-activations are exactly Gaussian) and O(1/width)
     deeper (Yaida 2020). We allow 5 standard errors plus |k|/width; measured here the error is
     under 2 standard errors at every depth (a scratch check), i.e. the bias is below the noise at width 64.
-    Reference: neural-tangents' exact NNGP (conv_features.exact_kernel_fn). The last line is a
+    Reference: neural-tangents' exact NNGP (kernels.exact_conv_kernel_fn). The last line is a
     consistency check: conv_features.kernel (a float32 f f^T) against the float64 mean of the same
     draw's per-network kernels. A float32 sum of F nonnegative products rounds by ~sqrt(F) u
     (probabilistic bound), <= 3.1e-5 relative at depth 1 (F = 262,144); rtol 1e-4 is 3x that
@@ -42,7 +42,7 @@ def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
     per_network = _per_network_kernels(config, x, seed=3)
     estimate = per_network.mean(0)
     standard_error = per_network.std(0, ddof=1) / np.sqrt(config.networks)
-    exact = np.asarray(conv_features.exact_kernel_fn(config)(x, x), np.float64)
+    exact = np.asarray(kernels.exact_conv_kernel_fn(config)(x, x), np.float64)
     allowed = 5 * standard_error + (0 if depth == 1 else np.abs(exact) / config.width)
     assert np.all(np.abs(estimate - exact) <= allowed), np.abs(estimate - exact) / standard_error
     np.testing.assert_allclose(np.asarray(conv_features.kernel(
@@ -56,7 +56,7 @@ def test_a_wrong_kernel_is_caught():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8, 8, 1)).astype(np.float32))
     per_network = _per_network_kernels(config, x, seed=3)
     standard_error = per_network.std(0, ddof=1) / np.sqrt(config.networks)
-    wrong = np.asarray(conv_features.exact_kernel_fn(dataclasses.replace(config, w_std=1.2))(x, x), np.float64)
+    wrong = np.asarray(kernels.exact_conv_kernel_fn(dataclasses.replace(config, w_std=1.2))(x, x), np.float64)
     assert np.any(np.abs(per_network.mean(0) - wrong) > 5 * standard_error + np.abs(wrong) / config.width)
 
 

@@ -274,8 +274,8 @@ def test_a_conv_rf_artifact_reloads_and_is_scored_with_the_fixed_evaluation_draw
     loaded = artifacts.load_npz(path)
     assert KernelConfig(**loaded.metadata["kernel"]) == CONV_RF
     metrics = workflow.evaluate(loaded, digits_prepared, EvaluateConfig(baseline_repeats=1))
-    evaluation = conv_kip.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
-    params = conv_features.init(conv_kip.network_key(conv_kip.EVAL_SEED, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    evaluation = conv_features.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
+    params = conv_features.init(conv_features.network_key(conv_features.EVAL_SEED, conv_features.EVAL_STREAM, 0), evaluation, (8, 8, 1))
     p = digits_prepared
     expected = conv_kip.krr_accuracy(loaded.images, loaded.labels, p.x_test, p.y_test, params, evaluation, 1e-6)
     # Same kernel, computed one network at a time (evaluate) or from concatenated features: float32
@@ -292,14 +292,14 @@ def test_the_evaluation_kernel_is_one_fixed_draw_computed_network_by_network():
     rng = np.random.default_rng(3)
     x1, x2 = (jnp.asarray(rng.normal(size=(n, 8, 8, 1)), jnp.float32) for n in (5, 7))
     kernel_fn = kernels.make(CONV_RF)
-    evaluation = conv_kip.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
-    params = conv_features.init(conv_kip.network_key(conv_kip.EVAL_SEED, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    evaluation = conv_features.feature_config(CONV_RF, CONV_RF.rf_eval_networks)
+    params = conv_features.init(conv_features.network_key(conv_features.EVAL_SEED, conv_features.EVAL_STREAM, 0), evaluation, (8, 8, 1))
     expected = np.asarray(conv_features.kernel(params, x1, x2, evaluation))
     ours = np.asarray(kernel_fn(x1, x2))
     # Sums of ~16 x 16 x 4 products of O(1) terms in float32: relative rounding ~1e-6; 1e-5 of the scale.
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     np.testing.assert_array_equal(ours, np.asarray(kernels.make(CONV_RF)(x1, x2)))
-    other_draw = conv_features.init(conv_kip.network_key(1, conv_kip.EVAL_STREAM, 0), evaluation, (8, 8, 1))
+    other_draw = conv_features.init(conv_features.network_key(1, conv_features.EVAL_STREAM, 0), evaluation, (8, 8, 1))
     assert np.abs(np.asarray(conv_features.kernel(other_draw, x1, x2, evaluation)) - ours).max() > 1e-3 * np.abs(ours).max()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import RawSplits
+from pipeline.sources import RawSplits
 from pipeline.errors import UserError
 from pipeline.sources import digits_split
 

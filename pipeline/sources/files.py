@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import RawSplits
+from pipeline.sources import RawSplits
 from pipeline.errors import UserError
 from pipeline.safe_read import read_npz
 from pipeline.sources.idx import read_idx

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import atomic, safe_read
-from pipeline.data import RawSplits
+from pipeline.sources import RawSplits
 from pipeline.errors import UserError
 from pipeline.sources.idx import parse_idx
 

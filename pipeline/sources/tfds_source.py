@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from pipeline.data import RawSplits
+from pipeline.sources import RawSplits
 from pipeline.errors import UserError
 
 
