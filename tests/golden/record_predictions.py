@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: rescorin
 
 from rescoring import (BENCHMARKS, GOLDEN, PAPER, ROOT, assert_cell_scores_are_published, benchmark_runs,
                        cell_scores, golden_file, paper_cells, sha256)
+from test_benchmark_reports import _benchmark_module
 
 
 def _write(support: Path, predicted: np.ndarray) -> None:
@@ -33,16 +34,6 @@ def _write(support: Path, predicted: np.ndarray) -> None:
     with atomic.replace_on_success(golden_file(support)) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, predicted=predicted.astype(np.uint8), support_sha256=np.str_(sha256(support)))
     print(f"recorded {golden_file(support).relative_to(ROOT)}")
-
-
-def _benchmark_module():
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("conv_kip_benchmark", ROOT / "benchmarks" / "conv_kip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> int:
@@ -61,7 +52,7 @@ def main() -> int:
         assert_cell_scores_are_published(cell, {name: float(np.mean(p == y)) for name, (p, y) in scores.items()})
         for name, (predicted, _) in scores.items():
             _write(folder / cell["supports"][name], predicted)
-    bench = _benchmark_module() if any(args.only in name for name in benchmark_runs("conv_kip_*.json")) else None
+    bench = _benchmark_module("conv_kip")
     for name in benchmark_runs("conv_kip_*.json"):
         if args.only not in name:
             continue
