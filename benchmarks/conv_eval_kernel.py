@@ -33,7 +33,7 @@ from _report import emit
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline import conv_features, conv_kip, kip, krr
+from pipeline import conv_features, kip, krr
 from pipeline.cli import default_cache_dir
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
@@ -41,7 +41,7 @@ from pipeline.prepared import prepare
 
 SUPPORTS = {"mnist": "mnist100_conv_kip.npz", "fashion_mnist": "fashion100_conv_kip.npz"}
 HERE = Path(__file__).resolve().parent
-MONITORED = conv_kip.PIPELINE_VAL_IMAGES  # the validation images that chose the support's step
+MONITORED = conv_features.PIPELINE_VAL_IMAGES  # the validation images that chose the support's step
 STREAM = 4  # a network stream that neither KIP training (1), monitoring (2) nor evaluation (3) draws from
 SIZES = ((64, 128), (128, 32), (256, 16))  # (width, networks): prefixes of each draw are scored too
 REG = 1e-6

@@ -3,7 +3,7 @@
 `steps`: the jitted value-and-gradient of the KIP loss (100-image support, MNIST-shaped 28x28x1
 inputs, float32), in one process, samples of the implementations interleaved:
 
-  ours      pipeline.conv_kip.loss: the random-feature NNGP of `--networks` random ConvNets of
+  ours      pipeline.kip.kip_loss with conv_features.RandomFeatureKernel: the random-feature NNGP of `--networks` random ConvNets of
             `--width` channels (3 blocks of 3x3 conv, ReLU, 2x2 average pooling), drawn inside the
             step as in the KIP loop, for 500 / 1000 / 5000 targets
   exact     neural-tangents' exact NNGP of the same infinite ConvNet (kernels.exact_conv_kernel_fn),
@@ -52,12 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 from _report import OtherLoad, emit
 
-from pipeline import conv_features, conv_kip, krr
-from pipeline.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, PreprocessConfig
+from pipeline import conv_features, kip, krr
+from pipeline.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, DistillConfig, PreprocessConfig
 from pipeline.conv_features import ConvFeatureConfig
 
 SHAPE = (28, 28, 1)
-EVAL_STREAM = 3  # training draws use stream 1, the monitor stream 2 (conv_kip)
+EVAL_STREAM = 3  # training draws use stream 1, the monitor stream 2 (conv_features.RandomFeatureKernel)
+MONITOR_NETWORKS = 16  # the validation monitor's fixed draw
 
 
 def _timed(fn, *args) -> tuple[float, float]:
@@ -77,9 +78,10 @@ def _exact_loss(kernel_fn):
 
 
 def _ours(features: ConvFeatureConfig):
+    kernel = conv_features.RandomFeatureKernel(features, SHAPE, seed=0)
+
     def loss(x_s, x_t, y_s, y_t, key):
-        params = conv_features.init(key, features, SHAPE)
-        return conv_kip.loss((x_s, y_s), params, x_t, y_t, features, 1e-6)
+        return kip.kip_loss(kernel, 1e-6, kip.Support(x_s, y_s), x_t, y_t, draw=key)
     return jax.jit(jax.value_and_grad(loss))
 
 
@@ -141,7 +143,7 @@ def step_times(args) -> dict:
 def full_run(args) -> dict:
     from jax.experimental import enable_x64
 
-    from pipeline import artifacts, kip, krr, parquet, privacy, transfer
+    from pipeline import artifacts, parquet, privacy, transfer
     from pipeline.cli import default_cache_dir
     from pipeline.config import DataConfig, TrainConfig
     from pipeline.prepared import prepare
@@ -149,12 +151,14 @@ def full_run(args) -> dict:
     prepared = prepare(DataConfig(source="registry", name=args.dataset),
                        PreprocessConfig(method=args.preprocess, zca_reg=args.zca_reg), cache_dir=default_cache_dir())
     features = ConvFeatureConfig(width=args.width, depth=args.depth, networks=args.networks)
-    config = conv_kip.ConvKipConfig(support_per_class=args.spc, steps=args.steps, learning_rate=args.learning_rate,
-                                    target_batch=args.target_batch, reg=args.reg, seed=args.seed, loss=args.loss,
-                                    lr_schedule=args.lr_schedule)
+    config = DistillConfig(support_per_class=args.spc, steps=args.steps, learning_rate=args.learning_rate,
+                           target_batch=args.target_batch, reg=args.reg, seed=args.seed, loss=args.loss,
+                           lr_schedule=args.lr_schedule, learn_labels=True, eval_every=100, keep="best_validation")
+    kernel = conv_features.RandomFeatureKernel(features, SHAPE, args.seed)
     started = time.process_time(), time.perf_counter()
-    result = conv_kip.distill(prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes,
-                              features, config, checkpoint=args.checkpoint)
+    result = kip.distill(prepared.x_train, prepared.y_train, prepared.num_classes, kernel, config,
+                         checkpoint=args.checkpoint, checkpoint_key="benchmarks/conv_kip.py",
+                         monitor=kernel.monitor(prepared.x_val, prepared.y_val, config.reg, MONITOR_NETWORKS))
     cpu_minutes, wall_minutes = (time.process_time() - started[0]) / 60, (time.perf_counter() - started[1]) / 60
     if args.validation_only:  # a pilot for choosing settings: the test split is not read, nothing is saved
         return {"benchmark": "conv_kip_pilot", "dataset": args.dataset, "preprocess": prepared.provenance["preprocess"],
@@ -168,7 +172,7 @@ def full_run(args) -> dict:
     eval_params = conv_features.init(conv_features.network_key(args.seed, EVAL_STREAM, 0), evaluation, SHAPE)
 
     def test_accuracy(images, labels):
-        return conv_kip.krr_accuracy(images, labels, prepared.x_test, prepared.y_test, eval_params, evaluation, config.reg)
+        return conv_features.krr_accuracy(images, labels, prepared.x_test, prepared.y_test, eval_params, evaluation, config.reg)
 
     rng = np.random.default_rng([args.seed, 3, 0])  # the first random subset transfer's baseline draws
     idx = kip.class_balanced_indices(prepared.y_train, args.spc, prepared.num_classes, rng)
@@ -273,7 +277,7 @@ def rescore(args) -> dict:
 def rescore_predictions(support_path: Path, cache_dir: Path, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """KRR's outputs on the test images `rows` (all by default) under the evaluation kernel a saved
     support's metadata records, and those images' labels. A whole 500-image block of rows gives the
-    bytes a full scoring gives them (`conv_kip.krr_predictions`)."""
+    bytes a full scoring gives them (`conv_features.krr_predictions`)."""
     from pipeline.prepared import reprepare
 
     support = _load_support(support_path)
@@ -282,9 +286,13 @@ def rescore_predictions(support_path: Path, cache_dir: Path, rows: slice = slice
     stream, seed = recorded.pop("stream"), recorded.pop("seed")
     evaluation = ConvFeatureConfig(**recorded)
     params = conv_features.init(conv_features.network_key(seed, stream, 0), evaluation, prepared.x_test.shape[1:])
-    predictions = conv_kip.krr_predictions(support.images, support.labels, prepared.x_test[rows], params, evaluation,
-                                           support.metadata["conv_kip"]["reg"])
+    predictions = conv_features.krr_predictions(support.images, support.labels, prepared.x_test[rows], params, evaluation,
+                                                support.metadata["conv_kip"]["reg"])
     return predictions, prepared.y_test[rows]
+
+
+# The settings benchmarks/results/conv_kip_*.json were run with, where they differ from params.yaml's.
+_RUN_DEFAULTS = DistillConfig(steps=2000, learning_rate=0.01, target_batch=500, reg=1e-6)
 
 
 def main() -> int:
@@ -295,15 +303,15 @@ def main() -> int:
     run = sub.add_parser("run")
     run.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
     run.add_argument("--spc", type=int, default=10)
-    run.add_argument("--steps", type=int, default=conv_kip.ConvKipConfig.steps)
-    run.add_argument("--learning-rate", type=float, default=conv_kip.ConvKipConfig.learning_rate)
-    run.add_argument("--target-batch", type=int, default=conv_kip.ConvKipConfig.target_batch)
-    run.add_argument("--reg", type=float, default=conv_kip.ConvKipConfig.reg)
+    run.add_argument("--steps", type=int, default=_RUN_DEFAULTS.steps)
+    run.add_argument("--learning-rate", type=float, default=_RUN_DEFAULTS.learning_rate)
+    run.add_argument("--target-batch", type=int, default=_RUN_DEFAULTS.target_batch)
+    run.add_argument("--reg", type=float, default=_RUN_DEFAULTS.reg)
     run.add_argument("--depth", type=int, default=ConvFeatureConfig.depth)
     run.add_argument("--eval-networks", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--loss", choices=KIP_LOSSES, default=conv_kip.ConvKipConfig.loss)
-    run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=conv_kip.ConvKipConfig.lr_schedule)
+    run.add_argument("--loss", choices=KIP_LOSSES, default=_RUN_DEFAULTS.loss)
+    run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=_RUN_DEFAULTS.lr_schedule)
     run.add_argument("--preprocess", choices=PREPROCESS_METHODS, default=PreprocessConfig.method)
     run.add_argument("--zca-reg", type=float, default=PreprocessConfig.zca_reg)
     run.add_argument("--checkpoint", type=Path, default=None)

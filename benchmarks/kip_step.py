@@ -37,7 +37,7 @@ privacy report at 1000 support images; peak memory of evaluation and of one KIP 
 targets (child processes).
 
     python benchmarks/kip_step.py --out benchmarks/results/kip_step.json   # about 3 minutes, quiet machine
-    python benchmarks/kip_step.py --table benchmarks/results/kip_step.json # the README's table from it
+    python benchmarks/kip_step.py --table benchmarks/results/kip_step.json # docs/scaling.md's table from it
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def training_step(n_s: int, n_t: int, repeats: int) -> dict:
     optimizer = optax.adam(0.01)
     state = {"support": kip.Support(x_train[:n_s], y_train[:n_s])}
     state["opt"] = optimizer.init(state["support"])
-    step = kip.make_step(kernels.make(KernelConfig()), optimizer, REG, learn_labels=False, kernel_block=DistillConfig().kernel_block)
+    step = kip.make_step(kernels.make(KernelConfig()), optimizer, DistillConfig(reg=REG, learn_labels=False))
 
     def one_step():
         idx = jnp.asarray(rng.choice(60_000, n_t, replace=False).astype(np.int32))

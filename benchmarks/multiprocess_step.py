@@ -100,7 +100,7 @@ def child(repeats: int) -> dict | None:
     import optax
 
     from pipeline import devices, distributed, kernels, kip, runtime
-    from pipeline.config import KernelConfig
+    from pipeline.config import DistillConfig, KernelConfig
 
     runtime.tune_process()
     distributed.initialize_from_env()
@@ -116,7 +116,7 @@ def child(repeats: int) -> dict | None:
     opt_state = optimizer.init(support)
     support, opt_state = devices.replicate_tree((support, opt_state))
     x_dev, y_dev = devices.put_replicated(x_train), devices.put_replicated(y_train)
-    step = kip.make_step(kernels.make(KernelConfig()), optimizer, 1e-6, learn_labels=False)
+    step = kip.make_step(kernels.make(KernelConfig()), optimizer, DistillConfig(reg=1e-6, learn_labels=False))
     batches = [rng.choice(20_000, TARGETS, replace=False).astype(np.int32) for _ in range(4)]
     hlo = step.lower(support, opt_state, x_dev, y_dev, batches[0]).compile().as_text()
     state = {"support": support, "opt": opt_state, "i": 0}

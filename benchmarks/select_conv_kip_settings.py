@@ -9,7 +9,7 @@ rows (fixed labels, learned labels), everything else as the cell has it (steps, 
 seed, data, `workflow.distill`), so the cell that adopts a winner re-runs the winner exactly.
 
 The loop keeps the step that scores best on the first 2,000 validation images
-(conv_kip.PIPELINE_VAL_IMAGES). Candidates are then compared on the validation images the loop
+(conv_features.PIPELINE_VAL_IMAGES). Candidates are then compared on the validation images the loop
 never saw (the rest of the split, 4,000 images), under the cell's evaluation kernel: the step
 choice cannot flatter the candidate it was made for. Rule, per label mode: the highest held-out
 accuracy; ties go to the earlier candidate (the cell's current settings first). The test split is
@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from _report import OtherLoad, emit
 
 from pipeline import evaluate, kernels, paper, workflow
-from pipeline.conv_kip import PIPELINE_VAL_IMAGES
+from pipeline.conv_features import PIPELINE_VAL_IMAGES
 from pipeline.errors import UserError
 from pipeline.prepared import Prepared
 

@@ -4,7 +4,7 @@ The re-run paper matrix's networks (library defaults: centred MSE, SGD 0.5, 500 
 0.1 / 1 / 10 chosen on validation) lose to random real images on some learned-label supports. This
 trains one width-1024 network (init seed 999) per setting on the FC NTK 100-image learned-label
 supports of MNIST and Fashion-MNIST from `experiments/paper/results/supports/` (those supports went to a
-DVC remote that is gone: re-run their cells first, README "Reproducing the paper") and scores it on the
+DVC remote that is gone: re-run their cells first, docs/reproduction.md "Supports live in git") and scores it on the
 validation split only: it chooses nothing and reports no test number.
 
     python benchmarks/transfer_matrix_supports.py > benchmarks/results/transfer_matrix_supports.jsonl

@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest target x support kernel block, in entries (bounded memory)")
     kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
     kip.add_argument("--loss", dest="distill.loss", default="mse",
-                     help="mse (KIP's) | cross_entropy (Platt-scaled, learned temperature; conv_rf kernels)")
+                     help="mse (KIP's) | cross_entropy (Platt-scaled, learned temperature)")
+    kip.add_argument("--keep", dest="distill.keep", default="last",
+                     help="last | best_validation (the step that scores best on the validation split; needs --eval-every)")
+    kip.add_argument("--augment", dest="distill.augment", default="none",
+                     help="none | crop (random translations) | crop_flip (and left-right flips; not for digits)")
+    kip.add_argument("--augment-on", dest="distill.augment_on", default="target", help="target | support | both")
+    kip.add_argument("--augment-pad", dest="distill.augment_pad", type=int, default=2,
+                     help="largest translation, in pixels")
     kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
     kip.add_argument("--corruption", dest="distill.corruption", type=float, default=0.0,
                      help="fraction of pixels replaced by noise at init and never learned (privacy)")

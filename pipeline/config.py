@@ -28,7 +28,10 @@ CONV_READOUTS = ("flatten", "gap")
 INITS = ("real", "noise")
 METHODS = ("kip", "label_solve")
 LR_SCHEDULES = ("constant", "cosine")
-KIP_LOSSES = ("mse", "cross_entropy")  # cross_entropy: the conv_rf loop only (pipeline/conv_kip.py)
+KIP_LOSSES = ("mse", "cross_entropy")
+KEEP_STEPS = ("last", "best_validation")
+AUGMENTATIONS = ("none", "crop", "crop_flip")  # pipeline/augment.py
+AUGMENT_ON = ("target", "support", "both")
 NETWORKS = ("fc", "conv")
 POOLINGS = ("avg", "max", "none")
 LOSSES = ("mse", "xent", "mse_centered", "soft_xent")
@@ -162,7 +165,11 @@ class DistillConfig:
     blocks 60,000 targets at 1000 support images in 3, and leaves 100 x 20,000 and 3000 x 5000
     whole.
     loss: mse is KIP's squared error; cross_entropy is RFAD's Platt-scaled cross-entropy with a
-    learned temperature, available with kernel.architecture=conv_rf (conv_kip says why).
+    learned temperature (pipeline/kip.py says why).
+    keep: the support of the last step, or of the step that scored best on the validation split
+    (every eval_every steps).
+    augment: random translations by up to augment_pad pixels (crop), and left-right flips
+    (crop_flip), drawn afresh every step for the target batch, the support or both (augment_on).
     """
 
     method: str = "kip"
@@ -181,10 +188,18 @@ class DistillConfig:
     checkpoint_every: int = 100
     seed: int = 0
     loss: str = "mse"
+    keep: str = "last"
+    augment: str = "none"
+    augment_on: str = "target"
+    augment_pad: int = 2
 
     def __post_init__(self) -> None:
         check_choice("distill.method", self.method, METHODS)
         check_choice("distill.loss", self.loss, KIP_LOSSES)
+        check_choice("distill.keep", self.keep, KEEP_STEPS)
+        check_choice("distill.augment", self.augment, AUGMENTATIONS)
+        check_choice("distill.augment_on", self.augment_on, AUGMENT_ON)
+        _check_int_at_least("distill.augment_pad", self.augment_pad, 0)
         check_positive("distill.support_per_class", self.support_per_class, integer=True)
         check_positive("distill.steps", self.steps, integer=True)
         check_positive("distill.learning_rate", self.learning_rate)

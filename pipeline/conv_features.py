@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline import krr
 from pipeline.config import KernelConfig
 from pipeline.errors import UserError, check_non_negative, check_positive
 from pipeline.finite import ScaledConv
@@ -211,3 +212,72 @@ class EvaluationKernel:
         while sum(a.nbytes for a in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
             self._cache.pop(next(iter(self._cache)))
         return rows
+
+
+PIPELINE_VAL_IMAGES = 2000  # KIP with kernel.architecture=conv_rf monitors on the first 2,000 validation images
+
+
+class RandomFeatureKernel:
+    """The KIP engine's view of conv_rf (`kip.KipKernel`): every step draws `features.networks`
+    fresh random ConvNets, a pure function of (seed, step), as RFAD does (Loo et al., NeurIPS 2022).
+    Resampling keeps the support from fitting one draw's noise; the expected loss is KIP's loss
+    under the exact kernel up to the estimate's bias. Target features need no gradient, so a step
+    is one forward pass of the targets and one forward-backward pass of the support.
+    """
+
+    refusals = {
+        "distill.float64": "its random ConvNets are float32 Flax modules; expected float64: false",
+        "several processes": "each process would draw and run every network for all target rows; run it as one process",
+    }
+
+    def __init__(self, features: ConvFeatureConfig, image_shape: tuple[int, ...], seed: int):
+        check_image_shape(features, image_shape)
+        self.features, self.image_shape, self.seed = features, tuple(image_shape), seed
+        self.settings = {"name": "kernel.architecture=conv_rf", "features": dict(features.__dict__),
+                         "seed": seed}
+
+    def draw(self, step: int) -> jax.Array:
+        return network_key(self.seed, TRAIN_STREAM, step)
+
+    def fit(self, key: jax.Array, images: jax.Array, labels: jax.Array, reg: float):
+        params = init(key, self.features, self.image_shape)
+        f_s = features(params, images, self.features)
+        return params, f_s, krr.fit(kernel_from_features(f_s, f_s, self.features), labels, reg)
+
+    def predict(self, key: jax.Array, fitted, x: jax.Array) -> jax.Array:
+        params, f_s, alpha = fitted
+        f_t = jax.lax.stop_gradient(features(params, x, self.features))
+        return kernel_from_features(f_t, f_s, self.features) @ alpha
+
+    def monitor(self, x_val: np.ndarray, y_val: np.ndarray, reg: float, networks: int,
+                val_images: int = PIPELINE_VAL_IMAGES):
+        """Validation accuracy with one draw of `networks` networks from a stream training never
+        uses, on the first `val_images` validation images: `kip.distill`'s monitor."""
+        monitor_features = ConvFeatureConfig(**{**self.features.__dict__, "networks": networks})
+        params = init(network_key(self.seed, MONITOR_STREAM, 0), monitor_features, self.image_shape)
+        x_mon, y_mon = x_val[:val_images], y_val[:val_images]
+
+        def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+            return {"val_accuracy": krr_accuracy(images, labels, x_mon, y_mon, params, monitor_features, reg)}
+
+        return monitor
+
+
+def krr_accuracy(images: np.ndarray, labels: np.ndarray, x: np.ndarray, y: np.ndarray, params: Params,
+                 features_config: ConvFeatureConfig, reg: float, block_size: int = 500) -> float:
+    """Accuracy of KRR fitted on (images, labels) with the kernel of `params`' networks."""
+    return krr.accuracy(krr_predictions(images, labels, x, params, features_config, reg, block_size), y)
+
+
+def krr_predictions(images: np.ndarray, labels: np.ndarray, x: np.ndarray, params: Params,
+                    features_config: ConvFeatureConfig, reg: float, block_size: int = 500) -> np.ndarray:
+    """KRR's outputs on `x` (one row per image), fitted on (images, labels) with the kernel of
+    `params`' networks. Everything after the support is computed `block_size` rows at a time, so
+    the rows of one whole block scored alone come out as they do in a full scoring
+    (tests/test_published_supports.py re-scores a block against a full scoring's predictions)."""
+    f_s = feature_rows(params, images, features_config, block_size)
+    k_ss = jnp.asarray(f_s @ f_s.T + features_config.b_std ** 2)
+    alpha = np.asarray(krr.fit(k_ss, jnp.asarray(labels, jnp.float32), reg))
+    f_x = feature_rows(params, x, features_config, block_size)
+    return np.concatenate([(f_x[start:start + block_size] @ f_s.T + features_config.b_std ** 2) @ alpha
+                           for start in range(0, len(f_x), block_size)])

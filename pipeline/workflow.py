@@ -19,11 +19,14 @@ import numpy as np
 
 import pipeline
 from pipeline import evaluate as scoring
-from pipeline import conv_kip, distributed, kernels, kip, privacy
+from pipeline import conv_features, distributed, kernels, kip, privacy
 from pipeline.artifacts import DistilledSet
 from pipeline.config import DistillConfig, EvaluateConfig, KernelConfig
 from pipeline.errors import UserError
 from pipeline.prepared import Prepared
+
+NOT_MIRRORABLE = ("mnist", "digits")  # datasets whose classes a left-right flip changes (a mirrored 2 is no 2)
+
 
 @dataclass(frozen=True)
 class DistillRun:
@@ -42,51 +45,36 @@ def distill(
 ) -> DistillRun:
     """Distil a support set; returns it with the per-step history and the initial images."""
     check_distill_settings(kernel, config)
-    if distributed.process_count() > 1 and (config.method != "kip" or _random_features(kernel, config)):
-        raise UserError("several processes run distill.method=kip with kernel.architecture fc|rbf|conv; "
-                        f"run distill.method={config.method} with kernel.architecture={kernel.architecture} as one process")
+    dataset = prepared.provenance["data"]["name"]
+    if config.augment == "crop_flip" and dataset in NOT_MIRRORABLE:
+        raise UserError(f"distill.augment=crop_flip mirrors images, and a mirrored {dataset} image is no longer its "
+                        "class; expected augment: none|crop")
     kernel_fn = kernels.make(kernel)
-    monitor = None
-    if config.eval_every and not _random_features(kernel, config):
-        # The learning curve is scored on the validation split, never the test split; and the
-        # result is the last step's support whatever the curve says.
-        if len(prepared.y_val) == 0:
-            raise UserError(
-                f"distill.eval_every={config.eval_every} scores a validation split, and data.validation_fraction=0 "
-                "gives none; set distill.eval_every: 0 or data.validation_fraction > 0"
-            )
-
-        def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-            scores = scoring.krr_scores(
-                kernel_fn, images, labels, prepared.x_val, prepared.y_val, prepared.num_classes, config.reg,
-                reg_name="distill.reg",
-            )
-            return {"val_accuracy": scores["accuracy"]}
-
     configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
     params_hash = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
     extra: dict[str, Any] = {}
     if config.method == "label_solve":
+        if distributed.process_count() > 1:
+            raise UserError("several processes run distill.method=kip; run distill.method=label_solve as one process "
+                            "(it is one pass over the training set)")
         result = kip.label_solve(prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config)
-    elif _random_features(kernel, config):
-        features, loop = conv_kip.pipeline_settings(kernel, config)
-        result = conv_kip.distill(
-            prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.num_classes, features, loop,
-            checkpoint=checkpoint, checkpoint_key=checkpoint_key(params_hash, prepared), progress=progress,
-        )
-        extra = {"best_step": result.best_step, "validation_images": min(loop.val_images, len(prepared.y_val))}
     else:
+        kip_kernel = kip_kernel_for(kernel, config, prepared.x_train.shape[1:])
         result = kip.distill(
-            prepared.x_train, prepared.y_train, prepared.num_classes, kernel_fn, config,
+            prepared.x_train, prepared.y_train, prepared.num_classes, kip_kernel, config,
             checkpoint=checkpoint, checkpoint_key=checkpoint_key(params_hash, prepared),
-            monitor=monitor, progress=progress,
+            monitor=_monitor(kip_kernel, kernel_fn, kernel, config, prepared), progress=progress,
         )
+        if config.keep == "best_validation":
+            extra["best_step"] = result.best_step
+        if kernel.architecture == "conv_rf" and config.eval_every:
+            extra["validation_images"] = min(conv_features.PIPELINE_VAL_IMAGES, len(prepared.y_val))
     metadata: dict[str, Any] = {
         **configs,
         "params_hash": params_hash,
         "seed": config.seed,
         "steps": config.steps if config.method == "kip" else 0,
-        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "final_loss": next((h["loss"] for h in reversed(result.history) if "loss" in h), None),
         **extra,
         "code_version": pipeline.__version__,
         "privacy": _privacy(result.images, prepared, config),
@@ -96,19 +84,47 @@ def distill(
     return DistillRun(distilled, result.history, result.initial_images)
 
 
+def kip_kernel_for(kernel: KernelConfig, config: DistillConfig, image_shape: tuple[int, ...]) -> kip.KipKernel:
+    """The kernel KIP trains against: conv_rf draws fresh random ConvNets every step; every other
+    architecture is one fixed kernel function."""
+    if kernel.architecture == "conv_rf":
+        return conv_features.RandomFeatureKernel(conv_features.feature_config(kernel), tuple(image_shape), config.seed)
+    return kip.FixedKernel(kernels.make(kernel), {"name": f"kernel.architecture={kernel.architecture}"})
+
+
+def _monitor(kip_kernel: kip.KipKernel, kernel_fn, kernel: KernelConfig, config: DistillConfig,
+             prepared: Prepared) -> kip.Monitor | None:
+    """The learning curve's scorer, on the validation split, never the test split: conv_rf's fixed
+    draw of kernel.rf_eval_networks networks on the first 2,000 validation images; every other
+    kernel's own function on the whole split."""
+    if not config.eval_every:
+        return None
+    if len(prepared.y_val) == 0:
+        raise UserError(
+            f"distill.eval_every={config.eval_every} scores a validation split, and data.validation_fraction=0 "
+            "gives none; set distill.eval_every: 0 or data.validation_fraction > 0"
+        )
+    if isinstance(kip_kernel, conv_features.RandomFeatureKernel):
+        return kip_kernel.monitor(prepared.x_val, prepared.y_val, config.reg, kernel.rf_eval_networks)
+
+    def monitor(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        scores = scoring.krr_scores(
+            kernel_fn, images, labels, prepared.x_val, prepared.y_val, prepared.num_classes, config.reg,
+            reg_name="distill.reg",
+        )
+        return {"val_accuracy": scores["accuracy"]}
+
+    return monitor
+
+
 def check_distill_settings(kernel: KernelConfig, config: DistillConfig) -> None:
     """Refuse kernel/distill combinations that have no meaning together (one line, UserError)."""
-    if _random_features(kernel, config):
-        conv_kip.pipeline_settings(kernel, config)
-    elif config.loss != "mse":
-        raise UserError(f"distill.loss={config.loss!r} is available with kernel.architecture=conv_rf only (not "
-                        f"{kernel.architecture}); expected loss: mse")
-
-
-def _random_features(kernel: KernelConfig, config: DistillConfig) -> bool:
-    """conv_rf KIP draws its kernel afresh every step (`conv_kip`): its own loop, which monitors
-    validation itself and keeps the best step."""
-    return kernel.architecture == "conv_rf" and config.method == "kip"
+    if config.method == "kip" and config.keep == "best_validation" and config.eval_every < 1:
+        raise UserError(f"distill.keep=best_validation scores the validation split every distill.eval_every steps, "
+                        f"and eval_every={config.eval_every}; expected eval_every >= 1")
+    if kernel.architecture == "conv_rf" and config.float64:
+        raise UserError("distill.float64=true is not available with kernel.architecture=conv_rf: its random ConvNets "
+                        "are float32 Flax modules; expected float64: false")
 
 
 def _privacy(images: np.ndarray, prepared: Prepared, config: DistillConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pipeline.data import Dataset, load_dataset
 def pytest_configure(config):
     """A compilation cache for this test process (each xdist worker its own, removed at the end).
 
-    Most tests build a fresh jitted closure per KIP run (`kip.make_step`, `conv_kip.distill`), which
+    Most tests build a fresh jitted closure per KIP run (`kip.make_step`), which
     XLA compiles again although the program is the same; the cache hands back the executable compiled
     for the first run. Subprocesses (`dvc repro`, the CLI) keep compiling afresh, so the end-to-end
     determinism tests still compare two compilations."""
@@ -108,8 +108,9 @@ _LONGEST_FIRST = (
     "test_validation",
     "test_hostile_inputs",
     "test_closed_form",
+    "test_engine",
     "test_finite",
-    "test_conv_kip",
+    "test_conv_rf",
 )
 # Modules whose tests are independent enough to run on both workers: one unit per test function.
 _SPLIT_BY_FUNCTION = {"test_published_supports"}

@@ -13,7 +13,7 @@ import pytest
 from jax.experimental import enable_x64
 
 from pipeline import closed_form, kernels, kip
-from pipeline.config import KernelConfig
+from pipeline.config import DistillConfig, KernelConfig
 
 GRID = [
     KernelConfig(architecture="fc", kind=kind, depth=depth, parameterization=param, activation=act, b_std=b_std)
@@ -248,7 +248,7 @@ def test_step_compiles_once_across_target_batches(digits_standardized):
     optimizer = optax.adam(0.01)
     support = kip.Support(jnp.asarray(x_train[:20]), jnp.asarray(np.eye(10)[y_train[:20]] - 0.1, jnp.float32))
     state = optimizer.init(support)
-    step = kip.make_step(kernels.make(KernelConfig()), optimizer, 1e-6, learn_labels=True)
+    step = kip.make_step(kernels.make(KernelConfig()), optimizer, DistillConfig(reg=1e-6, learn_labels=True))
     x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(np.eye(10)[y_train] - 0.1, jnp.float32)
     for seed in range(4):
         idx = kip.target_indices(y_train, 10, 200, seed=seed, step=seed)

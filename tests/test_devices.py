@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent("""
     # Proof of distribution: the compiled step reduces across devices; kernel blocks are split.
     optimizer = optax.adam(0.01)
     support = kip.Support(jnp.asarray(x_train[:30]), jnp.asarray(np.eye(10)[data.y_train[:30]] - 0.1, jnp.float32))
-    step = kip.make_step(kernel_fn, optimizer, 1e-6, learn_labels=False)
+    step = kip.make_step(kernel_fn, optimizer, DistillConfig(reg=1e-6, learn_labels=False))
     x_dev = devices.put_replicated(x_train)
     y_dev = devices.put_replicated((np.eye(10)[data.y_train] - 0.1).astype(np.float32))
     idx = jnp.arange(400, dtype=jnp.int32)

@@ -271,11 +271,11 @@ def _find_experiment(table: list[dict], name: str) -> dict:
 
 
 def test_a_convnet_kernel_experiment_runs_through_dvc(project):
-    """README's ConvNet example, shrunk: `dvc exp run -S kernel.architecture=conv_rf ...` distils with
+    """docs/stages.md's ConvNet example, shrunk: `dvc exp run -S kernel.architecture=conv_rf ...` distils with
     the random-feature ConvNet kernel, evaluates under its fixed draw and trains ConvNets; exp show
     has the kept step, the KRR test accuracy beside its baselines, and the ConvNets' accuracy."""
     root, env, _ = project
-    settings = ["distill.steps=30", "distill.eval_every=10", "kernel.architecture=conv_rf", "kernel.kind=nngp", "kernel.depth=2", "kernel.rf_width=8",
+    settings = ["distill.steps=30", "distill.eval_every=10", "distill.keep=best_validation", "kernel.architecture=conv_rf", "kernel.kind=nngp", "kernel.depth=2", "kernel.rf_width=8",
                 "kernel.rf_networks=2", "kernel.rf_eval_networks=2", "distill.learn_labels=true",
                 "distill.learning_rate=0.01", "train.architecture=conv", "train.conv_depth=2", "train.conv_width=8",
                 "train.labels_choice=fixed"]

@@ -129,6 +129,8 @@ KEYS = {
         "lr_schedule": choice(cfg.LR_SCHEDULES), "target_batch": COUNT, "kernel_block": COUNT, "learn_labels": SWITCH,
         "init": choice(cfg.INITS), "corruption": FRACTION, "reg": NON_NEGATIVE, "float64": SWITCH,
         "eval_every": INDEX, "checkpoint_every": INDEX, "seed": INDEX, "loss": choice(cfg.KIP_LOSSES),
+        "keep": choice(cfg.KEEP_STEPS), "augment": choice(cfg.AUGMENTATIONS), "augment_on": choice(cfg.AUGMENT_ON),
+        "augment_pad": INDEX,
     },
     "evaluate": {"reg": NON_NEGATIVE, "baseline_repeats": COUNT, "batch_size": COUNT, "seed": INDEX},
     "train": {

@@ -293,10 +293,10 @@ def test_fit_gradients_keep_float32_under_jit_with_a_python_float_reg(rng):
 def test_a_whole_block_of_rows_scored_alone_gives_the_bytes_of_a_full_scoring(rng):
     """What tests/test_published_supports.py relies on when it re-scores one block of the test split
     against predictions a full scoring recorded: evaluate.krr_predictions (kernel by 16-row tiles
-    here) and conv_kip.krr_predictions (features and products by 8-row blocks) give an aligned
+    here) and conv_features.krr_predictions (features and products by 8-row blocks) give an aligned
     block's rows the same bytes whether scored with the other rows or alone. Consistency check
     between two calls of our own code: equal, not close."""
-    from pipeline import conv_features, conv_kip, kernels
+    from pipeline import conv_features, kernels
     from pipeline.config import KernelConfig
     from pipeline.conv_features import ConvFeatureConfig
     from pipeline.evaluate import krr_predictions
@@ -311,6 +311,6 @@ def test_a_whole_block_of_rows_scored_alone_gives_the_bytes_of_a_full_scoring(rn
     assert full.shape == (48, 3) and np.array_equal(full[block], alone)
     config = ConvFeatureConfig(width=8, depth=2, networks=2)
     params = conv_features.init(conv_features.network_key(0, conv_features.EVAL_STREAM, 0), config, (8, 8, 1))
-    full = conv_kip.krr_predictions(support, labels, test_images, params, config, 1e-4, block_size=8)
-    alone = conv_kip.krr_predictions(support, labels, test_images[block], params, config, 1e-4, block_size=8)
+    full = conv_features.krr_predictions(support, labels, test_images, params, config, 1e-4, block_size=8)
+    alone = conv_features.krr_predictions(support, labels, test_images[block], params, config, 1e-4, block_size=8)
     assert full.shape == (48, 3) and np.array_equal(full[block], alone)

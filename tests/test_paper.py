@@ -312,15 +312,16 @@ def test_paper_numbers_must_name_their_source_and_show_only_for_their_kernel(dig
     assert "| FC NTK | 20 | KIP | " in table and "| 99.0 |" in table
 
 
-def test_a_cell_whose_kernel_has_no_loop_for_its_loss_fails_before_any_work(monkeypatch):
-    """cross_entropy exists in the conv_rf loop only: an FC cell asking for it is one line at once,
-    not after its random subsets and Label Solves have run."""
+def test_a_cell_asking_for_what_its_kernel_cannot_do_fails_before_any_work(monkeypatch):
+    """conv_rf's networks are float32: a cell asking for float64 KIP is one line at once, not after
+    its random subsets and Label Solves have run."""
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
-    spec = {"dataset": "digits", "support_per_class": 1, "train": "fc", "kip_labels": {"loss": "cross_entropy"}}
-    cell = paper.cell_config("digits-fc_ntk-1", {**SHARED, "repeats": 1}, spec, TRAIN)
+    spec = {"dataset": "digits", "support_per_class": 1, "train": "fc", "kip_labels": {"float64": True},
+            "kernel": {"architecture": "conv_rf", "kind": "nngp", "depth": 2}}
+    cell = paper.cell_config("digits-conv_rf-1", {**SHARED, "repeats": 1}, spec, TRAIN)
     monkeypatch.setattr(paper.kernels, "make", lambda *_: pytest.fail("a kernel was built before the check"))
-    with pytest.raises(UserError, match=re.escape("distill.loss='cross_entropy' is available with "
-                                                  "kernel.architecture=conv_rf only")):
+    with pytest.raises(UserError, match=re.escape("distill.float64=true is not available with "
+                                                  "kernel.architecture=conv_rf")):
         paper.run_cell(prepared, cell)
 
 
@@ -364,7 +365,10 @@ def test_the_convnet_cells_of_100_images_run_the_loss_and_schedule_chosen_on_val
         for name, mode in (("kip", "fixed"), ("kip_labels", "labels")):
             chosen = selection["chosen"][mode]
             assert chosen["heldout_accuracy"] == max(run["heldout_accuracy"] for run in selection["runs"] if run["labels"] == mode)
-            expected = {**selection["config"][name], "loss": chosen["loss"], "lr_schedule": chosen["lr_schedule"]}
+            # The selection ran before distill.keep and distill.augment existed, in a loop that always
+            # kept its best validation step and never augmented.
+            expected = {"keep": "best_validation", "augment": "none", "augment_on": "target", "augment_pad": 2,
+                        **selection["config"][name], "loss": chosen["loss"], "lr_schedule": chosen["lr_schedule"]}
             assert dataclasses.asdict(getattr(cell, name)) == expected
 
 

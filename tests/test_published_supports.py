@@ -4,7 +4,7 @@ The README and docs quote KRR test accuracies of supports committed to git: the 
 of `benchmarks/conv_kip.py` (`benchmarks/results/supports/`, the issue-14 goal numbers) and the
 paper matrix's cells (`experiments/paper/results/supports/<cell>/`, kept in git since the DVC remote
 of the machine that ran the earlier cells died with it). A cell whose supports are not in git must
-be named in `SUPPORTS_LOST` (the README says why), so a published number can never silently lose
+be named in `SUPPORTS_LOST` (docs/reproduction.md says why), so a published number can never silently lose
 the file behind it.
 
 What is checked, per support: tests/golden/predictions holds the predicted class of each of the
@@ -20,7 +20,7 @@ fails the sha256. The full re-score of every number is `python tests/golden/reco
 (about ten minutes; docs/testing.md).
 
 Equal holds on the machine type and library versions that wrote the numbers (the README's
-determinism promise); on another CPU model a near-tie prediction may flip (README "Guarantees").
+determinism promise); on another CPU model a near-tie prediction may flip (docs/testing.md "Guarantees, and the tests that check them").
 
 These are regression guards (marker `golden`): they compare with numbers an earlier run of the same
 scoring path published, so they prove re-scorability, not correctness. The kernels' correctness is
@@ -42,7 +42,7 @@ from test_benchmark_reports import _benchmark_module
 pytestmark = pytest.mark.golden
 
 # Cells whose numbers are committed but whose supports were only `dvc push`ed to the remote in the
-# home of a machine that is gone (README "Reproducing the paper"). Shrinks as cells re-run.
+# home of a machine that is gone (docs/reproduction.md "Supports live in git"). Shrinks as cells re-run.
 SUPPORTS_LOST = {
     f"{dataset}-{kernel}-{spc}"
     for dataset in ("mnist", "fashion_mnist")

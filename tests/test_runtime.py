@@ -50,18 +50,18 @@ LIBRARY_ONLY = textwrap.dedent("""
     if sys.argv[1] == "kip_loss":  # no tune_process() in either
         float(kip.kip_loss(kernels.make(KernelConfig()), 1e-3, kip.Support(x, jnp.eye(4)), x, jnp.eye(4)))
     else:
-        from pipeline import finite, finite_kip
+        from pipeline import finite, finite_ntk
         from pipeline.config import TrainConfig
         network = TrainConfig(width=8, depth=1)
         params = finite.make_model(network, x.shape[1:], 4).init(jax.random.PRNGKey(0), x[:1])
-        float(finite_kip.predict(network, params, x, jnp.eye(4), x, 1e-3).sum())
+        float(finite_ntk.predict(network, params, x, jnp.eye(4), x, 1e-3).sum())
     print(json.dumps({"before": before, "after": scipy_threads()}))
 """)
 
 
-@pytest.mark.parametrize("entry,opt_out", [("kip_loss", False), ("kip_loss", True), ("finite_kip", False)])
+@pytest.mark.parametrize("entry,opt_out", [("kip_loss", False), ("kip_loss", True), ("finite_ntk", False)])
 def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(entry, opt_out):
-    """Someone calling kip_loss (or finite_kip's solve) from their own script gets the one-thread LAPACK that makes the
+    """Someone calling kip_loss (or finite_ntk's solve) from their own script gets the one-thread LAPACK that makes the
     step fast (pipeline/runtime.py), without calling tune_process; KIP_KEEP_LAPACK_THREADS=1 keeps
     SciPy's OpenBLAS as it was."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OPENBLAS_NUM_THREADS": "2"}

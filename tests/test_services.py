@@ -1,5 +1,5 @@
 """Sharing with a team, against real services on 127.0.0.1 (tests/services.py): the commands of the
-README section "Sharing with a team".
+docs/services.md "Sharing with a team".
 
 Two people, two clones, two HOMEs: Ada runs the pipeline and pushes to the S3 remote; Ben clones,
 pulls with his own credentials and gets byte-identical artifacts. The pipeline logs to an MLflow

@@ -40,8 +40,8 @@ def test_prepare_rejects_bad_params_in_one_line(tmp_path, params, fragment):
     ({"kernel": {"architecture": "resnet"}}, "kernel.architecture='resnet' is not allowed; expected one of: fc|conv|rbf|conv_rf"),
     ({"seed": -1}, "seed=-1 is not allowed; expected an integer >= 0"),
     ({"kernel": {"architecture": "conv_rf"}}, "kernel.kind='ntk' is not available with kernel.architecture=conv_rf"),
-    ({"kernel": {"architecture": "conv_rf", "kind": "nngp"}, "distill": {"init": "noise"}},
-     "distill.init='noise' is not available with kernel.architecture=conv_rf; expected init: real"),
+    ({"kernel": {"architecture": "conv_rf", "kind": "nngp"}, "distill": {"float64": True}},
+     "distill.float64=true is not available with kernel.architecture=conv_rf: its random ConvNets are float32"),
     ({"distill": {"seed": 1}}, "distill.seed is not a key of params.yaml; set the top-level seed instead"),
 ])
 def test_distill_rejects_bad_params_before_reading_data(tmp_path, params, fragment):

@@ -142,7 +142,7 @@ def test_choosing_the_conv_cells_loss_and_schedule_never_reads_the_test_split(pr
 
     from pipeline import paper
 
-    kip = {"steps": 2, "learning_rate": 0.01, "target_batch": 100, "eval_every": 1}
+    kip = {"steps": 2, "learning_rate": 0.01, "target_batch": 100, "eval_every": 1, "keep": "best_validation"}
     kernel = {"architecture": "conv_rf", "kind": "nngp", "depth": 2, "rf_width": 8, "rf_networks": 1, "rf_eval_networks": 2}
     spec = {"dataset": "digits", "kernel": kernel, "support_per_class": 1, "kip": kip, "kip_labels": kip, "train": "fc"}
     cell = paper.cell_config("digits-conv_rf-1", {"repeats": 1, "seed": 0}, spec, {"fc": {}})
