@@ -28,16 +28,16 @@ import json
 import time
 from pathlib import Path
 
-from _report import emit
-
 import jax.numpy as jnp
 import numpy as np
+from _report import emit
 
-from pipeline import conv_features, kip, krr
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.conv_features import ConvFeatureConfig
-from pipeline.prepared import prepare
+from pipeline.data.prepared import prepare
+from pipeline.distill import kip, krr
+from pipeline.kernels import conv_features
+from pipeline.kernels.conv_features import ConvFeatureConfig
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, PreprocessConfig
 
 SUPPORTS = {"mnist": "mnist100_conv_kip.npz", "fashion_mnist": "fashion100_conv_kip.npz"}
 HERE = Path(__file__).resolve().parent
@@ -153,7 +153,7 @@ def main() -> None:
         return
     report = {"benchmark": "conv_eval_kernel", "split": "validation (the test split is not read)",
               "kernel": "random-feature ConvNet NNGP: 3 blocks of 3x3 conv, ReLU, 2x2 average pooling; w_std sqrt 2, "
-                        "b_std 0.1 (pipeline.conv_features)",
+                        "b_std 0.1 (pipeline.kernels.conv_features)",
               "networks": {d: network_counts(d) for d in args.datasets},
               "preprocess": {d: preprocessing(d) for d in args.datasets}}
     emit(report, args.out)

@@ -3,7 +3,7 @@
 `steps`: the jitted value-and-gradient of the KIP loss (100-image support, MNIST-shaped 28x28x1
 inputs, float32), in one process, samples of the implementations interleaved:
 
-  ours      pipeline.kip.kip_loss with conv_features.RandomFeatureKernel: the random-feature NNGP of `--networks` random ConvNets of
+  ours      pipeline.distill.kip.kip_loss with conv_features.RandomFeatureKernel: the random-feature NNGP of `--networks` random ConvNets of
             `--width` channels (3 blocks of 3x3 conv, ReLU, 2x2 average pooling), drawn inside the
             step as in the KIP loop, for 500 / 1000 / 5000 targets
   exact     neural-tangents' exact NNGP of the same infinite ConvNet (kernels.exact_conv_kernel_fn),
@@ -52,9 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from _report import OtherLoad, emit
 
-from pipeline import conv_features, kip, krr
-from pipeline.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, DistillConfig, PreprocessConfig
-from pipeline.conv_features import ConvFeatureConfig
+from pipeline.distill import kip, krr
+from pipeline.kernels import conv_features
+from pipeline.kernels.conv_features import ConvFeatureConfig
+from pipeline.run.config import KIP_LOSSES, LR_SCHEDULES, PREPROCESS_METHODS, DistillConfig, PreprocessConfig
 
 SHAPE = (28, 28, 1)
 EVAL_STREAM = 3  # training draws use stream 1, the monitor stream 2 (conv_features.RandomFeatureKernel)
@@ -87,8 +88,8 @@ def _ours(features: ConvFeatureConfig):
 
 def _exact_networks() -> dict[str, tuple]:
     """name -> (kernel_fn(x1, x2), support, targets measured on)."""
-    from pipeline import kernels
-    from pipeline.config import KernelConfig
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     out = {"ConvNet avg-pool depth 3 (the kernel ours estimates)":
            (kernels.exact_conv_kernel_fn(ConvFeatureConfig(depth=3)), 4, 8)}
@@ -143,10 +144,11 @@ def step_times(args) -> dict:
 def full_run(args) -> dict:
     from jax.experimental import enable_x64
 
-    from pipeline import artifacts, parquet, privacy, transfer
-    from pipeline.cli import default_cache_dir
-    from pipeline.config import DataConfig, TrainConfig
-    from pipeline.prepared import prepare
+    from pipeline.artifacts import npz as artifacts, parquet
+    from pipeline.data.prepared import prepare
+    from pipeline.evaluate import privacy, transfer
+    from pipeline.data.datasets import default_cache_dir
+    from pipeline.run.config import DataConfig, TrainConfig
 
     prepared = prepare(DataConfig(source="registry", name=args.dataset),
                        PreprocessConfig(method=args.preprocess, zca_reg=args.zca_reg), cache_dir=default_cache_dir())
@@ -215,8 +217,8 @@ def _load_support(path: Path):
     `evaluation_kernel`."""
     import json
 
-    from pipeline import artifacts, safe_read
-    from pipeline.preprocess import Transform
+    from pipeline.artifacts import npz as artifacts, safe_read
+    from pipeline.data.preprocess import Transform
 
     arrays = safe_read.read_npz(path, max_array_bytes=artifacts.MAX_ARRAY_BYTES, strings=True)
     record = artifacts.parse_checksums(path, str(arrays["checksums"]), "checksums")
@@ -233,10 +235,10 @@ def train_convnets(args) -> dict:
     """Finite ConvNets on a saved support and on random real subsets; adds them to the run's JSON."""
     import json
 
-    from pipeline import transfer
-    from pipeline.cli import default_cache_dir
-    from pipeline.config import TrainConfig
-    from pipeline.prepared import reprepare
+    from pipeline.data.prepared import reprepare
+    from pipeline.evaluate import transfer
+    from pipeline.data.datasets import default_cache_dir
+    from pipeline.run.config import TrainConfig
 
     report = json.loads(args.report.read_text())
     support = _load_support(Path(report["saved"]))
@@ -267,7 +269,7 @@ def train_convnets(args) -> dict:
 
 def rescore(args) -> dict:
     """A saved support's KRR test accuracy under the evaluation kernel its metadata records."""
-    from pipeline.cli import default_cache_dir
+    from pipeline.data.datasets import default_cache_dir
 
     predictions, y_test = rescore_predictions(args.support, default_cache_dir())
     return {"benchmark": "conv_kip_rescore", "support": str(args.support),
@@ -278,7 +280,7 @@ def rescore_predictions(support_path: Path, cache_dir: Path, rows: slice = slice
     """KRR's outputs on the test images `rows` (all by default) under the evaluation kernel a saved
     support's metadata records, and those images' labels. A whole 500-image block of rows gives the
     bytes a full scoring gives them (`conv_features.krr_predictions`)."""
-    from pipeline.prepared import reprepare
+    from pipeline.data.prepared import reprepare
 
     support = _load_support(support_path)
     prepared = reprepare(support, cache_dir=cache_dir)

@@ -4,7 +4,7 @@ Step: the jitted value-and-gradient of the KIP loss for support x target sizes b
 (depth 1, the pipeline default), MNIST-sized inputs (28x28x1, Gaussian pixels: timing does not
 depend on their values), float32.
 
-  ours       pipeline.kip.kip_loss with pipeline.kernels.make, at the default distill.kernel_block
+  ours       pipeline.distill.kip.kip_loss with pipeline.kernels.functions.make, at the default distill.kernel_block
   reference  the paper's notebook: neural-tangents kernel_fn(x, y, 'ntk') for K_ss and K_ts, then
              jax.scipy.linalg.solve(K_ss + reg, y_s, assume_a='pos')
   floor      the same matmuls, backward pass and solve with a linear kernel (K = X Y^T / d): what
@@ -21,7 +21,7 @@ Ratios are like for like:
                    keeps freed memory; SciPy's OpenBLAS single-threaded): the kernels compared.
   default_process  each in its own fresh process, untuned, as a user's script runs it: the
                    reference as the notebook runs; ours as the library runs without tune_process()
-                   (it limits SciPy's OpenBLAS itself, pipeline/runtime.py). Its gain over
+                   (it limits SciPy's OpenBLAS itself, pipeline/run/runtime.py). Its gain over
                    same_process comes from those threads, not from the kernel, and is labelled so.
 
 Share of peak: the step's matmul FLOPs (4 n_s (n_s + n_t) d for the Gram products and their
@@ -79,7 +79,7 @@ def main() -> int:
         print(json.dumps(CHILDREN[args.child](args)))
         return 0
 
-    from pipeline import runtime
+    from pipeline.run import runtime
 
     tuned = runtime.tune_process()
     started = time.perf_counter()
@@ -123,8 +123,8 @@ def main() -> int:
 def step_table(repeats: int) -> list[dict]:
     import jax
 
-    from pipeline import kip
-    from pipeline.config import DistillConfig
+    from pipeline.distill import kip
+    from pipeline.run.config import DistillConfig
 
     block = DistillConfig().kernel_block
     rows = []
@@ -203,8 +203,9 @@ def training_step(n_s: int, n_t: int, repeats: int) -> dict:
     import numpy as np
     import optax
 
-    from pipeline import kernels, kip
-    from pipeline.config import DistillConfig, KernelConfig
+    from pipeline.distill import kip
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import DistillConfig, KernelConfig
 
     rng = np.random.default_rng(1)
     x_train = jnp.asarray(rng.standard_normal((60_000,) + SHAPE), jnp.float32)
@@ -232,7 +233,7 @@ def lapack_threads(repeats: int) -> list[dict]:
     import numpy as np
     from threadpoolctl import ThreadpoolController
 
-    from pipeline import krr
+    from pipeline.distill import krr
 
     controller = ThreadpoolController()
     scipy_blas = controller.select(filepath=[i["filepath"] for i in controller.info() if "scipy.libs" in i["filepath"]])
@@ -260,7 +261,7 @@ def privacy_timing() -> dict:
     training split less its validation part) and a held-out sample of as many."""
     import numpy as np
 
-    from pipeline import privacy
+    from pipeline.evaluate import privacy
 
     rng = np.random.default_rng(0)
     x_train = rng.standard_normal((54_000,) + SHAPE, dtype=np.float32)
@@ -294,7 +295,7 @@ def _devices_child(args) -> dict:
     """Ours at 1000 x 5000 with the target batch split over the process's forced host devices."""
     import jax
 
-    from pipeline import devices, runtime
+    from pipeline.run import devices, runtime
 
     runtime.tune_process()
     x_s, y_s, x_t, y_t = _inputs(1000, 5000)
@@ -309,7 +310,8 @@ def _startup_child(args) -> dict:
     first step is built: wall time since this interpreter started, resident memory, and which of
     the heavy libraries it imported."""
     start = _process_start_seconds()
-    from pipeline import cli, kip
+    from pipeline.distill import kip
+    from pipeline.run import cli
 
     seen = {}
     original = kip.make_step
@@ -338,9 +340,11 @@ def _memory_child(kind: str):
         import jax.numpy as jnp
         import numpy as np
 
-        from pipeline import kernels, kip, krr, runtime
-        from pipeline.config import DistillConfig, KernelConfig
-        from pipeline.evaluate import krr_scores
+        from pipeline.distill import kip, krr
+        from pipeline.evaluate.scoring import krr_scores
+        from pipeline.kernels import functions as kernels
+        from pipeline.run import runtime
+        from pipeline.run.config import DistillConfig, KernelConfig
 
         runtime.tune_process()
         n = args.size
@@ -394,8 +398,9 @@ def _inputs(n_s: int, n_t: int):
 
 
 def _our_loss(x_s, y_s, x_t, y_t, kernel_block=None):
-    from pipeline import kernels, kip
-    from pipeline.config import DistillConfig, KernelConfig
+    from pipeline.distill import kip
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import DistillConfig, KernelConfig
 
     block = DistillConfig().kernel_block if kernel_block is None else kernel_block
     return kip.kip_loss(kernels.make(KernelConfig()), REG, kip.Support(x_s, y_s), x_t, y_t, kernel_block=block)
@@ -406,8 +411,8 @@ def _reference_loss(x_s, y_s, x_t, y_t):
     import jax.numpy as jnp
     import jax.scipy as sp
 
-    from pipeline.config import KernelConfig
-    from pipeline.kernels import stax_network
+    from pipeline.kernels.functions import stax_network
+    from pipeline.run.config import KernelConfig
 
     _, _, kernel_fn = stax_network(KernelConfig())
     k_ss = kernel_fn(x_s, x_s, "ntk")
@@ -423,7 +428,8 @@ def _linear_loss(x_s, y_s, x_t, y_t):
     does no matmul or transposed add that our step does not."""
     import jax.numpy as jnp
 
-    from pipeline import closed_form, krr
+    from pipeline.distill import krr
+    from pipeline.kernels import closed_form
 
     a = x_s.reshape(x_s.shape[0], -1)
     b = x_t.reshape(x_t.shape[0], -1)

@@ -99,8 +99,10 @@ def child(repeats: int) -> dict | None:
     import numpy as np
     import optax
 
-    from pipeline import devices, distributed, kernels, kip, runtime
-    from pipeline.config import DistillConfig, KernelConfig
+    from pipeline.distill import kip
+    from pipeline.kernels import functions as kernels
+    from pipeline.run import devices, distributed, runtime
+    from pipeline.run.config import DistillConfig, KernelConfig
 
     runtime.tune_process()
     distributed.initialize_from_env()
@@ -157,7 +159,7 @@ def all_reduce_alone(nbytes: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pipeline import devices
+    from pipeline.run import devices
 
     floats = max(1, nbytes // 4)
     count = jax.device_count()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from _report import emit
 
-from pipeline import workflow
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
-from pipeline.prepared import prepare
+from pipeline.data.prepared import prepare
+from pipeline.run import workflow
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
 
 RUNS = {
     "clean": DistillConfig(learn_labels=True, steps=4000, checkpoint_every=0),

@@ -32,10 +32,15 @@ from typing import Any, Sequence
 
 from _report import OtherLoad, emit
 
-from pipeline import evaluate, kernels, paper, workflow
-from pipeline.conv_features import PIPELINE_VAL_IMAGES
+from pipeline.data.prepared import Prepared
 from pipeline.errors import UserError
-from pipeline.prepared import Prepared
+from pipeline.evaluate import scoring as evaluate
+from pipeline.kernels import functions as kernels
+from pipeline.kernels.conv_features import PIPELINE_VAL_IMAGES
+from pipeline.run import workflow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "paper"))
+import paper  # noqa: E402  (experiments/paper's cell configs; not part of the library)
 
 CANDIDATES = (("mse", "constant"), ("cross_entropy", "cosine"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +92,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "stages"))
     from _paper import load_cell, prepare_dataset  # the cell and its data exactly as `dvc repro cell@<key>` has them
 
     try:

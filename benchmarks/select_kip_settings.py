@@ -28,10 +28,10 @@ from typing import Any, Mapping, Sequence
 
 from _report import emit
 
-from pipeline import workflow
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
-from pipeline.prepared import Prepared, prepare
+from pipeline.data.prepared import Prepared, prepare
+from pipeline.run import workflow
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
 
 LEARNING_RATES = (0.01, 0.04)
 # Step budgets per (images per class, learn labels): the longest run tried; every `--every` steps of it

@@ -1,5 +1,5 @@
 """Learned-label KIP supports that width-1024 networks can use: fine-tune a KIP support against the
-kernels of freshly initialised finite networks (pipeline/finite_ntk.py through the KIP engine, pipeline/kip.py), then train networks on it.
+kernels of freshly initialised finite networks (pipeline/kernels/finite_ntk.py through the KIP engine, pipeline/distill/kip.py), then train networks on it.
 
 Starts from a saved support (e.g. the paper matrix's results/supports/mnist-fc_ntk-10/kip_labels.npz,
 identified by sha256), runs finite-width KIP on the training split with the validation split
@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 from _report import emit
 
-from pipeline import artifacts, finite_ntk, kip, parquet, privacy, transfer
-from pipeline.cli import default_cache_dir
-from pipeline.config import DistillConfig, TrainConfig
-from pipeline.prepared import reprepare
+from pipeline.artifacts import npz as artifacts, parquet
+from pipeline.data.prepared import reprepare
+from pipeline.distill import kip
+from pipeline.evaluate import privacy, transfer
+from pipeline.kernels import finite_ntk
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DistillConfig, TrainConfig
 
 # The settings benchmarks/results/transfer_finite_kip.json was run with: images and labels learned,
 # ridge 1e-5 relative to the mean diagonal (float32 needs more than the infinite kernel's 1e-6).

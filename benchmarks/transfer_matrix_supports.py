@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import artifacts, finite
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig, TrainConfig
+from pipeline.artifacts import npz as artifacts
+from pipeline.data.prepared import prepare
 from pipeline.errors import UserError
-from pipeline.prepared import prepare
+from pipeline.evaluate import finite
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, PreprocessConfig, TrainConfig
 
 SUPPORTS = Path(__file__).resolve().parents[1] / "experiments" / "paper" / "results" / "supports"
 SETTINGS = [("sgd", 0.5, 500), ("sgd", 0.1, 1000), ("sgd", 0.5, 2000), ("adam", 1e-3, 1000)]

@@ -30,11 +30,14 @@ from pathlib import Path
 import numpy as np
 from _report import emit
 
-from pipeline import artifacts, finite, kernels, kip, krr
-from pipeline.cli import default_cache_dir
-from pipeline.config import KernelConfig, TrainConfig
+from pipeline.artifacts import npz as artifacts
+from pipeline.data.prepared import reprepare
+from pipeline.distill import kip, krr
 from pipeline.errors import UserError
-from pipeline.prepared import reprepare
+from pipeline.evaluate import finite
+from pipeline.kernels import functions as kernels
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import KernelConfig, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 SUPPORTS_DIR = HERE / "results" / "supports"

@@ -7,7 +7,7 @@ twice:
 
     support     train.labels=support, labels_choice=fixed (the matrix's setting so far)
     validation  train.labels_choice=validation: the same candidates on the support's labels and on
-                labels solved for the network's own NTK (pipeline/network_kernel.py), chosen jointly
+                labels solved for the network's own NTK (pipeline/kernels/network_kernel.py), chosen jointly
                 with label scale and optimizer on the validation split
 
 Each side's settings are chosen on the validation split only; the test split is scored once per
@@ -37,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts, finite, kernels, network_kernel, transfer
-from pipeline.cli import default_cache_dir
-from pipeline.config import KernelConfig, TrainConfig
-from pipeline.prepared import reprepare
+from pipeline.artifacts import npz as artifacts
+from pipeline.data.prepared import reprepare
+from pipeline.evaluate import finite, transfer
+from pipeline.kernels import functions as kernels, network_kernel
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import KernelConfig, TrainConfig
 
 MODES = {"support": {"labels": "support", "labels_choice": "fixed"},
          "validation": {"labels": "support", "labels_choice": "validation"}}
@@ -140,7 +142,7 @@ def diagnose(support, prepared) -> dict:
     correct = {"support": accuracy(support.labels), "solved": accuracy(solved)}
     k = prepared.num_classes
     kernel_fn = kernels.make(KernelConfig(**support.metadata["kernel"]))
-    from pipeline import evaluate as scoring
+    from pipeline.evaluate import scoring
 
     infinite = scoring.krr_scores(kernel_fn, support.images, support.labels, prepared.x_val, prepared.y_val, k,
                                   support.metadata["distill"]["reg"])["accuracy"]

@@ -1,6 +1,6 @@
 """kip-pipeline: dataset distillation with Kernel Inducing Points, as a library and a DVC pipeline.
 
-Public entry points: `pipeline.workflow.distill` / `pipeline.workflow.evaluate` for whole runs,
+Public entry points: `pipeline.run.workflow.distill` / `pipeline.run.workflow.evaluate` for whole runs,
 and the small pure pieces they are made of (`kernels`, `krr`, `kip`, `preprocess`, `data`).
 """
 import os as _os

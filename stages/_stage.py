@@ -11,21 +11,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from pipeline import runtime
-from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
-from pipeline.params import section
-from pipeline.tracking import Tracker, stage_run
+from pipeline.run import runtime
+from pipeline.run.config import TrackingConfig
+from pipeline.run.params import section
+from pipeline.run.tracking import Tracker, stage_run
 
 
 def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
               several_processes: bool = False) -> None:
-    """several_processes: the stage may run as cooperating processes (pipeline/distributed.py)
+    """several_processes: the stage may run as cooperating processes (pipeline/run/distributed.py)
     when the environment names them; only `distill` does."""
     args = parser.parse_args()
     runtime.tune_process()
     runtime.stop_on_sigterm()
-    from pipeline import distributed
+    from pipeline.run import distributed
 
     code = _run(name, main, args, distributed, several_processes)
     if distributed.process_count() > 1:

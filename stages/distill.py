@@ -11,11 +11,13 @@ from pathlib import Path
 
 from _stage import csv_text, run_stage, tracked
 
-from pipeline import artifacts, atomic, distributed, parquet, plots, workflow
-from pipeline import prepared as prep_io
-from pipeline.config import DistillConfig, KernelConfig
-from pipeline.params import read_params, section, seed
-from pipeline.tracking import dataset_tags, file_md5
+from pipeline.artifacts import atomic, npz as artifacts, parquet
+from pipeline.data import prepared as prep_io
+from pipeline.evaluate import plots
+from pipeline.run import distributed, workflow
+from pipeline.run.config import DistillConfig, KernelConfig
+from pipeline.run.params import read_params, section, seed
+from pipeline.run.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:
@@ -24,7 +26,7 @@ def main(args: argparse.Namespace) -> None:
     config = section(params, "distill", DistillConfig, seed=seed(params))
     workflow.check_distill_settings(kernel, config)  # before reading any data
     prepared = prep_io.load(args.prepared)
-    if not distributed.is_main():  # one of several processes (pipeline/distributed.py): process 0 writes and tracks
+    if not distributed.is_main():  # one of several processes (pipeline/run/distributed.py): process 0 writes and tracks
         workflow.distill(prepared, kernel, config, checkpoint=args.checkpoint, progress=False)
         return
     dataset = prepared.provenance["dataset"]

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from _stage import run_stage, tracked
 
-from pipeline import artifacts, atomic, workflow
-from pipeline import prepared as prep_io
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, EvaluateConfig, PreprocessConfig, from_mapping
-from pipeline.params import read_params, section, seed
-from pipeline.tracking import dataset_tags, file_md5
+from pipeline.artifacts import atomic, npz as artifacts
+from pipeline.data import prepared as prep_io
+from pipeline.run import workflow
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, EvaluateConfig, PreprocessConfig, from_mapping
+from pipeline.run.params import read_params, section, seed
+from pipeline.run.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:

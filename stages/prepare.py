@@ -10,11 +10,11 @@ from pathlib import Path
 
 from _stage import run_stage, tracked
 
-from pipeline import prepared as prep_io
-from pipeline.cli import default_cache_dir
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.params import read_params, section, seed
-from pipeline.tracking import dataset_tags
+from pipeline.data import prepared as prep_io
+from pipeline.data.datasets import default_cache_dir
+from pipeline.run.config import DataConfig, PreprocessConfig
+from pipeline.run.params import read_params, section, seed
+from pipeline.run.tracking import dataset_tags
 
 
 def main(args: argparse.Namespace) -> None:

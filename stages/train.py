@@ -12,11 +12,12 @@ from pathlib import Path
 
 from _stage import csv_text, run_stage, tracked
 
-from pipeline import artifacts, atomic, plots, transfer
-from pipeline import prepared as prep_io
-from pipeline.config import TrainConfig
-from pipeline.params import read_params, section, seed
-from pipeline.tracking import dataset_tags, file_md5
+from pipeline.artifacts import atomic, npz as artifacts
+from pipeline.data import prepared as prep_io
+from pipeline.evaluate import plots, transfer
+from pipeline.run.config import TrainConfig
+from pipeline.run.params import read_params, section, seed
+from pipeline.run.tracking import dataset_tags, file_md5
 
 CURVE_COLUMNS = ("step", "distilled_val_accuracy", "baseline_val_accuracy")
 

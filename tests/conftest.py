@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.data import Dataset, load_dataset
+from pipeline.data.datasets import Dataset, load_dataset
+from pipeline.run.config import DataConfig, PreprocessConfig
 
 
 def pytest_configure(config):
@@ -44,7 +44,7 @@ def digits() -> Dataset:
 
 @pytest.fixture(scope="session")
 def digits_standardized(digits: Dataset):
-    from pipeline import preprocess
+    from pipeline.data import preprocess
 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     return transform.apply(digits.x_train), digits.y_train, transform.apply(digits.x_test), digits.y_test
@@ -73,7 +73,6 @@ def small_project(tmp_path_factory):
     import shutil
 
     from filelock import FileLock
-
     from projects import Project, env_for, finished_project
 
     if shutil.which("git") is None:

@@ -34,7 +34,7 @@ def child_env(**extra: str) -> dict[str, str]:
 ENV = child_env()
 
 _VM_PEAK = (
-    "import sys\nfrom pipeline.cli import main\ncode = main(sys.argv[1:])\n"
+    "import sys\nfrom pipeline.run.cli import main\ncode = main(sys.argv[1:])\n"
     "peak = [l for l in open('/proc/self/status') if l.startswith('VmPeak')][0].split()[1]\n"
     "print('VMPEAK', peak, file=sys.stderr)\nsys.exit(code)\n"
 )
@@ -77,7 +77,7 @@ _LIMITED = (
     "limit = int(sys.argv[1])\n"
     "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
     "sys.argv = ['kip', *sys.argv[2:]]\n"
-    "runpy.run_module('pipeline.cli', run_name='__main__')\n"
+    "runpy.run_module('pipeline.run.cli', run_name='__main__')\n"
 )
 
 

@@ -24,9 +24,11 @@ def cell_scores(cell: dict, folder: Path, cache_dir: Path, rows: slice = slice(N
     """Each support a cell stage saved, scored by the library directly (KRR under the cell's kernel on
     the test split rebuilt from the support's metadata): name -> (predicted classes, labels) on the
     test images `rows`."""
-    from pipeline import artifacts, evaluate, kernels
-    from pipeline.config import KernelConfig
-    from pipeline.prepared import reprepare
+    from pipeline.artifacts import npz as artifacts
+    from pipeline.data.prepared import reprepare
+    from pipeline.evaluate import scoring as evaluate
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     supports = {name: artifacts.load_npz(folder / file) for name, file in cell["supports"].items()}
     assert all(s.metadata["kernel"] == cell["kernel"] for s in supports.values())

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import artifacts, atomic, preprocess
-from pipeline.config import PreprocessConfig
+from pipeline.artifacts import atomic, npz as artifacts
+from pipeline.data import preprocess
 from pipeline.errors import UserError
+from pipeline.run.config import PreprocessConfig
 
 
 def lineage(method: str = "zca", num_classes: int = 10) -> dict:

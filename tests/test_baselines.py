@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import evaluate as scoring
-from pipeline import kernels, kip, workflow
-from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
-from pipeline.prepared import prepare
+from pipeline.data.prepared import prepare
+from pipeline.distill import kip
+from pipeline.evaluate import scoring
+from pipeline.kernels import functions as kernels
+from pipeline.run import workflow
+from pipeline.run.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
 
 DIGITS = DataConfig("embedded", "digits")
 EVAL = EvaluateConfig(baseline_repeats=2)

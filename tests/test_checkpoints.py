@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import workflow
-from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.data.prepared import Prepared, prepare
 from pipeline.errors import UserError
-from pipeline.prepared import Prepared, prepare
+from pipeline.run import workflow
+from pipeline.run.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = DistillConfig(support_per_class=1, steps=2, target_batch=100, checkpoint_every=1, learning_rate=0.01)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import artifacts
-from pipeline.cli import main
+from pipeline.artifacts import npz as artifacts
+from pipeline.run.cli import main
 
 
 def run_cli(capsys, *argv):
@@ -72,7 +72,7 @@ def test_help_reads_like_a_tool(capsys):
 def test_console_script_reports_errors_without_traceback(tmp_path):
     """The installed entry point, in a fresh process, exactly as a user runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "distill", "-o", str(tmp_path / "x.npz"), "--init", "zeros"],
+        [sys.executable, "-m", "pipeline.run.cli", "distill", "-o", str(tmp_path / "x.npz"), "--init", "zeros"],
         capture_output=True, text=True,
     )
     assert result.returncode == 2
@@ -126,7 +126,7 @@ def test_npz_is_readable_without_our_code(tmp_path, capsys):
 
 def test_cli_defaults_are_the_library_defaults():
     """One source of truth: `kip distill` with no options builds the default config records."""
-    from pipeline import cli, config
+    from pipeline.run import cli, config
 
     args = cli.build_parser().parse_args(["distill", "-o", "x.npz"])
     assert config.DataConfig(**cli._section(args, "data")) == config.DataConfig()

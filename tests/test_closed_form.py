@@ -12,8 +12,9 @@ import optax
 import pytest
 from jax.experimental import enable_x64
 
-from pipeline import closed_form, kernels, kip
-from pipeline.config import DistillConfig, KernelConfig
+from pipeline.distill import kip
+from pipeline.kernels import closed_form, functions as kernels
+from pipeline.run.config import DistillConfig, KernelConfig
 
 GRID = [
     KernelConfig(architecture="fc", kind=kind, depth=depth, parameterization=param, activation=act, b_std=b_std)

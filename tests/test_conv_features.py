@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import conv_features, finite, kernels
-from pipeline.config import TrainConfig
-from pipeline.conv_features import ConvFeatureConfig
 from pipeline.errors import UserError
+from pipeline.evaluate import finite
+from pipeline.kernels import conv_features, functions as kernels
+from pipeline.kernels.conv_features import ConvFeatureConfig
+from pipeline.run.config import TrainConfig
 
 
 def _per_network_kernels(config: ConvFeatureConfig, x: jax.Array, seed: int) -> np.ndarray:

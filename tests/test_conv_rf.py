@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import artifacts, conv_features, kernels, kip, krr, workflow
-from pipeline.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
-from pipeline.conv_features import ConvFeatureConfig
+from pipeline.artifacts import npz as artifacts
+from pipeline.data.prepared import prepare
+from pipeline.distill import kip, krr
 from pipeline.errors import UserError
-from pipeline.prepared import prepare
+from pipeline.kernels import conv_features, functions as kernels
+from pipeline.kernels.conv_features import ConvFeatureConfig
+from pipeline.run import workflow
+from pipeline.run.config import DataConfig, DistillConfig, EvaluateConfig, KernelConfig, PreprocessConfig
 
 FEATURES = ConvFeatureConfig(width=16, depth=2, networks=2)
 KERNEL = conv_features.RandomFeatureKernel(FEATURES, (8, 8, 1), seed=0)
@@ -75,8 +78,8 @@ def test_convnets_trained_on_a_conv_kip_support_beat_random_real_images(digits_s
     random one and a 15-point gap in the means: half the measured gap, and about 4 times the
     seeds' spread, so init and batch noise cannot flip it while a support that did not transfer
     would fail."""
-    from pipeline import finite
-    from pipeline.config import TrainConfig
+    from pipeline.evaluate import finite
+    from pipeline.run.config import TrainConfig
 
     x, y, x_test, y_test = digits_standardized
     x_train, y_train, x_val, y_val = x[300:], y[300:], x[:300], y[:300]

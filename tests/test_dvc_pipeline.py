@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import SMALL, copy_project
-from projects import distilled_bytes as _bytes
-from projects import dvc as _dvc
-from projects import run as _run
-from projects import stages_ran as _ran
+from projects import SMALL, copy_project, distilled_bytes as _bytes, dvc as _dvc, run as _run, stages_ran as _ran
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -52,11 +48,14 @@ def test_the_stages_metrics_are_the_library_run_on_their_artifacts(project):
     directly on the distilled set, the evaluate and train stages' whole metrics recomputed in this
     process from distilled.npz and prepared.npz. Equal, not close: the same computation on the same
     machine (the README's determinism promise)."""
-    from pipeline import artifacts, kernels, transfer, workflow
-    from pipeline import prepared as prep_io
-    from pipeline.config import EvaluateConfig, KernelConfig, TrainConfig
-    from pipeline.evaluate import krr_scores
-    from pipeline.params import read_params, section, seed
+    from pipeline.artifacts import npz as artifacts
+    from pipeline.data import prepared as prep_io
+    from pipeline.evaluate import transfer
+    from pipeline.evaluate.scoring import krr_scores
+    from pipeline.kernels import functions as kernels
+    from pipeline.run import workflow
+    from pipeline.run.config import EvaluateConfig, KernelConfig, TrainConfig
+    from pipeline.run.params import read_params, section, seed
 
     root, _, _ = project
     distilled = artifacts.load_npz(root / "artifacts" / "distilled.npz")
@@ -149,8 +148,8 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
 
 
 def test_mlflow_server_on_the_store_returns_the_runs(project):
-    import socket
     import signal
+    import socket
     import time
     import urllib.request
 
@@ -236,7 +235,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_identical_artifacts(project, t
     assert not (clone / "artifacts" / "distilled.parquet").exists()
     _dvc(clone, env, "pull", "distill")
     assert _bytes(clone) == _bytes(root)
-    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
+    report = _run(clone, env, sys.executable, "-m", "pipeline.run.cli", "inspect", "artifacts/distilled.parquet")
     summary = json.loads(report[report.index("{"):])
     assert summary["valid"] and summary["images"] == 20 and summary["dataset"]["name"] == "digits"
 
@@ -286,10 +285,11 @@ def test_a_convnet_kernel_experiment_runs_through_dvc(project):
     train = experiment["metrics"]["metrics/train.json"]["data"]
     assert experiment["params"]["params.yaml"]["data"]["kernel"]["architecture"] == "conv_rf"
     # `dvc exp run` leaves the experiment's outputs in the workspace: its numbers are those files'
-    from pipeline import artifacts, kernels
-    from pipeline import prepared as prep_io
-    from pipeline.config import KernelConfig
-    from pipeline.evaluate import krr_scores
+    from pipeline.artifacts import npz as artifacts
+    from pipeline.data import prepared as prep_io
+    from pipeline.evaluate.scoring import krr_scores
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     distilled = artifacts.load_npz(root / "artifacts" / "distilled.npz")
     assert distilled.metadata["kernel"]["architecture"] == "conv_rf"

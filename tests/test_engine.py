@@ -18,9 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import conv_features, distributed, evaluate, finite_ntk, kernels, kip, krr
-from pipeline.config import DistillConfig, KernelConfig, TrainConfig
+from pipeline.distill import kip, krr
 from pipeline.errors import UserError
+from pipeline.evaluate import scoring as evaluate
+from pipeline.kernels import conv_features, finite_ntk, functions as kernels
+from pipeline.run import distributed
+from pipeline.run.config import DistillConfig, KernelConfig, TrainConfig
 
 SHAPE = (8, 8, 1)
 KERNELS = ("fc", "rbf", "conv", "conv_rf", "finite_ntk")
@@ -187,7 +190,7 @@ def test_keeping_the_best_step_needs_a_validation_split(split):
     x_train, y_train, _, _ = split
     with pytest.raises(UserError, match="distill.keep=best_validation needs a validation split"):
         kip.distill(x_train, y_train, 10, make_kernel("fc"), BASE, progress=False)
-    from pipeline import workflow
+    from pipeline.run import workflow
 
     with pytest.raises(UserError, match=r"distill.keep=best_validation .* and eval_every=0; expected eval_every >= 1"):
         workflow.check_distill_settings(KernelConfig(), dataclasses.replace(BASE, eval_every=0))
@@ -223,7 +226,7 @@ def test_augmentation_is_a_translation_with_zero_fill_and_a_function_of_seed_and
     """Reference: numpy shifts. Every output image is its input shifted by at most `pad` pixels
     (zeros enter from the border), flips only with crop_flip; the same (seed, step) gives the same
     draw, another step another one."""
-    from pipeline import augment
+    from pipeline.distill import augment
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
@@ -257,9 +260,9 @@ def test_the_pipeline_refuses_flips_for_digits():
     """A mirrored digit is another symbol (or none): crop_flip is refused for mnist and digits, in one line."""
     from pathlib import Path
 
-    from pipeline import workflow
-    from pipeline.config import DataConfig, PreprocessConfig
-    from pipeline.prepared import prepare
+    from pipeline.data.prepared import prepare
+    from pipeline.run import workflow
+    from pipeline.run.config import DataConfig, PreprocessConfig
 
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
     with pytest.raises(UserError, match=re.escape("distill.augment=crop_flip mirrors images, and a mirrored digits "

@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from projects import SMALL, copy_project, dvc as _dvc, run as _run
 
-from pipeline import artifacts, config as cfg, parquet
-from pipeline.data import load_dataset
+from pipeline.artifacts import npz as artifacts, parquet
+from pipeline.data.datasets import load_dataset
 from pipeline.errors import UserError
-from projects import SMALL, copy_project
-from projects import dvc as _dvc
-from projects import run as _run
+from pipeline.run import config as cfg
 
 DISTILL = [
-    sys.executable, "-m", "pipeline.cli", "distill", "--source", "embedded", "--dataset", "digits",
+    sys.executable, "-m", "pipeline.run.cli", "distill", "--source", "embedded", "--dataset", "digits",
     "--support-per-class", "2", "--steps", "1500", "--target-batch", "300", "--learn-labels",
     "--checkpoint-every", "50", "-q",
 ]
@@ -72,7 +71,7 @@ def test_killed_distill_resumes_to_the_same_bytes(tmp_path):
 
 # --- malformed params: per key, the values a correct reader must refuse, and some it must keep ------
 #
-# The contract: each record's docstring and validation messages (pipeline/config.py), the comments of
+# The contract: each record's docstring and validation messages (pipeline/run/config.py), the comments of
 # params.yaml, and config._coerce ("YAML's natural spellings and nothing looser"). Sizes, steps and
 # counts are positive integers; seeds and `*_every` integers >= 0; standard deviations, rates, scales,
 # ridges finite numbers (> 0, or >= 0 where the message says so); fractions lie in [0, 1); switches
@@ -258,8 +257,9 @@ def _garbage(rng: np.random.Generator, valid: bytes) -> list[bytes]:
 
 @pytest.fixture(params=["standardize", "zca"])
 def distilled(rng, request):
-    from pipeline import preprocess
     from test_artifacts import lineage
+
+    from pipeline.data import preprocess
 
     transform = preprocess.fit(cfg.PreprocessConfig(request.param), rng.random((20, 4, 4, 1)).astype(np.float32))
     return artifacts.DistilledSet(rng.standard_normal((10, 4, 4, 1)).astype(np.float32),
@@ -352,7 +352,7 @@ def test_damaged_idx_files_are_reported_not_crashed_on(tmp_path, rng, compress):
 # --- `dvc repro` killed at the worst moments, then `kip doctor`: the bytes of an uninterrupted run ---
 #
 # DVC 3.67.1 rewrites dvc.lock and .dvc/tmp/rwlock in place (open "w+" truncates, then it writes), so a
-# kill in between leaves a file every later DVC command rejects. `kip doctor` (pipeline/lockfile.py)
+# kill in between leaves a file every later DVC command rejects. `kip doctor` (pipeline/artifacts/lockfile.py)
 # repairs that; these tests kill `dvc repro` at chosen moments in a scratch copy of the project (the
 # small embedded-digits setup of tests/projects.py), run `kip doctor` and `dvc repro`, and compare every
 # output and dvc.lock with an uninterrupted run. The writes are killed deterministically by running the
@@ -485,7 +485,7 @@ def _repro_matches(root: Path, env: dict[str, str], reference) -> str:
 
 def _doctor(root: Path, env: dict[str, str]) -> str:
     """`kip doctor` as a user runs it (the project's own copy of the package): one line."""
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor"], cwd=root, env=env,
+    result = subprocess.run([sys.executable, "-m", "pipeline.run.cli", "doctor"], cwd=root, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -573,7 +573,7 @@ def test_kip_doctor_refuses_while_dvc_runs_and_clears_what_killed_runs_left(tmp_
     import psutil
     from dvc.repo import Repo
 
-    from pipeline.lockfile import repair
+    from pipeline.artifacts.lockfile import repair
 
     with pytest.raises(UserError, match="not inside a DVC project"):
         repair(tmp_path)

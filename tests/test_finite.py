@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import finite, kernels, transfer, workflow
-from pipeline.artifacts import DistilledSet
-from pipeline.config import KernelConfig, PreprocessConfig, TrainConfig
+from pipeline.artifacts.npz import DistilledSet
 from pipeline.errors import UserError
+from pipeline.evaluate import finite, transfer
+from pipeline.kernels import functions as kernels
+from pipeline.run import workflow
+from pipeline.run.config import KernelConfig, PreprocessConfig, TrainConfig
 
 
 def _separable(rng, pattern, n_per_class=8):
@@ -80,7 +82,7 @@ def test_conv_that_pools_images_away_is_refused():
 
 
 def _prepared(digits_standardized, digits, transform):
-    from pipeline.prepared import Prepared
+    from pipeline.data.prepared import Prepared
 
     x_train, y_train, x_test, y_test = digits_standardized
     return Prepared(x_train[:-200], y_train[:-200], x_train[-200:], y_train[-200:], x_test, y_test, transform,
@@ -88,7 +90,7 @@ def _prepared(digits_standardized, digits, transform):
 
 
 def test_transfer_refuses_an_artifact_of_another_shape_or_preprocessing(digits, digits_standardized):
-    from pipeline import preprocess
+    from pipeline.data import preprocess
 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     prepared = _prepared(digits_standardized, digits, transform)
@@ -103,9 +105,9 @@ def test_transfer_refuses_an_artifact_of_another_shape_or_preprocessing(digits, 
 
 
 def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
-    from pipeline import preprocess
-    from pipeline.kip import class_balanced_indices
-    from pipeline.krr import centered_one_hot
+    from pipeline.data import preprocess
+    from pipeline.distill.kip import class_balanced_indices
+    from pipeline.distill.krr import centered_one_hot
 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     prepared = _prepared(digits_standardized, digits, transform)
@@ -129,7 +131,7 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
 def test_validation_accuracy_of_a_trained_network_is_its_monitor_at_the_last_step(digits, digits_standardized):
     """Two paths to the same number: the training loop's own monitor (every eval_every steps, on the
     validation split) and `transfer.validation_accuracy` from the returned network afterwards."""
-    from pipeline import preprocess
+    from pipeline.data import preprocess
 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     prepared = _prepared(digits_standardized, digits, transform)
@@ -193,12 +195,12 @@ def _trained_outputs(x, y, x_test, width, loss, seed):
 def test_wide_centred_ntk_network_trained_on_mse_approaches_the_ntk_regression(rng):
     """In the kernel regime a centred network trained by gradient descent on MSE converges to kernel
     regression with its NTK, without the random initial function. Reference: the infinite-width NTK of
-    pipeline.kernels (checked against neural-tangents and closed forms in test_kernels) with a
+    pipeline.kernels.functions (checked against neural-tangents and closed forms in test_kernels) with a
     negligible ridge. The finite-width error shrinks as 1/sqrt(width): on this problem, over init seeds
     0-2, 0.26-0.34 at width 64, 0.10-0.14 at 512, 0.028-0.050 at 4096 (relative L2 error of the test
     predictions), so 0.1 at width 4096 is twice the largest seen, and width 64 fails it. The uncentred
     network misses by 2-3x the size of the prediction: its initial function is as large as the targets."""
-    from pipeline import krr
+    from pipeline.distill import krr
 
     x, y, x_test = _tiny_regression(rng)
     kernel_fn = kernels.make(KernelConfig(kind="ntk", depth=1, w_std=1.5, b_std=0.5, parameterization="ntk"))
@@ -260,8 +262,8 @@ def test_the_label_scale_and_optimizer_are_chosen_on_validation_per_side(digits,
     makes for the distilled side (recorded, not swept a second time)."""
     from pathlib import Path
 
-    from pipeline.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER, DataConfig, DistillConfig
-    from pipeline.prepared import prepare
+    from pipeline.data.prepared import prepare
+    from pipeline.run.config import AUTO_LABEL_SCALES, AUTO_OPTIMIZER, DataConfig, DistillConfig
 
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/x"))
     distilled = workflow.distill(prepared, KernelConfig(), DistillConfig(support_per_class=2, steps=5, target_batch=400,

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import finite, finite_ntk, kip, krr, network_kernel
-from pipeline.config import DistillConfig, TrainConfig
+from pipeline.distill import kip, krr
 from pipeline.errors import UserError
+from pipeline.evaluate import finite
+from pipeline.kernels import finite_ntk, network_kernel
+from pipeline.run.config import DistillConfig, TrainConfig
 
 NETWORK = TrainConfig(width=64, depth=1)
 

@@ -1,6 +1,6 @@
 """Hostile or damaged files end in one line, in bounded memory and time: data-source files, distilled
 artifacts, output paths, files kip must not destroy by mistake, tamper evidence, and writers that check
-what they write (pipeline.sources, artifacts, parquet, atomic, prepared, inspection, cli).
+what they write (pipeline.data.sources, artifacts, parquet, atomic, prepared, inspection, cli).
 
 What a user meets through the CLI runs the real `kip` in a child process, under an address-space
 limit set in the child (RLIMIT_AS) and a timeout (`hostile.run_kip`): it must exit 2 with exactly one
@@ -45,15 +45,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from hostile import ENV, TIMEOUT, Limits, assert_one_line_error, child_env, listing, run_kip, snapshot
-from pipeline import artifacts, atomic, parquet, preprocess, safe_read
-from pipeline import prepared as prepared_io
-from pipeline.config import PreprocessConfig
-from pipeline.errors import UserError
-from pipeline.sources.files import MAX_CLASSES
 from test_artifacts import lineage
 from test_data import idx_bytes, write_idx_dir
+
+from pipeline.artifacts import atomic, npz as artifacts, parquet, safe_read
+from pipeline.data import prepared as prepared_io, preprocess
+from pipeline.data.sources.files import MAX_CLASSES
+from pipeline.errors import UserError
+from pipeline.run.config import PreprocessConfig
 
 CLASS_NAMES = [f"c{i}" for i in range(10)]
 DIGITS = ["--source", "embedded", "--dataset", "digits"]
@@ -370,7 +370,7 @@ def test_read_exactly_inflates_at_most_one_byte_past_the_declared_size(tmp_path,
 
 
 def test_in_memory_idx_parser_shares_the_checks():
-    from pipeline.sources.idx import parse_idx
+    from pipeline.data.sources.idx import parse_idx
 
     with pytest.raises(UserError, match="at most"):
         parse_idx(gzip.compress(idx_header((65536,) * 4)), "x.gz")
@@ -397,7 +397,7 @@ def test_cache_dir_that_is_a_file(tmp_path, limits, how):
 
 def test_decoded_cache_replaced_by_a_directory_is_named_not_deleted(tmp_path, limits):
     """A bad cache file is deleted and rebuilt, but a directory in its place is the user's."""
-    from pipeline.sources import registry
+    from pipeline.data.sources import registry
 
     decoded = tmp_path / f"mnist-{registry.MNIST_WHEEL.sha256[:16]}.npz"
     (decoded / "keep").mkdir(parents=True)
@@ -410,7 +410,7 @@ def test_decoded_cache_replaced_by_a_directory_is_named_not_deleted(tmp_path, li
 @pytest.fixture(scope="module")
 def warm_registry(registry_cache, limits) -> dict[str, object]:
     """The verified MNIST download, its decoded cache and the dataset's description."""
-    from pipeline.sources import registry
+    from pipeline.data.sources import registry
 
     result = run_kip(["data", "--source", "registry", "--dataset", "mnist", "--cache-dir", str(registry_cache)],
                      limits["data"])

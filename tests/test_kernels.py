@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics.pairwise import rbf_kernel
 
-from pipeline import kernels
-from pipeline.config import KernelConfig
+from pipeline.kernels import functions as kernels
+from pipeline.run.config import KernelConfig
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
 

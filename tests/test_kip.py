@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from jax.experimental import enable_x64
 
-from pipeline import evaluate, kernels, kip, krr
-from pipeline.config import DistillConfig, KernelConfig
+from pipeline.distill import kip, krr
+from pipeline.evaluate import scoring as evaluate
+from pipeline.kernels import functions as kernels
+from pipeline.run.config import DistillConfig, KernelConfig
 
 SMALL = DistillConfig(support_per_class=2, steps=30, learning_rate=0.02, target_batch=300, checkpoint_every=10)
 

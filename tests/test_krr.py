@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.kernel_ridge import KernelRidge
 
-from pipeline import krr
+from pipeline.distill import krr
 
 
 @pytest.fixture(autouse=True)
@@ -119,9 +119,9 @@ def test_krr_scores_match_sklearn_kernel_ridge_end_to_end(rng, reg):
     here), and the MSE, relatively, by twice that over |residual|; 10x that is the tolerance (~1e-9).
     Projecting in float32 (errors ~1e-6) or an unscaled ridge cannot pass. The arg-max (accuracy)
     is exact unless two classes tie to that level: the smallest top-two gap is checked."""
-    from pipeline import kernels
-    from pipeline.config import KernelConfig
-    from pipeline.evaluate import krr_scores
+    from pipeline.evaluate.scoring import krr_scores
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     kernel_fn = kernels.make(KernelConfig())
     support = rng.standard_normal((30, 4, 4, 1)).astype(np.float32)
@@ -161,10 +161,10 @@ def test_accuracy_and_mse_by_hand():
 
 
 def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
-    from pipeline import kernels
-    from pipeline.config import KernelConfig
     from pipeline.errors import UserError
-    from pipeline.evaluate import krr_scores
+    from pipeline.evaluate.scoring import krr_scores
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     image = rng.standard_normal((1, 4, 4, 1)).astype(np.float32)
     support = np.concatenate([image, image])  # identical rows: K_ss is singular
@@ -179,10 +179,10 @@ def test_the_random_baseline_is_krr_on_class_balanced_real_images_as_given(rng):
     check, not a reference: it recomputes with our own krr_scores (held to scikit-learn above) to
     check the subsets and the averaging; the same computations agree to the mean's rounding, and a
     wrong subset moves an accuracy by a multiple of 1/25."""
-    from pipeline import kernels
-    from pipeline.config import KernelConfig
-    from pipeline.evaluate import krr_scores, random_subset_baseline
-    from pipeline.kip import class_balanced_indices
+    from pipeline.distill.kip import class_balanced_indices
+    from pipeline.evaluate.scoring import krr_scores, random_subset_baseline
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import KernelConfig
 
     x_train = rng.standard_normal((60, 3, 3, 1)).astype(np.float32)
     y_train = np.arange(60) % 3
@@ -296,10 +296,10 @@ def test_a_whole_block_of_rows_scored_alone_gives_the_bytes_of_a_full_scoring(rn
     here) and conv_features.krr_predictions (features and products by 8-row blocks) give an aligned
     block's rows the same bytes whether scored with the other rows or alone. Consistency check
     between two calls of our own code: equal, not close."""
-    from pipeline import conv_features, kernels
-    from pipeline.config import KernelConfig
-    from pipeline.conv_features import ConvFeatureConfig
-    from pipeline.evaluate import krr_predictions
+    from pipeline.evaluate.scoring import krr_predictions
+    from pipeline.kernels import conv_features, functions as kernels
+    from pipeline.kernels.conv_features import ConvFeatureConfig
+    from pipeline.run.config import KernelConfig
 
     support = rng.standard_normal((12, 8, 8, 1)).astype(np.float32)
     labels = krr.centered_one_hot(np.arange(12) % 3, 3)

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import finite, krr, network_kernel, transfer
-from pipeline.config import DataConfig, PreprocessConfig, TrainConfig
+from pipeline.data.prepared import prepare
+from pipeline.distill import krr
 from pipeline.errors import UserError
-from pipeline.prepared import prepare
+from pipeline.evaluate import finite, transfer
+from pipeline.kernels import network_kernel
+from pipeline.run.config import DataConfig, PreprocessConfig, TrainConfig
 
 
 def _params(config: TrainConfig, shape=(4, 4, 1), classes=3, seed=0):

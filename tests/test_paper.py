@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from pipeline import paper, paper_networks, paper_report
-from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.errors import UserError
-from pipeline.prepared import prepare
-from projects import REPO
-from projects import dvc as _dvc
-from projects import env_for as _env
-from projects import run as _run
-from projects import stages_ran as _ran
+from projects import REPO, dvc as _dvc, env_for as _env, run as _run, stages_ran as _ran
 from rescoring import assert_cell_rescored_exactly
+
+from pipeline.data.prepared import prepare
+from pipeline.errors import UserError
+from pipeline.run.config import DataConfig, PreprocessConfig
+
+sys.path.insert(0, str(REPO / "experiments" / "paper"))  # the matrix's code belongs to the experiment, not the library
+import paper  # noqa: E402
+import paper_networks  # noqa: E402
+import paper_report  # noqa: E402
 
 SHARED = {
     "repeats": 2,
@@ -100,8 +100,8 @@ def digits_cell(digits_run):
 def test_every_support_behind_a_number_is_rescored_to_it_by_kip_evaluate(digits_run, tmp_path, capsys):
     """The published numbers are re-scorable: each saved support, through `kip evaluate`, gives the
     cell's own test accuracy (the same computation on the same data: equal, not close)."""
-    from pipeline import artifacts
-    from pipeline.cli import main
+    from pipeline.artifacts import npz as artifacts
+    from pipeline.run.cli import main
 
     cell, supports = digits_run
     assert sorted(supports) == ["kip", "kip_labels", "label_solve_0", "label_solve_1"]
@@ -132,7 +132,7 @@ def test_the_random_side_trained_alone_is_the_one_trained_beside_a_support(digit
     """The matrix trains random subsets' networks once per (dataset, size), apart from the supports;
     `kip train` and the main pipeline train them beside the support: the same subsets, seeds and
     settings choice must give the same numbers."""
-    from pipeline import transfer
+    from pipeline.evaluate import transfer
 
     cell, supports = digits_run
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
@@ -215,7 +215,7 @@ def test_report_checks_the_convnet_kernel_goals(digits_cell):
 
 def test_a_cells_kip_runs_checkpoint_where_the_stage_says(tmp_path):
     """The cell stage's --checkpoints: each KIP run saves there, and a re-run resumes to the same support."""
-    from pipeline import kip
+    from pipeline.distill import kip
 
     prepared = prepare(DataConfig("embedded", "digits"), PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
     spec = {"dataset": "digits", "support_per_class": 1, "train": "fc", "kip": {"checkpoint_every": 10},
@@ -240,7 +240,8 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     for folder in ("pipeline", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "experiments" / "paper").mkdir(parents=True)
-    shutil.copy(REPO / "experiments" / "paper" / "dvc.yaml", root / "experiments" / "paper" / "dvc.yaml")
+    for code in [REPO / "experiments" / "paper" / "dvc.yaml", *(REPO / "experiments" / "paper").glob("*.py")]:
+        shutil.copy(code, root / "experiments" / "paper" / code.name)
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = {
         "shared": SHARED,
@@ -268,7 +269,7 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     assert first == {"cell@digits-fc_ntk-1", "cell@digits-rbf-1", "networks@digits-fc_ntk-1", "networks@digits-rbf-1",
                      "baseline@digits-1-fc", "baseline@digits-1-alt", "report"}
     lock = yaml.safe_load((paper / "dvc.lock").read_text())
-    assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/kip.py", "../../stages/paper_cell.py"}
+    assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/distill/kip.py", "stage_cell.py"}
     results = paper / "results"
     for key in ("digits-fc_ntk-1", "digits-rbf-1"):  # the stage's numbers are its saved supports' scores
         assert_cell_rescored_exactly(json.loads((results / "cells" / f"{key}.json").read_text()), results / "supports" / key,
@@ -391,7 +392,7 @@ def test_the_report_needs_every_network_result_unless_asked_for_an_interim_one(d
         folder.mkdir()
     (cells / "digits-fc_ntk-2.json").write_text(json.dumps(digits_cell))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paper": [], "tracking": {"enabled": False}}))
-    command = [sys.executable, str(REPO / "stages" / "paper_report.py"), str(cells), "--networks", str(networks),
+    command = [sys.executable, str(REPO / "experiments" / "paper" / "stage_report.py"), str(cells), "--networks", str(networks),
                "--baselines", str(baselines), "--table", str(tmp_path / "table.md"), "--figure", str(tmp_path / "f.png"),
                "--summary", str(tmp_path / "summary.json"), "--params", str(tmp_path / "params.yaml")]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)

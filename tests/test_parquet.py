@@ -8,13 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline import artifacts, parquet, preprocess
-from pipeline.cli import main
-from pipeline.config import PreprocessConfig
-from pipeline.errors import UserError
-from pipeline.inspection import inspect_artifact
 from test_artifacts import lineage
+
+from pipeline.artifacts import npz as artifacts, parquet
+from pipeline.artifacts.inspection import inspect_artifact
+from pipeline.data import preprocess
+from pipeline.errors import UserError
+from pipeline.run.cli import main
+from pipeline.run.config import PreprocessConfig
 
 CLASS_NAMES = [f"c{i}" for i in range(10)]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import plots, preprocess
-from pipeline.config import PreprocessConfig
+from pipeline.data import preprocess
+from pipeline.evaluate import plots
+from pipeline.run.config import PreprocessConfig
 
 
 def test_viewable_undoes_standardisation(rng):

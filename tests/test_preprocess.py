@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import preprocess
-from pipeline.config import PreprocessConfig
+from pipeline.data import preprocess
+from pipeline.run.config import PreprocessConfig
 
 
 @pytest.fixture

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from pipeline import kernels, kip, privacy
-from pipeline.config import DistillConfig, KernelConfig
+from pipeline.distill import kip
 from pipeline.errors import UserError
+from pipeline.evaluate import privacy
+from pipeline.kernels import functions as kernels
+from pipeline.run.config import DistillConfig, KernelConfig
 
 
 def test_nearest_train_matches_scipy(rng):

@@ -84,7 +84,7 @@ def test_every_published_support_has_recorded_predictions_and_nothing_else_does(
 @pytest.mark.registry
 @pytest.mark.parametrize("key", [key for key in paper_cells() if key not in SUPPORTS_LOST])
 def test_a_paper_cells_committed_supports_rescore_to_its_published_numbers(key, registry_cache):
-    from pipeline import artifacts
+    from pipeline.artifacts import npz as artifacts
 
     cell = json.loads((PAPER / "cells" / f"{key}.json").read_text())
     folder = PAPER / "supports" / key
@@ -102,8 +102,8 @@ def test_a_paper_cells_committed_supports_rescore_to_its_published_numbers(key, 
 
 def _test_labels(metadata: dict, cache_dir: Path) -> np.ndarray:
     """The labels of the test split a support's metadata names (cheap: no kernel)."""
-    from pipeline.config import DataConfig
-    from pipeline.data import load_dataset
+    from pipeline.data.datasets import load_dataset
+    from pipeline.run.config import DataConfig
 
     return load_dataset(DataConfig(**metadata["data"]), cache_dir).y_test
 

@@ -62,7 +62,7 @@ LIBRARY_ONLY = textwrap.dedent("""
 @pytest.mark.parametrize("entry,opt_out", [("kip_loss", False), ("kip_loss", True), ("finite_ntk", False)])
 def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(entry, opt_out):
     """Someone calling kip_loss (or finite_ntk's solve) from their own script gets the one-thread LAPACK that makes the
-    step fast (pipeline/runtime.py), without calling tune_process; KIP_KEEP_LAPACK_THREADS=1 keeps
+    step fast (pipeline/run/runtime.py), without calling tune_process; KIP_KEEP_LAPACK_THREADS=1 keeps
     SciPy's OpenBLAS as it was."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OPENBLAS_NUM_THREADS": "2"}
     env.pop("KIP_KEEP_LAPACK_THREADS", None)

@@ -18,13 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
+from projects import (SMALL, copy_project, distilled_bytes as _bytes, dvc as _dvc, env_for as _env, make_project,
+                      run as _run, write_params)
 from services import mlflow_server, postgres_server, s3_server
-from projects import SMALL, copy_project, make_project, write_params
-from projects import distilled_bytes as _bytes
-from projects import dvc as _dvc
-from projects import env_for as _env
-from projects import run as _run
 
 pytestmark = pytest.mark.services
 
@@ -153,7 +149,7 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
     view shows both executions' metrics, and a support-image PNG decodes."""
     from browser import chromium
 
-    from pipeline.tracking import experiment_url
+    from pipeline.run.tracking import experiment_url
 
     _, experiment_id, *_ = logged
     client = _client(tracking, ADA, monkeypatch)
@@ -263,7 +259,7 @@ def test_a_teammate_pulls_byte_identical_artifacts_from_s3(ada, s3, tmp_path):
     pulled = _dvc_as(clone, env, s3.env(), "pull", "distill")
     assert pulled.returncode == 0, pulled.stderr
     assert _bytes(clone) == _bytes(root)
-    report = _run(clone, env, sys.executable, "-m", "pipeline.cli", "inspect", "artifacts/distilled.parquet")
+    report = _run(clone, env, sys.executable, "-m", "pipeline.run.cli", "inspect", "artifacts/distilled.parquet")
     assert json.loads(report[report.index("{"):])["valid"]
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
-from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
+from pipeline.run import tracking
+from pipeline.run.config import TrackingConfig
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_unreachable_store_is_one_line_naming_the_uri(project, where):
     ({"url": "x"}, "tracking.url is not a known key"),
 ])
 def test_bad_tracking_params(values, fragment):
-    from pipeline.config import from_mapping
+    from pipeline.run.config import from_mapping
 
     with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
         from_mapping(TrackingConfig, values, "tracking")

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import splits, transfer, workflow
-from pipeline.artifacts import DistilledSet
-from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
+from pipeline.artifacts.npz import DistilledSet
+from pipeline.data import splits
+from pipeline.data.prepared import prepare, reprepare
 from pipeline.errors import UserError
-from pipeline.prepared import prepare, reprepare
+from pipeline.evaluate import transfer
+from pipeline.run import workflow
+from pipeline.run.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
 
 DIGITS = DataConfig("embedded", "digits", validation_fraction=0.2, seed=3)
 RUN = DistillConfig(support_per_class=2, steps=3, target_batch=100000, eval_every=1, checkpoint_every=0)
@@ -140,7 +142,7 @@ def test_choosing_the_conv_cells_loss_and_schedule_never_reads_the_test_split(pr
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import select_conv_kip_settings as selection
 
-    from pipeline import paper
+    import paper  # experiments/paper's cell configs, put on the path by the selection script
 
     kip = {"steps": 2, "learning_rate": 0.01, "target_batch": 100, "eval_every": 1, "keep": "best_validation"}
     kernel = {"architecture": "conv_rf", "kind": "nngp", "depth": 2, "rf_width": 8, "rf_networks": 1, "rf_eval_networks": 2}
@@ -161,7 +163,7 @@ def test_network_settings_and_learning_curves_never_read_the_test_split(prepared
     """The label scale and optimizer a network trains with, and the train stage's learning curve, come
     from the validation split: a NaN test split changes none of them (it only spoils the final test number).
     The poisoned side's networks are the ones `transfer` trains (recorded, not trained a second time)."""
-    from pipeline.config import TrainConfig
+    from pipeline.run.config import TrainConfig
 
     distilled = clean_run.distilled
     config = TrainConfig(width=32, steps=20, seeds=1, eval_every=10)
@@ -184,8 +186,8 @@ def test_network_settings_and_learning_curves_never_read_the_test_split(prepared
 def test_labels_solved_for_a_network_read_training_images_only(prepared, clean_run):
     """Solved labels come from training images: NaN validation and test splits leave them, and the
     choice between label sources (which reads validation) untouched by the test split."""
-    from pipeline import finite
-    from pipeline.config import TrainConfig
+    from pipeline.evaluate import finite
+    from pipeline.run.config import TrainConfig
 
     config = TrainConfig(width=32, steps=20, seeds=1, eval_every=0, labels_choice="validation", solve_targets=200)
     solve_on = transfer.solve_targets(prepared, config)

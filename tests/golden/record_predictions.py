@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: rescoring
 
-from rescoring import (BENCHMARKS, GOLDEN, PAPER, ROOT, assert_cell_scores_are_published, benchmark_runs,
-                       cell_scores, golden_file, paper_cells, sha256)
+from rescoring import (BENCHMARKS, GOLDEN, PAPER, ROOT, assert_cell_scores_are_published, benchmark_runs, cell_scores,
+                       golden_file, paper_cells, sha256)
 from test_benchmark_reports import _benchmark_module
 
 
 def _write(support: Path, predicted: np.ndarray) -> None:
-    from pipeline import atomic
+    from pipeline.artifacts import atomic
 
     GOLDEN.mkdir(parents=True, exist_ok=True)
     assert predicted.max() < 256
@@ -40,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="record only the supports whose cell or run name contains this")
     args = parser.parse_args()
-    from pipeline.cli import default_cache_dir
+    from pipeline.data.datasets import default_cache_dir
 
     cache = default_cache_dir()
     for key in paper_cells():

@@ -1,0 +1,301 @@
+"""The distilled dataset as Parquet: one row per support image, lineage in the schema metadata.
+
+Columns: `index`, `class`, `class_name`, `label` (fixed-size list, one value per class) and
+`image` (fixed-size list of H*W*C float32, row-major NHWC; the shape is in the metadata).
+Schema metadata (`kip.*` keys, JSON values) carries what a reader needs to trust and use the rows:
+the run's metadata (data, preprocessing, kernel, params, seed, code version), the image shape, the
+preprocessing transform, and checksums: `kip.checksums` holds one sha256 per column and per
+`kip.*` value, `kip.checksum` the sha256 over those. The file holds the whole preprocessing
+transform, so it can be shared alone (`dvc artifacts get ... distilled` delivers just this file):
+mean/std in `kip.transform`, and a ZCA matrix (d x d float64, 4.9 MB for MNIST, 75 MB for CIFAR)
+as raw little-endian bytes in the file's key-value metadata under `kip.zca_matrix`. That key is
+written to the Parquet footer only, not to the Arrow schema, so pandas never loads it with the rows
+and it is not stored twice; `kip.transform` records the transform's sha256, which the reader checks
+against the matrix it finds.
+
+The reader's checks are hand-written for the same reason as the .npz's (pipeline.artifacts.npz): a
+file from anywhere must yield a usable set or one line naming what is wrong, within bounded
+memory (the declared table size is checked before any row is read).
+
+Read it in one line: `pandas.read_parquet("artifacts/distilled.parquet")`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import atomic, npz as artifacts, safe_read
+from pipeline.artifacts.npz import FORMAT_VERSION, DistilledSet
+from pipeline.data.preprocess import Transform
+from pipeline.errors import UserError
+from pipeline.run import config as cfg
+
+MAX_TABLE_BYTES = 1 << 30  # declared uncompressed size a reader accepts (a distilled set is MBs)
+_EXPECTED = "a distilled .parquet written by kip"
+_COLUMNS = ("index", "class", "class_name", "label", "image")
+_HASHED_KEYS = ("kip.format_version", "kip.image_shape", "kip.transform", "kip.metadata")
+_REQUIRED_KEYS = ("kip.format_version", "kip.image_shape", "kip.checksum", "kip.checksums", "kip.transform", "kip.metadata")
+_ZCA_KEY = "kip.zca_matrix"  # footer key-value metadata: the d x d ZCA matrix, float64 little-endian
+_ZCA_RECORD = {"key": _ZCA_KEY, "dtype": "<f8"}
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def save_parquet(path: Path, distilled: DistilledSet, class_names: list[str]) -> None:
+    """Write atomically, with everything a reader needs (the ZCA matrix included)."""
+    path = Path(path)
+    transform = distilled.transform
+    atomic.check_finite_arrays(path, {"images": distilled.images, "labels": distilled.labels,
+                                      **{f"transform/{k}": v for k, v in transform.to_arrays().items()}})
+    table = _table(path, distilled, class_names)
+    transform_meta: dict[str, Any] = {
+        "method": transform.method,
+        "channel_mean": transform.channel_mean.tolist(),
+        "channel_std": transform.channel_std.tolist(),
+        "zca_reg": transform.zca_reg,
+        "sha256": transform.checksum(),
+    }
+    footer: dict[str, bytes] = {}
+    if transform.method == "zca":
+        transform_meta["zca_matrix"] = dict(_ZCA_RECORD)
+        footer[_ZCA_KEY] = np.ascontiguousarray(transform.zca_matrix, "<f8").tobytes()
+    strings = {
+        "kip.format_version": str(FORMAT_VERSION),
+        "kip.image_shape": json.dumps(list(distilled.images.shape[1:])),
+        "kip.transform": atomic.finite_json(transform_meta, f"{path}: kip.transform", sort_keys=True),
+        "kip.metadata": atomic.finite_json(distilled.metadata, f"{path}: metadata", sort_keys=True),
+    }
+    with atomic.replace_on_success(path) as tmp:
+        write_sealed(tmp, sealed(table, strings), footer)
+
+
+def write_sealed(path: Path, table: pa.Table, footer: Mapping[str, bytes]) -> None:
+    """Write `table` (its schema metadata included) plus `footer` key-values outside the Arrow schema."""
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        writer.write_table(table)
+        if footer:
+            writer.add_key_value_metadata(dict(footer))
+
+
+def sealed(table: pa.Table, strings: Mapping[str, str]) -> pa.Table:
+    """`table` with the `kip.*` schema metadata `strings` plus checksums over them and every column."""
+    record = artifacts.checksum_record(_parts(table, strings))
+    metadata = {**strings, "kip.checksum": record["all"], "kip.checksums": json.dumps(record, sort_keys=True)}
+    return table.replace_schema_metadata({k: v.encode() for k, v in metadata.items()})
+
+
+def _table(path: Path, distilled: DistilledSet, class_names: list[str]) -> pa.Table:
+    n = len(distilled.images)
+    classes = np.asarray(distilled.classes, np.int32)
+    if classes.size and (classes.min() < 0 or classes.max() >= len(class_names)):
+        raise UserError(f"{path}: classes must be in 0..{len(class_names) - 1} (one per class name); found {classes.max()}")
+    flat = np.ascontiguousarray(distilled.images, np.float32).reshape(n, -1)
+    labels = np.ascontiguousarray(distilled.labels, np.float32)
+    return pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int32)),
+        "class": pa.array(classes),
+        "class_name": pa.array([class_names[c] for c in classes], pa.string()),
+        "label": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), labels.shape[1]),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+    })
+
+
+def _parts(table: pa.Table, strings: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """What the checksums cover: every column, and every `kip.*` value but the checksums."""
+    parts = {f"column {name!r}": _column_array(table.column(name)) for name in table.column_names}
+    parts.update({key: np.frombuffer(strings[key].encode(), np.uint8) for key in _HASHED_KEYS})
+    return parts
+
+
+def _column_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as a deterministic array: numbers as numbers, anything else as its JSON text."""
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind) and _is_number(kind.value_type) and column.null_count == 0:
+        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), kind.list_size)
+    if _is_number(kind) and column.null_count == 0:
+        return column.to_numpy()
+    return np.frombuffer(json.dumps(column.to_pylist(), default=str).encode(), np.uint8)
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def read_parquet(path: Path) -> DistilledSet:
+    """Read and verify a distilled Parquet file (schema, checksums, shapes, lineage, transform)."""
+    path = Path(path)
+    safe_read.check_regular(path, _EXPECTED)
+    meta = _schema_metadata(path)
+    table = _read_table(path)
+    _verify(path, table, meta)
+    shape = _image_shape(path, meta["kip.image_shape"])
+    tmeta = parse_transform(path, meta["kip.transform"])
+    metadata = artifacts.parse_json_object(path, meta["kip.metadata"], "kip.metadata")
+    _check_column_types(path, table, shape)
+    n = table.num_rows
+    transform = Transform(
+        method=tmeta["method"],
+        channel_mean=np.asarray(tmeta["channel_mean"], np.float32),
+        channel_std=np.asarray(tmeta["channel_std"], np.float32),
+        zca_matrix=_zca_matrix(path, int(np.prod(shape))) if tmeta["method"] == "zca" else np.zeros((0, 0)),
+        zca_reg=float(tmeta["zca_reg"]),
+    )
+    distilled = DistilledSet(
+        images=_fixed_list_values(table, "image").reshape((n, *shape)),
+        labels=_fixed_list_values(table, "label").reshape(n, table.column("label").type.list_size),
+        classes=table.column("class").to_numpy(),
+        transform=transform,
+        metadata=metadata,
+    )
+    artifacts.check_consistent(path, distilled)
+    if transform.checksum() != tmeta["sha256"]:
+        raise UserError(f"{path}: the preprocessing transform does not match the sha256 kip.transform records; "
+                        "the file was altered or damaged")
+    artifacts.check_metadata(path, metadata, distilled.labels.shape[1])
+    return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
+
+
+def _zca_matrix(path: Path, dim: int) -> np.ndarray:
+    """The embedded d x d ZCA matrix; its size is checked before it is interpreted."""
+    try:
+        footer = pq.ParquetFile(path).metadata.metadata or {}
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+    raw = footer.get(_ZCA_KEY.encode())
+    if raw is None:
+        raise UserError(f"{path} records ZCA preprocessing but lacks its matrix ({_ZCA_KEY}); "
+                        "expected a file written by this kip (older ones kept it in the sibling .npz)")
+    if len(raw) != dim * dim * 8:
+        raise UserError(f"{path}: {_ZCA_KEY} holds {len(raw)} bytes; expected {dim} x {dim} float64 ({dim * dim * 8} bytes)")
+    return np.frombuffer(raw, "<f8").reshape(dim, dim).astype(np.float64)
+
+
+def _schema_metadata(path: Path) -> dict[str, str]:
+    """The `kip.*` schema metadata, after the footer says the table is of a size we will read."""
+    try:
+        parquet_file = pq.ParquetFile(path)
+        schema = parquet_file.schema_arrow
+        file_meta = parquet_file.metadata
+        declared = sum(file_meta.row_group(i).total_byte_size for i in range(file_meta.num_row_groups))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+    try:
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: schema metadata is not UTF-8 text; the file was altered or damaged") from None
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if "kip.format_version" in missing:
+        raise UserError(f"{path} lacks schema metadata kip.format_version; expected {_EXPECTED}")
+    version = meta["kip.format_version"]
+    artifacts.check_format_version(path, int(version) if re.fullmatch(r"[0-9]{1,6}", version) else version)
+    if missing:
+        raise UserError(f"{path} lacks schema metadata {missing[0]}; expected {_EXPECTED}")
+    if declared > MAX_TABLE_BYTES:
+        raise UserError(
+            f"{path} declares {declared / 2**30:.1f} GiB of rows; a distilled set is far smaller "
+            f"(this reader accepts {MAX_TABLE_BYTES / 2**30:.0f} GiB)"
+        )
+    return meta
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+    for column in _COLUMNS:
+        if column not in table.column_names:
+            raise UserError(f"{path} lacks column {column!r}; expected {', '.join(_COLUMNS)}")
+    return table
+
+
+def _verify(path: Path, table: pa.Table, meta: Mapping[str, str]) -> None:
+    record = artifacts.parse_checksums(path, meta["kip.checksums"], "kip.checksums")
+    if record["all"] != meta["kip.checksum"]:
+        raise UserError(f"{path}: kip.checksum does not match kip.checksums; the file was altered or damaged")
+    artifacts.verify_checksums(path, record, _parts(table, meta))
+
+
+def _image_shape(path: Path, text: str) -> tuple[int, int, int]:
+    try:
+        shape = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        shape = None
+    valid = (
+        isinstance(shape, list) and len(shape) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)
+    )
+    if not valid:
+        raise UserError(f"{path}: kip.image_shape={safe_read.one_line(text, 60)} is not allowed; expected [H, W, C] positive integers")
+    return tuple(shape)
+
+
+def parse_transform(path: Path, text: str) -> dict[str, Any]:
+    """`kip.transform`, checked: a known method, numeric fitted values, a safe ZCA pointer."""
+    tmeta = artifacts.parse_json_object(path, text, "kip.transform")
+    method = tmeta.get("method")
+    if method not in cfg.PREPROCESS_METHODS:
+        allowed = "|".join(cfg.PREPROCESS_METHODS)
+        raise UserError(f"{path}: kip.transform method={artifacts.shown(method)} is not allowed; expected one of: {allowed}")
+    for key in ("channel_mean", "channel_std"):
+        values = tmeta.get(key)
+        if not isinstance(values, list) or not all(_is_finite_number(v) for v in values):
+            raise UserError(f"{path}: kip.transform {key} is not a list of finite numbers")
+    if not _is_finite_number(tmeta.get("zca_reg")) or tmeta["zca_reg"] < 0:
+        raise UserError(f"{path}: kip.transform zca_reg={artifacts.shown(tmeta.get('zca_reg'))}; expected a finite number >= 0")
+    if not isinstance(tmeta.get("sha256"), str):
+        raise UserError(f"{path}: kip.transform lacks sha256; expected {_EXPECTED}")
+    pointer = tmeta.get("zca_matrix")
+    if method == "zca" and isinstance(pointer, dict) and pointer.get("key") == "transform/zca_matrix":
+        raise UserError(f"{path} was written by an older kip that kept the ZCA matrix in the sibling .npz; "
+                        "inspect or use that .npz, or re-run distill to write a self-contained Parquet file")
+    if method == "zca" and pointer != _ZCA_RECORD:
+        raise UserError(f"{path}: kip.transform zca_matrix={artifacts.shown(tmeta.get('zca_matrix'))}; "
+                        f"expected {json.dumps(_ZCA_RECORD)} (the matrix embedded in this file)")
+    return tmeta
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_column_types(path: Path, table: pa.Table, shape: tuple[int, ...]) -> None:
+    if table.num_rows == 0:
+        raise UserError(f"{path} has no rows; expected at least one support image")
+    for name in _COLUMNS:
+        if table.column(name).null_count:
+            raise UserError(f"{path}: column {name!r} has {table.column(name).null_count} null values; expected none")
+    expected = {
+        "index": (pa.types.is_integer, "integers"),
+        "class": (pa.types.is_integer, "integer class ids"),
+        "class_name": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "strings"),
+        "label": (_is_float_list, "a fixed-size list of float32"),
+        "image": (_is_float_list, "a fixed-size list of float32"),
+    }
+    for name, (accepts, wanted) in expected.items():
+        kind = table.column(name).type
+        if not accepts(kind):
+            raise UserError(f"{path}: column {name!r} has type {kind}; expected {wanted}")
+    size = table.column("image").type.list_size
+    if size != math.prod(shape):
+        raise UserError(f"{path}: column 'image' holds {size} values per row but kip.image_shape {list(shape)} needs {math.prod(shape)}")
+
+
+def _is_float_list(kind: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)
+
+
+def _fixed_list_values(table: pa.Table, column: str) -> np.ndarray:
+    chunked = table.column(column).combine_chunks()
+    return np.asarray(chunked.flatten().to_numpy(zero_copy_only=False), np.float32)

@@ -1,0 +1,370 @@
+"""`kip`: distil a dataset with Kernel Inducing Points and score the result.
+
+User errors (bad parameters, missing files, unreachable registries) print one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from pipeline.data.datasets import default_cache_dir
+from pipeline.errors import UserError
+from pipeline.run import config as cfg, runtime
+
+DESCRIPTION = """\
+Distil a small synthetic training set with Kernel Inducing Points (KIP; Nguyen, Chen & Lee,
+ICLR 2021): the support images are learned so that kernel ridge regression on them predicts the
+real training set well.
+
+examples:
+  kip distill -o out/mnist-100.npz                      # 100 images of MNIST, FC NTK kernel
+  kip distill --source embedded --dataset digits --steps 200 -o out/digits.npz
+  kip evaluate out/mnist-100.npz                        # KRR test accuracy vs random real images
+  kip train out/mnist-100.npz --seeds 3                 # width-1024 networks trained on it vs on real images
+  kip inspect artifacts/distilled.parquet               # validate an artifact, print its lineage
+  kip data --source registry --dataset fashion_mnist    # fetch and describe a dataset
+"""
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage block before a bad-value message; we print one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_TRAIN_HELP = {
+    "architecture": "|".join(cfg.NETWORKS), "width": "fc hidden units", "depth": "fc hidden layers",
+    "conv_width": "conv channels", "conv_depth": "conv blocks (3x3 conv, ReLU, 2x2 pooling)",
+    "pooling": "|".join(cfg.POOLINGS), "parameterization": "|".join(cfg.PARAMETERIZATIONS),
+    "w_std": "weight std at init", "b_std": "bias std at init", "loss": "|".join(cfg.LOSSES),
+    "temperature": "soft_xent: targets softmax(labels / temperature)",
+    "label_scale": "mse, mse_centered: fit label_scale x labels (> 1: further from the kernel regime)",
+    "label_scale_choice": "validation: the best of 0.1|1|10 on the validation split, per support; fixed: --label-scale",
+    "optimizer_choice": "validation: also try Adam 1e-3 for 1000 steps, keep the better on the validation split; fixed",
+    "labels": "support: the set's own labels | solved: labels solved for each network's own NTK (fc, mse_centered)",
+    "labels_choice": "validation: try both label sources, keep the better on the validation split; fixed: --labels",
+    "solve_targets": "solved labels: class-balanced training images they are solved on",
+    "solve_reg": "solved labels: ridge, relative to the kernel's mean diagonal",
+    "optimizer": "|".join(cfg.OPTIMIZERS), "learning_rate": "optimizer step size", "momentum": "sgd only",
+    "l2": "weight decay", "batch_size": "images per step", "steps": "optimizer steps per network",
+    "seeds": "networks per side (distilled / random real)", "eval_every": "validation accuracy every N steps",
+    "seed": "network inits and baseline subsets",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrors(
+        prog="kip", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_OneLineErrors)
+
+    distill = commands.add_parser(
+        "distill", help="learn a support set and write it as .npz",
+        description="Learn a support set with KIP and write it (images, labels, preprocessing, lineage) as .npz.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_args(distill)
+    prep = distill.add_argument_group("preprocessing")
+    prep.add_argument("--preprocess", dest="preprocess.method", default="standardize", help="|".join(cfg.PREPROCESS_METHODS))
+    prep.add_argument("--zca-reg", dest="preprocess.zca_reg", type=float, default=0.1, help="ZCA ridge, relative to the mean eigenvalue")
+    kernel = distill.add_argument_group("kernel")
+    kernel.add_argument("--kernel", dest="kernel.architecture", default="fc", help="|".join(cfg.ARCHITECTURES))
+    kernel.add_argument("--kernel-kind", dest="kernel.kind", default="ntk", help="|".join(cfg.KERNEL_KINDS))
+    kernel.add_argument("--depth", dest="kernel.depth", type=int, default=1, help="hidden layers of the fc/conv network")
+    kernel.add_argument("--w-std", dest="kernel.w_std", type=float, default=math.sqrt(2.0), help="weight standard deviation")
+    kernel.add_argument("--b-std", dest="kernel.b_std", type=float, default=0.1, help="bias standard deviation")
+    kernel.add_argument("--parameterization", dest="kernel.parameterization", default="ntk", help="|".join(cfg.PARAMETERIZATIONS))
+    kernel.add_argument("--activation", dest="kernel.activation", default="relu", help="|".join(cfg.ACTIVATIONS))
+    kernel.add_argument("--conv-readout", dest="kernel.conv_readout", default="flatten", help="|".join(cfg.CONV_READOUTS))
+    kernel.add_argument("--gamma", dest="kernel.gamma", type=float, default=1.0, help="RBF bandwidth: exp(-gamma |x-y|^2 / dim)")
+    kernel.add_argument("--rf-networks", dest="kernel.rf_networks", type=int, default=4,
+                        help="conv_rf: random ConvNets drawn for each KIP step")
+    kernel.add_argument("--rf-width", dest="kernel.rf_width", type=int, default=64, help="conv_rf: channels of those ConvNets")
+    kernel.add_argument("--rf-eval-networks", dest="kernel.rf_eval_networks", type=int, default=16,
+                        help="conv_rf: random ConvNets in the fixed kernels that monitor and evaluate")
+    kip = distill.add_argument_group("KIP")
+    kip.add_argument("--method", dest="distill.method", default="kip", help="kip|label_solve (closed-form labels for the initial images)")
+    kip.add_argument("--support-per-class", dest="distill.support_per_class", type=int, default=10, help="support images per class")
+    kip.add_argument("--steps", dest="distill.steps", type=int, default=1000, help="Adam steps")
+    kip.add_argument("--lr", dest="distill.learning_rate", type=float, default=0.04, help="Adam learning rate")
+    kip.add_argument("--lr-schedule", dest="distill.lr_schedule", default="constant", help="constant|cosine (decay to 0)")
+    kip.add_argument("--target-batch", dest="distill.target_batch", type=int, default=5000, help="class-balanced target images per step")
+    kip.add_argument("--kernel-block", dest="distill.kernel_block", type=int, default=20_000_000,
+                     help="largest target x support kernel block, in entries (bounded memory)")
+    kip.add_argument("--learn-labels", dest="distill.learn_labels", action="store_true", help="learn the support labels too")
+    kip.add_argument("--loss", dest="distill.loss", default="mse",
+                     help="mse (KIP's) | cross_entropy (Platt-scaled, learned temperature)")
+    kip.add_argument("--keep", dest="distill.keep", default="last",
+                     help="last | best_validation (the step that scores best on the validation split; needs --eval-every)")
+    kip.add_argument("--augment", dest="distill.augment", default="none",
+                     help="none | crop (random translations) | crop_flip (and left-right flips; not for digits)")
+    kip.add_argument("--augment-on", dest="distill.augment_on", default="target", help="target | support | both")
+    kip.add_argument("--augment-pad", dest="distill.augment_pad", type=int, default=2,
+                     help="largest translation, in pixels")
+    kip.add_argument("--init", dest="distill.init", default="real", help="|".join(cfg.INITS))
+    kip.add_argument("--corruption", dest="distill.corruption", type=float, default=0.0,
+                     help="fraction of pixels replaced by noise at init and never learned (privacy)")
+    kip.add_argument("--reg", dest="distill.reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
+    kip.add_argument("--float64", dest="distill.float64", action="store_true", help="compute in double precision")
+    kip.add_argument("--seed", dest="distill.seed", type=int, default=0, help="same seed and options -> identical output")
+    kip.add_argument("--eval-every", dest="distill.eval_every", type=int, default=0, help="log KRR accuracy on the validation split every N steps (0: never)")
+    kip.add_argument("--checkpoint", type=_file_path, default=None, help="checkpoint file to save to and resume from")
+    kip.add_argument("--checkpoint-every", dest="distill.checkpoint_every", type=int, default=100, help="steps between checkpoints")
+    kip.add_argument("--history", type=_file_path, default=None, help="write the per-step loss history here (JSON)")
+    kip.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    distill.add_argument("-o", "--out", type=_file_path, required=True, help="output .npz")
+    several = distill.add_argument_group("several processes (docs/scaling.md)")
+    several.add_argument("--processes", type=int, default=1,
+                         help="run as this many cooperating processes on this machine (jax.distributed); on a cluster, "
+                              "set KIP_COORDINATOR, KIP_NUM_PROCESSES, KIP_PROCESS_ID (or KIP_DISTRIBUTED=auto) instead")
+    several.add_argument("--devices-per-process", type=int, default=None,
+                         help="with --processes: CPU devices each process exposes (XLA's forced host devices)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="KRR test accuracy of a support set, against random real images",
+        description="Score a distilled .npz with KRR on the full test split, beside class-balanced random "
+        "real subsets of the same size. Prints JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("support", type=Path, help="a .npz written by `kip distill`")
+    evaluate.add_argument("--reg", type=float, default=1e-6, help="KRR ridge, relative to tr(K)/n")
+    evaluate.add_argument("--baseline-repeats", type=int, default=3, help="random subsets to average")
+    evaluate.add_argument("--batch-size", type=int, default=1000, help="kernel block size (bounds memory)")
+    evaluate.add_argument("--seed", type=int, default=0, help="which random real subsets form the baseline")
+    evaluate.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+
+    train = commands.add_parser(
+        "train", help="finite networks trained on a support set, against random real images",
+        description="Train finite networks (Flax) on a distilled .npz and, with the same budget, on "
+        "class-balanced random real subsets of the same size; score both on the full test split over "
+        "several seeds. Prints JSON. Options are the params.yaml train.* keys.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("support", type=Path, help="a .npz written by `kip distill`")
+    for field in dataclasses.fields(cfg.TrainConfig):
+        train.add_argument(
+            f"--{field.name.replace('_', '-')}", dest=f"train.{field.name}", type=type(field.default),
+            default=field.default, help=_TRAIN_HELP[field.name],
+        )
+    train.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
+    train.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    inspect = commands.add_parser(
+        "inspect", aliases=["show"], help="validate a distilled .parquet or .npz and print its metadata",
+        description="Check a distilled artifact (schema, shapes, checksum, stored preprocessing) and print "
+        "its lineage as JSON. Exit 2 if it is damaged.",
+    )
+    inspect.add_argument("artifact", type=Path, help="artifacts/distilled.parquet or a .npz")
+
+    data = commands.add_parser(
+        "data", help="fetch a dataset (if needed) and describe it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_args(data)
+    doctor = commands.add_parser(
+        "doctor", aliases=["repair"], help="repair the DVC state a killed `dvc repro` left, so the next one resumes",
+        description="Check dvc.lock and DVC's lock files in the DVC project at or above DIR. A dvc.lock that a "
+        "killed DVC left empty or cut off is replaced by its git version (staged, else committed) if valid, "
+        "else removed; a damaged or stale .dvc/tmp/rwlock is removed. Prints one line; refuses while DVC runs.",
+    )
+    doctor.add_argument("dir", nargs="?", type=Path, default=Path("."), help="a directory inside the DVC project")
+    for sub in (distill, evaluate, train, inspect, data):
+        _short_metavars(sub)
+    return parser
+
+
+def _file_path(text: str) -> Path:
+    """An output path: `Path('')` is `.`, so an empty -o would otherwise mean "the current directory"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a file path")
+    return Path(text)
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Every file a command will write must be writable before it computes anything."""
+    from pipeline.artifacts import atomic
+
+    for path in paths:
+        if path is not None:
+            atomic.check_writable(path)
+
+
+def _short_metavars(parser: argparse.ArgumentParser) -> None:
+    """Show `--lr LEARNING_RATE`, not the internal `section.field` dest, in usage lines."""
+    for action in parser._actions:
+        if action.metavar is None and "." in (action.dest or "") and action.nargs != 0:
+            action.metavar = action.dest.split(".", 1)[1].upper()
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--source", dest="data.source", default="registry", help="|".join(cfg.SOURCES))
+    group.add_argument("--dataset", dest="data.name", default="mnist",
+                       help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
+    group.add_argument("--data-dir", dest="data.data_dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
+    group.add_argument("--validation-fraction", dest="data.validation_fraction", type=float, default=0.1,
+                       help="share of the training split held out for validation (monitoring, never KIP targets)")
+    group.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+
+
+def _section(args: argparse.Namespace, section: str) -> dict:
+    """The options whose dest is `section.field`, as {field: value} for that section's record."""
+    prefix = f"{section}."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import atomic, npz as artifacts
+    from pipeline.data.prepared import prepare
+    from pipeline.run import distributed, workflow
+
+    if args.devices_per_process and args.processes == 1:
+        raise UserError("--devices-per-process applies with --processes N > 1; for one process with several CPU devices "
+                        "set XLA_FLAGS=--xla_force_host_platform_device_count=K")
+    if args.processes != 1 and distributed.process_count() == 1:
+        code = distributed.launch(_without_launch_options(sys.argv[1:]), args.processes, args.devices_per_process)
+        if code:
+            raise SystemExit(code)
+        return
+    distill = cfg.DistillConfig(**_section(args, "distill"))
+    data = cfg.DataConfig(**_section(args, "data"), seed=distill.seed)
+    prep = cfg.PreprocessConfig(**_section(args, "preprocess"))
+    kernel = cfg.KernelConfig(**_section(args, "kernel"))
+    workflow.check_distill_settings(kernel, distill)
+    _check_outputs(args.out, args.history, args.checkpoint)
+    prepared = prepare(data, prep, cache_dir=args.cache_dir or default_cache_dir())
+    run = workflow.distill(prepared, kernel, distill, checkpoint=args.checkpoint, progress=not args.quiet)
+    distilled, history = run.distilled, run.history
+    if not distributed.is_main():
+        return  # process 0 writes
+    artifacts.save_npz(args.out, distilled)
+    if args.history:
+        atomic.write_json(args.history, history, indent=None, sort_keys=False)
+    loss = distilled.metadata["final_loss"]
+    print(f"wrote {args.out}: {len(distilled.images)} images" + (f", final loss {loss:.4g}" if loss is not None else ""))
+
+
+def _without_launch_options(argv: Sequence[str]) -> list[str]:
+    """The command line each launched process runs: the same, less the options that launch."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--processes", "--devices-per-process"):
+            skip = True
+        elif not arg.startswith(("--processes=", "--devices-per-process=")):
+            out.append(arg)
+    return out
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import atomic, npz as artifacts
+    from pipeline.data.prepared import prepare, reprepare
+    from pipeline.run import workflow
+
+    config = cfg.EvaluateConfig(
+        reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
+    )
+    _check_outputs(args.json)
+    distilled = artifacts.load_npz(args.support)
+    cache_dir = args.cache_dir or default_cache_dir()
+    prepared = reprepare(distilled, cache_dir=cache_dir)
+    default = None
+    if prepared.transform.method != cfg.PreprocessConfig().method:  # the strongest baseline may be there
+        default = prepare(cfg.DataConfig(**distilled.metadata["data"]), cfg.PreprocessConfig(), cache_dir=cache_dir)
+    metrics = workflow.evaluate(distilled, prepared, config, default)
+    if args.json:
+        atomic.write_json(args.json, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import atomic, npz as artifacts
+    from pipeline.data.prepared import reprepare
+    from pipeline.evaluate import transfer
+
+    config = cfg.TrainConfig(**_section(args, "train"))
+    _check_outputs(args.json)
+    distilled = artifacts.load_npz(args.support)
+    prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
+    metrics, _ = transfer.transfer(distilled, prepared, config, progress=not args.quiet)
+    if args.json:
+        atomic.write_json(args.json, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from pipeline.artifacts.inspection import inspect_artifact
+
+    print(json.dumps(inspect_artifact(args.artifact), indent=2))
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from pipeline.data.datasets import load_dataset
+
+    dataset = load_dataset(cfg.DataConfig(**_section(args, "data")), args.cache_dir or default_cache_dir())
+    print(json.dumps(dataset.describe(), indent=2))
+
+
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from pipeline.artifacts.lockfile import repair
+
+    print(f"kip doctor: {repair(args.dir)}")
+
+
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if argv is not None and args.command == "distill" and getattr(args, "processes", 1) != 1:
+        sys.argv = [sys.argv[0], *argv]  # the launcher repeats this command line
+    runtime.tune_process()
+    runtime.stop_on_sigterm()
+    handler = {
+        "distill": _cmd_distill, "evaluate": _cmd_evaluate, "train": _cmd_train,
+        "inspect": _cmd_inspect, "show": _cmd_inspect,
+        "data": _cmd_data,
+        "doctor": _cmd_doctor, "repair": _cmd_doctor,
+    }[args.command]
+    from pipeline.run import distributed
+
+    code = _run(args, handler, distributed)
+    if distributed.process_count() > 1:
+        distributed.leave(code)  # success: say so, so peers wait for this one at shutdown; failure: go now
+    return code
+
+
+def _run(args: argparse.Namespace, handler, distributed) -> int:
+    try:
+        if args.command == "distill":  # the only command that runs as several processes
+            distributed.initialize_from_env()
+        handler(args)
+    except UserError as err:
+        print(f"kip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, runtime.Terminated)
+        print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as err:
+        return distributed.exit_code_of_failure(err, f"kip {args.command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

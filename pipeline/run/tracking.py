@@ -1,0 +1,378 @@
+"""MLflow tracking for pipeline stages: one parent run per pipeline execution, a child per stage.
+
+DVC runs each stage in its own process, and runs only the stages that are out of date. So a stage
+cannot count on a parent run started by an earlier one; instead each stage finds (or creates) the
+parent run for the current *pipeline execution* and nests its own run under it. The execution is
+identified by `DVC_EXP_NAME` when DVC runs an experiment, else by the git commit plus a hash of
+params.yaml: every stage of one `dvc repro` lands under the same parent, and a rerun with other
+params gets a new one. Stages DVC skipped log nothing.
+
+Lineage is recorded from the files themselves, not from dvc.lock (DVC rewrites it only after a
+stage finishes): each stage tags the md5 of every file it read (`kip.in.<path>`) and wrote
+(`kip.out.<path>`), the same md5 DVC puts in dvc.lock, on its own run and on the parent.
+
+The store defaults to a SQLite file in the project (`sqlite:///<root>/mlflow.db`), never a network
+address; `tracking.uri` or `MLFLOW_TRACKING_URI` points elsewhere. A store that cannot be reached
+stops the stage with one line naming the URI; `tracking.enabled: false` skips tracking entirely.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
+
+from pipeline.artifacts.atomic import file_digest
+from pipeline.errors import UserError
+from pipeline.run.config import TrackingConfig
+
+PIPELINE_ROLE = "pipeline"
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
+_CHUNK = 1000  # MLflow's log_batch limit on metrics per call
+
+
+def resolve_uri(config: TrackingConfig, project_root: Path) -> str:
+    """params.yaml `tracking.uri`, else $MLFLOW_TRACKING_URI, else the project's SQLite file."""
+    if config.uri:
+        return config.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(project_root) / 'mlflow.db').resolve()}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"distill": {"steps": 10}} -> {"distill.steps": "10"}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file (dvc.lock), so MLflow and DVC name artifacts alike."""
+    return file_digest(path, "md5")
+
+
+class Tracker:
+    """Logging into one stage run. Every call turns a store failure into one line naming the URI."""
+
+    def __init__(self, run_id: str, uri: str, parent_id: str = ""):
+        self.run_id = run_id
+        self.uri = uri
+        self.parent_id = parent_id
+
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final numbers on the parent run too, so the runs table compares executions directly."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)  # the latest rerun under the same parent must win
+        values = [
+            Metric(key=k, value=float(v), timestamp=now, step=0)
+            for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        with self._store():
+            mlflow.MlflowClient().log_batch(self.parent_id, metrics=values)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.log_params(flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with self._store():
+            mlflow.log_metrics(numeric, step=step)
+
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Per-step metrics (everything but `step`) in batches: one call per 1000 values, not per step."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key=key, value=float(value), timestamp=now, step=int(record["step"]))
+            for record in history for key, value in record.items() if key != "step"
+        ]
+        client = mlflow.MlflowClient()
+        with self._store():
+            for start in range(0, len(metrics), _CHUNK):
+                client.log_batch(self.run_id, metrics=metrics[start:start + _CHUNK])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None:
+        """md5 of the files this stage read and wrote, on its run and on the parent (lineage)."""
+        import mlflow
+
+        tags = {f"kip.in.{Path(p).as_posix()}": file_md5(p) for p in read}
+        tags.update({f"kip.out.{Path(p).as_posix()}": file_md5(p) for p in wrote})
+        client = mlflow.MlflowClient()
+        with self._store():
+            mlflow.set_tags(tags)
+            for name, value in tags.items():
+                client.set_tag(self.parent_id, name, value)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        with self._store():
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def log_input(self, name: str, source: Path | Mapping[str, Any], digest: str, context: str) -> None:
+        """Record a dataset by reference (where it is + digest): lineage without copying data.
+
+        `source` is a local file (a Path), or the source dataset's description (`Dataset.describe()`),
+        which becomes the MLflow source type that says where that data comes from (`dataset_source`).
+        """
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+
+        where = _file_source(source) if isinstance(source, Path) else dataset_source(source)
+        dataset = MetaDataset(where, name=name, digest=digest[:32])
+        with self._store():
+            mlflow.log_input(dataset, context=context)
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[None]:
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
+            raise UserError(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})") from None
+
+
+class NullTracker(Tracker):
+    """`tracking.enabled: false`: every call does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(run_id="", uri="")
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_summary(self, metrics: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_input(self, name: str, source: Path | Mapping[str, Any], digest: str, context: str) -> None: ...
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+    """An MLflow run for `stage`, nested under this pipeline execution's parent run.
+
+    The run ends FAILED if the stage raises, FINISHED otherwise.
+    """
+    if not config.enabled:
+        yield NullTracker()
+        return
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; put it back afterwards, or the next
+    # stage run in this process would take our resolved URI for a user setting.
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _stage_run(stage, config, Path(params_file), Path(project_root)) as tracker:
+            yield tracker
+    finally:
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+
+
+@contextlib.contextmanager
+def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+    import mlflow
+
+    # Fail fast on an unreachable server instead of retrying for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = resolve_uri(config, project_root)
+    user_chose_store = bool(config.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    params_text = params_file.read_text()
+    git = _git_state(project_root)
+    key = _execution_key(git["commit"], params_text)
+    try:
+        mlflow.set_tracking_uri(uri)
+        # Artifacts of the default store live beside it (not in ./mlruns of whatever directory a
+        # stage happens to run in: `dvc exp run --temp` runs in a temporary copy).
+        artifacts = None if user_chose_store else (project_root / "mlruns").resolve().as_uri()
+        experiment_id = _experiment_id(config.experiment, artifacts)
+        parent_id = _parent_run(experiment_id, key, git, yaml.safe_load(params_text) or {})
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(
+            f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
+            "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+        ) from None
+    tags = {
+        "kip.stage": stage,
+        "kip.pipeline_key": key,
+        "kip.git_commit": git["commit"],
+        "kip.git_dirty": git["dirty"],
+        **_versions(),
+    }
+    guard = Tracker("", uri, parent_id)._store  # store failures -> one line naming the URI
+    with guard():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags)
+    try:
+        yield Tracker(run.info.run_id, uri, parent_id)
+    except BaseException as failure:
+        status = "KILLED" if isinstance(failure, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):  # the stage's own error is the one to report
+            mlflow.end_run(status)
+            mlflow.MlflowClient().set_terminated(parent_id, status)  # the execution's latest stage failed
+        raise
+    with guard():
+        mlflow.end_run("FINISHED")
+        mlflow.MlflowClient().set_terminated(parent_id, "FINISHED")
+
+
+# MLflow 3's UI opens an experiment on its GenAI "Overview" page. Which page it opens follows the
+# experiment's kind tag, and in 3.17 a browser-wide "GenAI / Model training" switch that a URL can set
+# (workflowType=machine_learning, remembered by the browser): our experiments carry the tag, and the
+# links we print set the switch, so they open on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI served at `server`."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _experiment_id(name: str, artifact_location: str | None) -> str:
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    if not set(EXPERIMENT_KIND) <= set(experiment.tags):  # made by an older version, or by hand: only add, never overwrite
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`kip.role` = '{PIPELINE_ROLE}' and tags.`kip.pipeline_key` = '{key}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        name = os.environ.get("DVC_EXP_NAME") or f"pipeline {git['commit'][:8]} {key[-8:]}"
+        run_id = client.create_run(
+            experiment_id, run_name=name,
+            tags={"kip.role": PIPELINE_ROLE, "kip.pipeline_key": key, "kip.git_commit": git["commit"],
+                  "kip.git_dirty": git["dirty"], "mlflow.source.git.commit": git["commit"]},
+        ).info.run_id
+        flat = flatten(params)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=[_param(k, v) for k, v in items[start:start + 100]])
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def _execution_key(commit: str, params_text: str) -> str:
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"exp-{os.environ['DVC_EXP_NAME']}"
+    return f"{commit[:12]}-{hashlib.sha256(params_text.encode()).hexdigest()[:12]}"
+
+
+def _git_state(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or "none"
+    # The pipeline's own outputs (DVC deletes and rewrites them around every stage) are not edits.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in PIPELINE_OUTPUTS))
+    return {"commit": commit, "dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("kip-pipeline", "jax", "neural-tangents", "optax", "flax", "numpy", "dvc", "mlflow"):
+        try:
+            out[f"kip.version.{name}"] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def dataset_source(description: Mapping[str, Any]):
+    """The MLflow dataset source of a source dataset (`Dataset.describe()`), by where its data is:
+    registry downloads are `http` sources (PyPI's release page, the Debian archive's .deb), a data
+    folder is a local `file` source, and data that a library supplies (scikit-learn's digits,
+    TFDS) is a `code` source whose tags name the library call or TFDS build."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if description["source"] == "registry":
+        from pipeline.data.sources import registry
+
+        return HTTPDatasetSource(registry.source_url(description["name"]))
+    origin = str(description["origin"])
+    if description["source"] == "files" and origin.startswith("files:"):
+        return _file_source(Path(origin.removeprefix("files:")))
+    return CodeDatasetSource(tags={"kip.dataset.source": description["source"], "kip.dataset.name": description["name"],
+                                   "kip.dataset.origin": origin})
+
+
+def _file_source(path: Path):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local-file kinds
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(Path(path).resolve().as_uri())
+
+
+def dataset_tags(description: Mapping[str, Any]) -> dict[str, Any]:
+    """Lineage tags of the source dataset, from `Dataset.describe()`."""
+    return {
+        "kip.dataset.name": description["name"],
+        "kip.dataset.source": description["source"],
+        "kip.dataset.fingerprint": description["fingerprint"],
+        "kip.dataset.origin": description["origin"],
+    }
