@@ -268,3 +268,42 @@ def test_the_pipeline_refuses_flips_for_digits():
     with pytest.raises(UserError, match=re.escape("distill.augment=crop_flip mirrors images, and a mirrored digits "
                                                   "image is no longer its class; expected augment: none|crop")):
         workflow.distill(prepared, KernelConfig(), dataclasses.replace(BASE, augment="crop_flip"), progress=False)
+
+
+def test_label_solve_takes_one_fixed_kernel_and_refuses_a_drawn_one(split):
+    x_train, y_train, _, _ = split
+    config = DistillConfig(method="label_solve", support_per_class=1)
+    fixed = kip.label_solve(x_train, y_train, 10, make_kernel("fc"), config)
+    assert np.array_equal(fixed.labels, kip.label_solve(x_train, y_train, 10, make_kernel("fc").kernel_fn, config).labels)
+    for name in ("conv_rf", "finite_ntk"):
+        with pytest.raises(UserError, match="Label Solve needs one fixed kernel; .* draws its kernel afresh every step"):
+            kip.label_solve(x_train, y_train, 10, make_kernel(name), config)
+
+
+def test_a_start_support_refuses_corruption(split):
+    x_train, y_train, _, _ = split
+    start = (x_train[:10], np.asarray(krr.centered_one_hot(y_train[:10], 10)), y_train[:10])
+    with pytest.raises(UserError, match="distill.corruption=0.2 corrupts the support KIP initialises itself"):
+        kip.distill(x_train, y_train, 10, make_kernel("fc"), dataclasses.replace(BASE, corruption=0.2, keep="last"),
+                    start=start, progress=False)
+
+
+def test_the_cross_entropy_summed_over_target_blocks_is_the_whole_batchs():
+    """kernel_block splits the targets into blocks whose losses are summed: for the Platt
+    cross-entropy too, the value and gradient equal the unblocked ones. float64, so rounding
+    (sums of 30 terms in another order) stays below 1e-12 relative."""
+    import jax
+    from jax.experimental import enable_x64
+
+    rng = np.random.default_rng(0)
+    kernel_fn = kernels.make(KernelConfig())
+    with enable_x64():
+        support = kip.Support(jnp.asarray(rng.standard_normal((6, 4, 4, 1))), jnp.asarray(rng.standard_normal((6, 3))),
+                              jnp.log(jnp.asarray(kip.INITIAL_TEMPERATURE)))
+        x_t = jnp.asarray(rng.standard_normal((30, 4, 4, 1)))
+        y_t = jnp.asarray(krr.centered_one_hot(rng.integers(0, 3, 30), 3), jnp.float64)
+        whole = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t))(support)
+        blocked = jax.value_and_grad(lambda s: kip.kip_loss(kernel_fn, 1e-3, s, x_t, y_t, kernel_block=6 * 7))(support)
+    assert float(blocked[0]) == pytest.approx(float(whole[0]), rel=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(whole[1]), jax.tree_util.tree_leaves(blocked[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-14)

@@ -155,9 +155,7 @@ def kip_loss(
     """
     kernel = as_kip_kernel(kernel)
     fitted = kernel.fit(draw, support.images, support.labels, reg)
-    cross_entropy = support.log_temperature is not None
-    # The squared error is averaged over entries, the cross-entropy over targets.
-    per_row = 1.0 if cross_entropy else 0.5 / y_t.shape[1]
+    cross_entropy = support.log_temperature is not None  # averaged over targets; the squared error over entries
 
     def row_losses(x_block, y_block):
         return _row_losses(kernel.predict(draw, fitted, x_block), y_block, support.log_temperature)
@@ -188,7 +186,7 @@ def kip_loss(
     )
     total, _ = jax.lax.scan(add_block, jnp.zeros((), y_t.dtype), shaped)
     if cross_entropy:
-        return per_row * total / n_t
+        return total / n_t
     return 0.5 * total / (n_t * y_t.shape[1])
 
 
@@ -349,6 +347,9 @@ def distill(
             f"distill.support_per_class={config.support_per_class} needs "
             f"{config.support_per_class * num_classes} training images; the training split has {len(y_train)} (without the validation split)"
         )
+    if start is not None and config.corruption:
+        raise UserError(f"distill.corruption={config.corruption} corrupts the support KIP initialises itself; a given "
+                        "start support has no corrupted pixels: expected corruption: 0 with a start support")
     if config.keep == "best_validation" and monitor is None:
         raise UserError("distill.keep=best_validation needs a validation split scored every distill.eval_every steps; "
                         "set eval_every >= 1 and data.validation_fraction > 0, or keep: last")
@@ -551,7 +552,14 @@ def label_solve(
     sums over training images are accumulated block by block, so memory is one block's kernel.
 
     Kernels are computed in float64 when `config.float64`; the sums and the solve always are.
+    kernel_fn: one fixed kernel function (a FixedKernel's too); a kernel drawn afresh every step has
+    no single kernel to solve for, so it is refused (conv_rf solves under its fixed evaluation draw).
     """
+    if isinstance(kernel_fn, FixedKernel):
+        kernel_fn = kernel_fn.kernel_fn
+    elif hasattr(kernel_fn, "draw"):
+        raise UserError(f"Label Solve needs one fixed kernel; {kernel_fn.settings.get('name', 'this kernel')} draws "
+                        "its kernel afresh every step: expected a kernel function (kernels.make)")
     images, classes = init_support(x_train, y_train, num_classes, config)
     dtype = np.float64 if config.float64 else np.float32
     targets = krr.centered_one_hot(y_train, num_classes).astype(np.float64)
