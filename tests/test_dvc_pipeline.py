@@ -303,3 +303,23 @@ def test_a_convnet_kernel_experiment_runs_through_dvc(project):
     assert (evaluate["krr_test_accuracy"], evaluate["krr_test_mse"]) == (direct["accuracy"], direct["mse"])
     assert 0 < evaluate["label_solve_test_accuracy"] <= 1 and 0 < evaluate["baseline_test_accuracy"] <= 1
     assert train["support_size"] == len(distilled.images) and train["seeds"] == 2
+
+
+def test_the_committed_lock_records_the_code_and_params_in_the_tree(tmp_path):
+    """`dvc repro` after a code or params change must be committed with its dvc.lock: otherwise a
+    fresh clone's `dvc repro` re-runs stages that were already run (and leaves git dirty). DVC itself
+    compares: no stage may report a changed source file or param (data and outputs a fresh clone
+    does not have are not counted)."""
+    from projects import REPO, env_for
+
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=REPO, env=env_for(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stale = {}
+    for stage, changes in json.loads(result.stdout or "{}").items():
+        for change in changes:
+            deps = {path: what for path, what in change.get("changed deps", {}).items()
+                    if path.startswith(("pipeline", "stages/")) or path == "params.yaml"}
+            if deps or change.get("changed params") or "changed command" in change:
+                stale[stage] = {**deps, **change.get("changed params", {}), **({"cmd": "changed"} if "changed command" in change else {})}
+    assert not stale, f"dvc.lock is stale (run `dvc repro` and commit dvc.lock): {stale}"
