@@ -22,9 +22,14 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.experimental import enable_x64
-    from pipeline import devices, evaluate, kernels, kip, krr, preprocess
-    from pipeline.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
-    from pipeline.data import load_dataset
+    from pipeline.run import devices
+    from pipeline.evaluate import scoring as evaluate
+    from pipeline.kernels import functions as kernels
+    from pipeline.distill import kip
+    from pipeline.distill import krr
+    from pipeline.data import preprocess
+    from pipeline.run.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
+    from pipeline.data.datasets import load_dataset
 
     data = load_dataset(DataConfig(source="embedded", name="digits"), Path("/nonexistent"))
     transform = preprocess.fit(PreprocessConfig("standardize"), data.x_train)

@@ -724,7 +724,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, limits):
 _WRITE_ALL = (
     "import sys\nsys.path.insert(0, sys.argv[2])\nfrom pathlib import Path\n"
     "from test_hostile_inputs import valid_set, CLASS_NAMES\n"
-    "from pipeline import artifacts, atomic, parquet\nfrom pipeline.errors import UserError\n"
+    "from pipeline.artifacts import atomic, npz as artifacts, parquet\nfrom pipeline.errors import UserError\n"
     "out = Path(sys.argv[1])\n"
     "writers = {'d.npz': lambda p: artifacts.save_npz(p, valid_set()),\n"
     "           'd.parquet': lambda p: parquet.save_parquet(p, valid_set(), CLASS_NAMES),\n"
@@ -752,7 +752,7 @@ def test_every_writer_reports_a_full_disk_in_one_line(tmp_path):
 
 def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
     """A real EFBIG (RLIMIT_FSIZE in a child, SIGXFSZ ignored so write() fails instead of killing)."""
-    code = ("import resource, signal, sys\nfrom pipeline import atomic\nfrom pipeline.errors import UserError\n"
+    code = ("import resource, signal, sys\nfrom pipeline.artifacts import atomic\nfrom pipeline.errors import UserError\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\nresource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))\n"
             "try:\n    atomic.write_json(sys.argv[1], {'k%d' % i: i for i in range(100)})\n"
             "except UserError as err:\n    print(err, file=sys.stderr); sys.exit(2)\n")
@@ -774,7 +774,7 @@ def test_json_output_is_checked_before_reading_anything(command, tmp_path, limit
 # --- temp files orphaned by a kill ----------------------------------------------------------------
 
 _WRITER = (
-    "import sys, time\nfrom pathlib import Path\nfrom pipeline import atomic\n"
+    "import sys, time\nfrom pathlib import Path\nfrom pipeline.artifacts import atomic\n"
     "with atomic.replace_on_success(Path(sys.argv[1])) as tmp:\n"
     "    tmp.write_bytes(b'x' * 100000)\n    print('ready', flush=True)\n    time.sleep(120)\n"
 )

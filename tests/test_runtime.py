@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp
     from threadpoolctl import threadpool_info
-    from pipeline import runtime
+    from pipeline.run import runtime
     applied = runtime.tune_process()
     again = runtime.tune_process()
     jnp.linalg.cholesky(jnp.eye(4) * 2.0).block_until_ready()  # the LAPACK XLA uses still works
@@ -38,8 +38,9 @@ LIBRARY_ONLY = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
     from threadpoolctl import threadpool_info
-    from pipeline import kernels, kip
-    from pipeline.config import KernelConfig
+    from pipeline.kernels import functions as kernels
+    from pipeline.distill import kip
+    from pipeline.run.config import KernelConfig
 
     def scipy_threads():
         return [i["num_threads"] for i in threadpool_info() if "scipy.libs" in i["filepath"].replace("\\\\", "/")]
@@ -50,8 +51,9 @@ LIBRARY_ONLY = textwrap.dedent("""
     if sys.argv[1] == "kip_loss":  # no tune_process() in either
         float(kip.kip_loss(kernels.make(KernelConfig()), 1e-3, kip.Support(x, jnp.eye(4)), x, jnp.eye(4)))
     else:
-        from pipeline import finite, finite_ntk
-        from pipeline.config import TrainConfig
+        from pipeline.evaluate import finite
+        from pipeline.kernels import finite_ntk
+        from pipeline.run.config import TrainConfig
         network = TrainConfig(width=8, depth=1)
         params = finite.make_model(network, x.shape[1:], 4).init(jax.random.PRNGKey(0), x[:1])
         float(finite_ntk.predict(network, params, x, jnp.eye(4), x, 1e-3).sum())
