@@ -1,7 +1,9 @@
 """The distilled .npz: round trip, reproducible bytes, atomic writes, and clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,3 +109,54 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+
+
+def _one_hot(classes: np.ndarray, num_classes: int = 10) -> np.ndarray:
+    from pipeline.distill import krr
+
+    return krr.centered_one_hot(classes, num_classes)
+
+
+@pytest.mark.parametrize("reader", ["npz", "parquet"])
+@pytest.mark.parametrize("edit, message", [
+    ("preprocess.method", "metadata preprocess.method='standardize' but the stored transform is 'zca'"),
+    ("preprocess.zca_reg", "metadata preprocess.zca_reg=0.5 but the stored transform's is 0.1"),
+    ("labels", "metadata says the labels were not learned (distill.learn_labels=false), but 20 label rows differ"),
+])
+def test_a_set_that_disagrees_with_itself_is_refused_though_its_checksums_are_resealed(distilled, tmp_path, reader,
+                                                                                      edit, message):
+    """Two parts of a file state the same fact; an edit of one (checksums re-sealed, as anyone can)
+    is refused in one line on read, not scored. The unedited file reads, as the control."""
+    from pipeline.artifacts import parquet
+
+    distilled = dataclasses.replace(distilled, labels=_one_hot(distilled.classes),
+                                    metadata={**distilled.metadata, "distill": {"method": "kip", "learn_labels": False}})
+    path = tmp_path / f"set.{reader}"
+
+    def save_and_load(candidate):
+        if reader == "npz":
+            artifacts.save_npz(path, candidate)
+            return artifacts.load_npz(path)
+        parquet.save_parquet(path, candidate, [f"c{i}" for i in range(10)])
+        return parquet.read_parquet(path)
+
+    save_and_load(distilled)  # the control
+    metadata = json.loads(json.dumps(distilled.metadata))
+    labels = distilled.labels
+    if edit == "preprocess.method":
+        metadata["preprocess"]["method"] = "standardize"
+    elif edit == "preprocess.zca_reg":
+        metadata["preprocess"]["zca_reg"] = 0.5
+    else:
+        labels = np.roll(labels, 1, axis=1)  # every image's label moved to the next class
+    with pytest.raises(UserError, match=re.escape(message)) as raised:
+        save_and_load(dataclasses.replace(distilled, labels=labels, metadata=metadata))
+    assert "\n" not in str(raised.value)
+
+
+def test_learned_labels_are_not_held_to_the_classes(distilled, tmp_path):
+    path = tmp_path / "set.npz"
+    learned = dataclasses.replace(distilled, metadata={**distilled.metadata, "distill": {"method": "kip", "learn_labels": True}})
+    artifacts.save_npz(path, learned)
+    np.testing.assert_array_equal(artifacts.load_npz(path).labels, distilled.labels)
+

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.data.prepared import prepare
 from pipeline.distill import kip
+from pipeline.errors import UserError
 from pipeline.evaluate import scoring
 from pipeline.kernels import functions as kernels
 from pipeline.run import workflow
@@ -63,3 +64,19 @@ def test_a_default_preprocessing_run_has_one_random_baseline():
     metrics = workflow.evaluate(distilled, prepared, EVAL, dataclasses.replace(prepared))
     assert [k for k in metrics if k.startswith("baseline_") and k.endswith("_test_accuracy")] == \
         ["baseline_test_accuracy", "baseline_standardize_test_accuracy"]
+
+
+def test_a_set_is_scored_only_on_the_data_and_preprocessing_it_was_distilled_with(zca_run):
+    """`dvc repro -s prepare` with other preprocessing params, then `-s evaluate`: the stage's
+    workflow.evaluate refuses in one line instead of scoring the set on differently mapped test
+    images; a set claiming another dataset is refused too. The matching pair scores (the control)."""
+    prepared, distilled = zca_run
+    workflow.evaluate(distilled, prepared, EvaluateConfig(baseline_repeats=1))
+    standardized = prepare(DIGITS, PreprocessConfig("standardize"), cache_dir=Path("/nonexistent"))
+    with pytest.raises(UserError, match="distilled under preprocessing 'zca' .* the prepared data was mapped by "
+                                        "'standardize'") as raised:
+        workflow.evaluate(distilled, standardized, EvaluateConfig(baseline_repeats=1))
+    assert "\n" not in str(raised.value)
+    other = dict(distilled.metadata, dataset={**distilled.metadata["dataset"], "fingerprint": "0" * 64})
+    with pytest.raises(UserError, match="distilled from a dataset with fingerprint 000000000000; the prepared data's is"):
+        workflow.evaluate(dataclasses.replace(distilled, metadata=other), prepared, EvaluateConfig(baseline_repeats=1))

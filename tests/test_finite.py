@@ -95,12 +95,12 @@ def test_transfer_refuses_an_artifact_of_another_shape_or_preprocessing(digits, 
     transform = preprocess.fit(PreprocessConfig("standardize"), digits.x_train)
     prepared = _prepared(digits_standardized, digits, transform)
     small = DistilledSet(np.zeros((10, 4, 4, 1), np.float32), np.zeros((10, 10), np.float32),
-                         np.arange(10, dtype=np.int32), transform, {})
+                         np.arange(10, dtype=np.int32), transform, {"dataset": digits.describe()})
     with pytest.raises(UserError, match=r"distilled images have shape \(4, 4, 1\) but the test images are \(8, 8, 1\)"):
         transfer.transfer(small, prepared, TrainConfig(steps=1, seeds=1))
     other = dataclasses.replace(small, images=np.zeros((10, 8, 8, 1), np.float32),
                                 transform=preprocess.fit(PreprocessConfig("none"), digits.x_train))
-    with pytest.raises(UserError, match="other preprocessing than the prepared test data"):
+    with pytest.raises(UserError, match="distilled under preprocessing"):
         transfer.transfer(other, prepared, TrainConfig(steps=1, seeds=1))
 
 
@@ -113,7 +113,7 @@ def test_transfer_reports_both_sides_over_seeds(digits, digits_standardized):
     prepared = _prepared(digits_standardized, digits, transform)
     idx = class_balanced_indices(prepared.y_train, 3, 10, np.random.default_rng(7))
     support = DistilledSet(prepared.x_train[idx], np.asarray(centered_one_hot(prepared.y_train[idx], 10)),
-                           prepared.y_train[idx].astype(np.int32), transform, {})
+                           prepared.y_train[idx].astype(np.int32), transform, {"dataset": digits.describe()})
     metrics, curve = transfer.transfer(support, prepared, TrainConfig(width=128, steps=60, eval_every=30, seeds=2,
                                                                       optimizer_choice="fixed"))
     assert metrics["seeds"] == 2 and metrics["support_size"] == 30

@@ -167,6 +167,7 @@ def load_npz(path: Path) -> DistilledSet:
     )
     check_consistent(path, distilled)
     check_metadata(path, metadata, distilled.labels.shape[1])
+    check_agreement(path, distilled)
     return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
 
 
@@ -276,6 +277,34 @@ def check_metadata(path: Path, metadata: Mapping[str, Any], num_classes: int) ->
     names = dataset.get("class_names")
     if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
         raise UserError(f"{path}: metadata dataset.class_names is not a list of {num_classes} names (one per label column)")
+
+
+def check_agreement(path: Path, distilled: DistilledSet) -> None:
+    """What two parts of a set both state must agree, or the set is not scored: a file edited in
+    one place (and re-sealed: the checksums catch accidental damage only) would otherwise be scored
+    under preprocessing or labels it was not distilled with.
+
+    - metadata `preprocess` and the stored transform: the same method (and ZCA ridge);
+    - labels and classes, where the metadata says the labels were not learned (`distill.method=kip`,
+      `learn_labels=false`): the labels are exactly the classes' centred one-hot rows.
+    """
+    metadata, transform = distilled.metadata, distilled.transform
+    preprocess = metadata["preprocess"]
+    if preprocess.get("method") != transform.method:
+        raise UserError(f"{path}: metadata preprocess.method={shown(preprocess.get('method'))} but the stored transform "
+                        f"is {transform.method!r}: the file disagrees with itself; re-create it rather than score it")
+    if transform.method == "zca" and float(preprocess.get("zca_reg", -1)) != float(transform.zca_reg):
+        raise UserError(f"{path}: metadata preprocess.zca_reg={shown(preprocess.get('zca_reg'))} but the stored "
+                        f"transform's is {float(transform.zca_reg)!r}: the file disagrees with itself")
+    distill = metadata.get("distill")
+    if isinstance(distill, dict) and distill.get("method") == "kip" and distill.get("learn_labels") is False:
+        num_classes = distilled.labels.shape[1]
+        # krr.centered_one_hot, written out: reading a set must not need JAX.
+        one_hot = np.eye(num_classes, dtype=np.float32)[distilled.classes] - np.float32(1.0 / num_classes)
+        if not np.array_equal(distilled.labels, one_hot):
+            rows = int(np.sum(np.any(distilled.labels != one_hot, axis=1)))
+            raise UserError(f"{path}: metadata says the labels were not learned (distill.learn_labels=false), but {rows} "
+                            "label rows differ from their classes' one-hot rows: the file disagrees with itself")
 
 
 def shown(value: object) -> str:

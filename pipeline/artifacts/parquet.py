@@ -163,6 +163,7 @@ def read_parquet(path: Path) -> DistilledSet:
         raise UserError(f"{path}: the preprocessing transform does not match the sha256 kip.transform records; "
                         "the file was altered or damaged")
     artifacts.check_metadata(path, metadata, distilled.labels.shape[1])
+    artifacts.check_agreement(path, distilled)
     return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
 
 

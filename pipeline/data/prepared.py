@@ -140,3 +140,22 @@ def load(path: Path) -> Prepared:
         transform=transform,
         provenance=provenance,
     )
+
+
+def check_same_data(distilled: DistilledSet, prepared: Prepared) -> None:
+    """A set is scored only on the data it was distilled from, mapped by the preprocessing it was
+    distilled under: the dataset's fingerprint and the fitted transform must both match (a
+    `dvc repro -s prepare` with other preprocessing params would otherwise be scored silently)."""
+    theirs = (distilled.metadata.get("dataset") or {}).get("fingerprint")
+    ours = prepared.provenance["dataset"]["fingerprint"]
+    if not isinstance(theirs, str):
+        raise UserError("the support set records no dataset fingerprint (metadata dataset.fingerprint), so it cannot "
+                        "be checked against the data it is scored on; expected the lineage `kip distill` writes")
+    if theirs != ours:
+        raise UserError(f"the support set was distilled from a dataset with fingerprint {theirs[:12]}; the prepared "
+                        f"data's is {ours[:12]}: prepare the set's own data (`kip evaluate` does it from its lineage)")
+    if distilled.transform.checksum() != prepared.transform.checksum():
+        raise UserError(f"the support set was distilled under preprocessing {distilled.transform.method!r} "
+                        f"(transform sha256 {distilled.transform.checksum()[:12]}); the prepared data was mapped by "
+                        f"{prepared.transform.method!r} ({prepared.transform.checksum()[:12]}): re-run prepare with the "
+                        "set's preprocess params, or `kip evaluate`, which re-prepares from the set's lineage")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.artifacts.npz import DistilledSet
-from pipeline.data.prepared import Prepared
+from pipeline.data.prepared import Prepared, check_same_data
 from pipeline.distill import kip, krr
 from pipeline.errors import UserError
 from pipeline.run.config import TrainConfig
@@ -92,17 +92,12 @@ def train_networks(distilled: DistilledSet, prepared: Prepared, config: TrainCon
     """The networks behind `transfer`: {"distilled": [TrainResult per seed], "baseline": [...]
     (empty unless `baseline`), "label_scale": {side: its scale}, "settings": {side: its settings}}.
     `progress` shows one bar over every training step of every network, candidates included."""
-    if distilled.transform.checksum() != prepared.transform.checksum():
-        raise UserError(
-            "the distilled set was made with other preprocessing than the prepared test data "
-            f"({distilled.transform.method} vs {prepared.transform.method}, or other fitted values); "
-            "expected both from the same pipeline run"
-        )
     if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
         raise UserError(
             f"distilled images have shape {tuple(distilled.images.shape[1:])} but the test images are "
             f"{tuple(prepared.x_test.shape[1:])}; expected the same shape"
         )
+    check_same_data(distilled, prepared)
     sides = 1 + baseline
     with _bar(config, sides, progress) as bar:
         results, chosen = _train_side(distilled.images, distilled.labels, distilled.classes, prepared, config, bar)

@@ -19,6 +19,7 @@ import numpy as np
 
 import pipeline
 from pipeline.artifacts.npz import DistilledSet
+from pipeline.data import prepared as prep_io
 from pipeline.data.prepared import Prepared
 from pipeline.distill import kip
 from pipeline.errors import UserError
@@ -149,6 +150,7 @@ def evaluate(
     standardised), of which the better is `baseline_test_accuracy` (`baseline_preprocessing` says
     which); and Label Solve (the same kind of real images with closed-form labels).
     """
+    prep_io.check_same_data(distilled, prepared)
     if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
         raise UserError(
             f"support images have shape {tuple(distilled.images.shape[1:])}; "
