@@ -125,3 +125,34 @@ def test_each_source_dataset_is_logged_with_the_source_type_of_where_its_data_is
 def test_a_data_folder_is_a_local_file_source(tmp_path):
     source = tracking.dataset_source({"source": "files", "name": "mine", "origin": f"files:{tmp_path}", "fingerprint": "0"})
     assert source._get_source_type() == "local" and Path(source.to_dict()["uri"].removeprefix("file://")) == tmp_path
+
+
+def test_credentials_in_a_tracking_uri_never_reach_a_message_or_a_param(project):
+    """A store URI with a user's password (and a token in its query) that cannot be reached: the
+    one-line error names the URI with both replaced by ***; redact leaves URLs without secrets alone."""
+    uri = "http://ada:TopSecretPw@127.0.0.1:9/?token=TopSecretToken&x=1"
+    with pytest.raises(UserError) as error:
+        with tracking.stage_run("prepare", TrackingConfig(uri=uri), params_file=project / "params.yaml",
+                                project_root=project):
+            pytest.fail("the stage body must not run without its store")
+    message = str(error.value)
+    assert "TopSecret" not in message and "\n" not in message
+    assert message.startswith("tracking.uri=http://***@127.0.0.1:9/?token=***&x=1: cannot use the MLflow store")
+    assert tracking.redact("see s3://bucket/key and http://127.0.0.1:5000/#/runs?x=1") == \
+        "see s3://bucket/key and http://127.0.0.1:5000/#/runs?x=1"
+    assert tracking.redact("postgresql://kip:pw@db/kip") == "postgresql://***@db/kip"
+
+
+def test_params_logged_to_mlflow_carry_no_credentials(project):
+    """params.yaml naming a team store with a password (here under a key the default store ignores):
+    the pipeline's parent run and the stage's own params log it with the password replaced."""
+    (project / "params.yaml").write_text("seed: 0\nremote:\n  url: http://ada:TopSecretPw@127.0.0.1:9000/bucket\n")
+    with tracking.stage_run("prepare", TrackingConfig(), params_file=project / "params.yaml", project_root=project) as run:
+        run.log_params({"remote": {"url": "s3://ada:TopSecretPw@bucket/x"}})
+    client = _client(project)
+    experiment = client.get_experiment_by_name("kip-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    by_role = {"pipeline" if run.data.tags.get("kip.role") == "pipeline" else "stage": run.data.params for run in runs}
+    assert by_role["pipeline"]["remote.url"] == "http://***@127.0.0.1:9000/bucket"
+    assert by_role["stage"]["remote.url"] == "s3://***@bucket/x"
+    assert not any("TopSecret" in value for run in runs for value in run.data.params.values())

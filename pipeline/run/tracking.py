@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -89,7 +90,7 @@ class Tracker:
         import mlflow
 
         with self._store():
-            mlflow.log_params(flatten(params))
+            mlflow.log_params({key: redact(value) for key, value in flatten(params).items()})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import mlflow
@@ -158,7 +159,7 @@ class Tracker:
         except UserError:
             raise
         except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
-            raise UserError(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})") from None
+            raise UserError(redact(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})")) from None
 
 
 class NullTracker(Tracker):
@@ -221,10 +222,10 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
     except UserError:
         raise
     except Exception as err:
-        raise UserError(
+        raise UserError(redact(
             f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
             "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
-        ) from None
+        )) from None
     tags = {
         "kip.stage": stage,
         "kip.pipeline_key": key,
@@ -293,7 +294,7 @@ def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict)
         flat = flatten(params)
         items = list(flat.items())
         for start in range(0, len(items), 100):
-            client.log_batch(run_id, params=[_param(k, v) for k, v in items[start:start + 100]])
+            client.log_batch(run_id, params=[_param(k, redact(v)) for k, v in items[start:start + 100]])
         client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -334,6 +335,17 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&](?:token|access_token|api_key|key|password|passwd|secret|sig|signature)=)[^&#\s]*")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo (user:password@) and secret query values of every URL in it replaced
+    by ***: what reaches a message, a log or an MLflow param must never carry a credential (an
+    error line ends up in DVC's and CI's logs)."""
+    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(r"\g<scheme>***@", text))
 
 
 def _first_line(err: BaseException) -> str:
