@@ -78,3 +78,27 @@ def test_train_rejects_bad_params_in_one_line(tmp_path, params, fragment):
     lines = [line for line in result.stderr.splitlines() if line.startswith("stage ")]
     assert len(lines) == 1 and fragment in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_yaml_alias_bomb_in_params_is_one_line_at_once(tmp_path):
+    """Nine levels of nine aliases (387 million values once expanded, in 400 bytes): refused in one
+    line within seconds, before PyYAML builds it; a real params file with anchors and merge keys
+    (experiments/paper's) reads exactly as yaml.safe_load reads it."""
+    import time
+
+    import yaml
+
+    from pipeline.errors import UserError
+    from pipeline.run.params import read_params
+
+    lines = ['a0: ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level in range(1, 10):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    lines[0] = "a0: &a0 " + lines[0][4:]
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"params.yaml expands to more than 100,000 values through YAML aliases") as raised:
+        read_params(tmp_path / "params.yaml")
+    assert time.monotonic() - started < 5 and "\n" not in str(raised.value)
+    paper = REPO / "experiments" / "paper" / "params.yaml"
+    assert read_params(paper) == yaml.safe_load(paper.read_text())

@@ -16,14 +16,49 @@ from pipeline.run.config import from_mapping
 T = TypeVar("T")
 
 
+# The most values a params file may expand to. YAML aliases let a few hundred bytes expand into
+# billions of values (9 levels of 9 aliases: 387 million), which PyYAML builds in full; ours are a
+# few hundred (experiments/paper/params.yaml, anchors and merge keys included: about 2,000).
+MAX_VALUES = 100_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with alias expansion bounded: the document is composed first (an alias is a
+    reference to one node there, so composing is as cheap as the text), its expanded size counted,
+    and only a document of at most MAX_VALUES values is built."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        sizes: dict[int, int] = {}
+
+        def expanded(node: yaml.Node) -> int:
+            if id(node) not in sizes:
+                sizes[id(node)] = 0  # a node that contains itself counts once (PyYAML builds it as a cycle)
+                if isinstance(node, yaml.MappingNode):
+                    children = [child for pair in node.value for child in pair]
+                elif isinstance(node, yaml.SequenceNode):
+                    children = node.value
+                else:
+                    children = []
+                sizes[id(node)] = min(1 + sum(expanded(child) for child in children), MAX_VALUES + 1)
+            return sizes[id(node)]
+
+        if root is not None and expanded(root) > MAX_VALUES:
+            raise UserError(f"{where} expands to more than {MAX_VALUES:,} values through YAML aliases; expected a "
+                            "params file whose anchors expand to a few thousand values at most")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{where} is not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{where} nests deeper than YAML can be read here; expected a params file of a few levels") from None
+
+
 def read_params(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; expected the pipeline's params.yaml") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    params = load_yaml(text, str(path))
     if not isinstance(params, dict):
         raise UserError(f"{path} holds {type(params).__name__}; expected a mapping of sections")
     return params

@@ -28,11 +28,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import yaml
 
 from pipeline.artifacts.atomic import file_digest
 from pipeline.errors import UserError
 from pipeline.run.config import TrackingConfig
+from pipeline.run.params import load_yaml
 
 PIPELINE_ROLE = "pipeline"
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
@@ -218,7 +218,7 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         # stage happens to run in: `dvc exp run --temp` runs in a temporary copy).
         artifacts = None if user_chose_store else (project_root / "mlruns").resolve().as_uri()
         experiment_id = _experiment_id(config.experiment, artifacts)
-        parent_id = _parent_run(experiment_id, key, git, yaml.safe_load(params_text) or {})
+        parent_id = _parent_run(experiment_id, key, git, load_yaml(params_text, str(params_file)) or {})
     except UserError:
         raise
     except Exception as err:
