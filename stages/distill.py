@@ -16,12 +16,12 @@ from pipeline.data import prepared as prep_io
 from pipeline.evaluate import plots
 from pipeline.run import distributed, workflow
 from pipeline.run.config import DistillConfig, KernelConfig
-from pipeline.run.params import read_params, section, seed
+from pipeline.run.params import read_pipeline_params, section, seed
 from pipeline.run.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
+    params = read_pipeline_params(args.params)
     kernel = section(params, "kernel", KernelConfig)
     config = section(params, "distill", DistillConfig, seed=seed(params))
     workflow.check_distill_settings(kernel, config)  # before reading any data

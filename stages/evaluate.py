@@ -15,12 +15,12 @@ from pipeline.data import prepared as prep_io
 from pipeline.run import workflow
 from pipeline.data.datasets import default_cache_dir
 from pipeline.run.config import DataConfig, EvaluateConfig, PreprocessConfig, from_mapping
-from pipeline.run.params import read_params, section, seed
+from pipeline.run.params import read_pipeline_params, section, seed
 from pipeline.run.tracking import dataset_tags, file_md5
 
 
 def main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
+    params = read_pipeline_params(args.params)
     config = section(params, "evaluate", EvaluateConfig, seed=seed(params))
     distilled = artifacts.load_npz(args.distilled)
     prepared = prep_io.load(args.prepared)

@@ -13,12 +13,12 @@ from _stage import run_stage, tracked
 from pipeline.data import prepared as prep_io
 from pipeline.data.datasets import default_cache_dir
 from pipeline.run.config import DataConfig, PreprocessConfig
-from pipeline.run.params import read_params, section, seed
+from pipeline.run.params import read_pipeline_params, section, seed
 from pipeline.run.tracking import dataset_tags
 
 
 def main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
+    params = read_pipeline_params(args.params)
     data = section(params, "data", DataConfig, seed=seed(params))
     prep = section(params, "preprocess", PreprocessConfig)
     with tracked("prepare", params, args.params) as tracker:

@@ -16,14 +16,14 @@ from pipeline.artifacts import atomic, npz as artifacts
 from pipeline.data import prepared as prep_io
 from pipeline.evaluate import plots, transfer
 from pipeline.run.config import TrainConfig
-from pipeline.run.params import read_params, section, seed
+from pipeline.run.params import read_pipeline_params, section, seed
 from pipeline.run.tracking import dataset_tags, file_md5
 
 CURVE_COLUMNS = ("step", "distilled_val_accuracy", "baseline_val_accuracy")
 
 
 def main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
+    params = read_pipeline_params(args.params)
     config = section(params, "train", TrainConfig, seed=seed(params))
     distilled = artifacts.load_npz(args.distilled)
     prepared = prep_io.load(args.prepared)

@@ -43,6 +43,7 @@ def test_prepare_rejects_bad_params_in_one_line(tmp_path, params, fragment):
     ({"kernel": {"architecture": "conv_rf", "kind": "nngp"}, "distill": {"float64": True}},
      "distill.float64=true is not available with kernel.architecture=conv_rf: its random ConvNets are float32"),
     ({"distill": {"seed": 1}}, "distill.seed is not a key of params.yaml; set the top-level seed instead"),
+    ({"distil": {"steps": 5}}, "'distil' is not a section of the pipeline's params (did you mean distill?); expected: seed|"),
 ])
 def test_distill_rejects_bad_params_before_reading_data(tmp_path, params, fragment):
     result = _stage(

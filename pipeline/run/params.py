@@ -5,6 +5,7 @@ one-line errors naming the key (`distill.steps='ten' is not allowed; expected an
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,23 @@ def read_params(path: Path) -> dict[str, Any]:
     params = load_yaml(text, str(path))
     if not isinstance(params, dict):
         raise UserError(f"{path} holds {type(params).__name__}; expected a mapping of sections")
+    return params
+
+
+PIPELINE_SECTIONS = ("seed", "data", "preprocess", "kernel", "distill", "evaluate", "train", "tracking")
+
+
+def read_pipeline_params(path: Path) -> dict[str, Any]:
+    """`read_params` for the main pipeline's stages: a top-level key that is none of its sections
+    (a typo such as `distil:`) is one line, not a section silently ignored while its stage runs on
+    defaults."""
+    params = read_params(path)
+    unknown = sorted((key for key in params if key not in PIPELINE_SECTIONS), key=str)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), PIPELINE_SECTIONS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{path}: {unknown[0]!r} is not a section of the pipeline's params{hint}; "
+                        f"expected: {'|'.join(PIPELINE_SECTIONS)}")
     return params
 
 
