@@ -227,6 +227,51 @@ def test_same_params_from_scratch_give_byte_identical_artifacts(project):
     assert latest.data.tags["kip.git_dirty"] == "false"  # DVC deleting tracked metrics/ before the stage is not an edit
 
 
+def _outputs(root: Path) -> dict[str, bytes]:
+    """Every output of the four stages, by path."""
+    found = {}
+    for folder in ("artifacts", "metrics", "plots", "data"):
+        for path in sorted((root / folder).glob("*")):
+            if path.is_file() and path.name != ".gitignore":
+                found[f"{folder}/{path.name}"] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("section", ["distill", "evaluate"])
+def test_a_misspelt_params_section_loses_no_output_after_the_documented_recovery(project, section):
+    """DVC deletes a stage's outputs before it finds the stage's params section missing
+    ("Parameters 'distill' are missing"), committed or not. The documented recovery (README,
+    "Guarantees"): fix the name and run `dvc repro`. Every stage is deterministic, so what it rewrites
+    is byte-identical; distill resumes from its last checkpoint instead of computing again, and
+    evaluate comes from DVC's run cache. The evaluate metrics here exist only in the working tree."""
+    root, env, _ = project
+    params_path = root / "params.yaml"
+    committed = params_path.read_text()
+    try:
+        params = yaml.safe_load(committed)
+        params["evaluate"]["baseline_repeats"] = 4 if section == "distill" else 5  # a result not yet in the run cache
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert _ran(_dvc(root, env, "repro")) == {"evaluate"}
+        edited = params_path.read_text()
+        before = _outputs(root)
+        typo = section[:-1]
+        params_path.write_text(edited.replace(f"\n{section}:", f"\n{typo}:"))
+        failed = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert failed.returncode != 0 and f"'{section}' are missing" in failed.stdout + failed.stderr
+        lost = sorted(set(before) - set(_outputs(root)))
+        assert lost, "DVC no longer deletes outputs before the params check: the README's recovery note can go"
+        params_path.write_text(edited)
+        recovered = _dvc(root, env, "repro")
+        assert _ran(recovered) <= {"distill"}, recovered
+        if "distill" in _ran(recovered):
+            assert "kip: resuming from" in recovered and "at step 400" in recovered, recovered
+        assert _outputs(root) == before, sorted(name for name in before if _outputs(root).get(name) != before[name])
+    finally:
+        params_path.write_text(committed)
+        _run(root, env, "git", "checkout", "--", "dvc.lock", "metrics")
+    assert _ran(_dvc(root, env, "repro")) == set()
+
+
 def test_push_then_pull_in_a_fresh_clone_restores_identical_artifacts(project, tmp_path):
     root, env, _ = project
     _dvc(root, env, "push")
