@@ -178,7 +178,34 @@ def build_parser() -> argparse.ArgumentParser:
         "else removed; a damaged or stale .dvc/tmp/rwlock is removed. Prints one line; refuses while DVC runs.",
     )
     doctor.add_argument("dir", nargs="?", type=Path, default=Path("."), help="a directory inside the DVC project")
-    for sub in (distill, evaluate, train, inspect, data):
+
+    keygen = commands.add_parser(
+        "keygen", help="make an ed25519 key pair for signing distilled sets",
+        description="Write a new ed25519 private key (mode 0600; keep it out of git) and its public key (commit it, "
+        "e.g. keys/team.pub). Never replaces an existing file. docs/artifacts.md, \"Signatures\".",
+    )
+    keygen.add_argument("private_key", type=_file_path, help="where to write the private key (PEM)")
+    keygen.add_argument("public_key", type=_file_path, help="where to write the public key (PEM)")
+    sign = commands.add_parser(
+        "sign", help="sign a distilled set (writes SET.sig beside it)",
+        description="Write a detached ed25519 signature of the file's sha256 to SET.sig. The set's own bytes "
+        "are not changed, so DVC's md5 and byte-identical reruns hold.",
+    )
+    sign.add_argument("artifact", type=Path, help="a distilled .npz or .parquet")
+    sign.add_argument("--key", type=Path, required=True, help="the private key from `kip keygen`")
+    verify = commands.add_parser(
+        "verify", help="check a distilled set's signature, or its md5 against dvc.lock / MLflow",
+        description="Exit 0 and one line if every requested check passes, else exit 2 and one line naming "
+        "what failed. With no option, checks SET.sig against $KIP_PUBLIC_KEY.",
+    )
+    verify.add_argument("artifact", type=Path, help="a distilled .npz or .parquet")
+    verify.add_argument("--public-key", type=Path, default=None, help="the trusted public key [$KIP_PUBLIC_KEY]")
+    verify.add_argument("--signature", type=Path, default=None, help="the signature file [ARTIFACT.sig]")
+    verify.add_argument("--md5", default=None, help="the md5 dvc.lock or the MLflow tag kip.out.<path> records")
+    verify.add_argument("--lock", type=Path, default=None, help="a dvc.lock to take the recorded md5 from")
+    verify.add_argument("--as", dest="lock_path", default=None,
+                        help="the output's path in --lock [ARTIFACT's path relative to the lock's folder]")
+    for sub in (distill, evaluate, train, inspect, data, keygen, sign, verify):
         _short_metavars(sub)
     return parser
 
@@ -268,7 +295,7 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline.artifacts import atomic, npz as artifacts
+    from pipeline.artifacts import atomic, npz as artifacts, signing
     from pipeline.data.prepared import prepare, reprepare
     from pipeline.run import workflow
 
@@ -276,6 +303,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         reg=args.reg, baseline_repeats=args.baseline_repeats, batch_size=args.batch_size, seed=args.seed
     )
     _check_outputs(args.json)
+    signing.verify_if_configured(args.support)
     distilled = artifacts.load_npz(args.support)
     cache_dir = args.cache_dir or default_cache_dir()
     prepared = reprepare(distilled, cache_dir=cache_dir)
@@ -289,12 +317,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.artifacts import atomic, npz as artifacts
+    from pipeline.artifacts import atomic, npz as artifacts, signing
     from pipeline.data.prepared import reprepare
     from pipeline.evaluate import transfer
 
     config = cfg.TrainConfig(**_section(args, "train"))
     _check_outputs(args.json)
+    signing.verify_if_configured(args.support)
     distilled = artifacts.load_npz(args.support)
     prepared = reprepare(distilled, cache_dir=args.cache_dir or default_cache_dir())
     metrics, _ = transfer.transfer(distilled, prepared, config, progress=not args.quiet)
@@ -304,9 +333,52 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import signing
     from pipeline.artifacts.inspection import inspect_artifact
 
-    print(json.dumps(inspect_artifact(args.artifact), indent=2))
+    signed_by = signing.verify_if_configured(args.artifact)
+    report = inspect_artifact(args.artifact)
+    report["checksums_catch"] = "accidental damage, not an edit whose author recomputes them (that needs kip sign / verify)"
+    report["signature"] = f"valid, key {signed_by}" if signed_by else f"not checked (no ${signing.PUBLIC_KEY_ENV})"
+    print(json.dumps(report, indent=2))
+
+
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import signing
+
+    key = signing.generate_keypair(args.private_key, args.public_key)
+    print(f"kip keygen: key {key}: private {args.private_key} (keep it out of git), public {args.public_key} (commit it)")
+
+
+def _cmd_sign(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import signing
+
+    target, key = signing.sign(args.artifact, args.key)
+    print(f"kip sign: wrote {target} (key {key})")
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    import os
+
+    from pipeline.artifacts import signing
+
+    passed = []
+    if args.lock_path and not args.lock:
+        raise UserError("--as names an output of --lock; give --lock dvc.lock too")
+    if args.md5 and args.lock:
+        raise UserError("give --md5 or --lock, not both")
+    if args.lock:
+        out = args.lock_path or os.path.relpath(args.artifact, args.lock.parent)
+        expected = signing.recorded_md5(args.lock, out)
+        passed.append(f"md5 {signing.check_md5(args.artifact, expected)} as {args.lock} records for {out}")
+    elif args.md5:
+        passed.append(f"md5 {signing.check_md5(args.artifact, args.md5)} as recorded")
+    public_key = args.public_key or os.environ.get(signing.PUBLIC_KEY_ENV)
+    if public_key or args.signature or not passed:
+        if not public_key:
+            raise UserError(f"no trusted key: give --public-key or set ${signing.PUBLIC_KEY_ENV} (or check --md5 / --lock)")
+        passed.append(f"signed by key {signing.verify(args.artifact, Path(public_key), args.signature)}")
+    print(f"kip verify: {args.artifact}: " + "; ".join(passed))
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -340,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _cmd_inspect, "show": _cmd_inspect,
         "data": _cmd_data,
         "doctor": _cmd_doctor, "repair": _cmd_doctor,
+        "keygen": _cmd_keygen, "sign": _cmd_sign, "verify": _cmd_verify,
     }[args.command]
     from pipeline.run import distributed
 
