@@ -156,3 +156,81 @@ def test_params_logged_to_mlflow_carry_no_credentials(project):
     assert by_role["pipeline"]["remote.url"] == "http://***@127.0.0.1:9000/bucket"
     assert by_role["stage"]["remote.url"] == "s3://***@bucket/x"
     assert not any("TopSecret" in value for run in runs for value in run.data.params.values())
+
+
+_HALF_CREATE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+import mlflow
+mlflow.MlflowClient(tracking_uri=sys.argv[1]).search_experiments()
+"""
+
+
+_STAGE = """
+import sys
+from pathlib import Path
+import mlflow
+from pipeline.run import tracking
+from pipeline.run.config import TrackingConfig
+root = Path(sys.argv[1])
+with tracking.stage_run("prepare", TrackingConfig(), params_file=root / "params.yaml", project_root=root):
+    pass
+client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+print(len(client.search_runs([client.get_experiment_by_name("kip-pipeline").experiment_id])))
+"""
+
+
+def _half_created_store(path: Path) -> None:
+    """A store whose first creation ran out of space midway: MLflow's migrations are not one transaction."""
+    import subprocess
+    import sys
+
+    made = subprocess.run([sys.executable, "-c", _HALF_CREATE, f"sqlite:///{path}"], capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode != 0 and path.exists(), made.stderr[-2000:]
+
+
+def test_a_store_half_created_by_a_full_disk_is_named_and_kip_doctor_sets_it_aside(project):
+    import subprocess
+    import sys
+
+    store = project / "mlflow.db"
+    _half_created_store(store)
+    with pytest.raises(Exception):  # the failure kip doctor exists for: MLflow cannot open it, ever again
+        _client(project).search_experiments()
+    with pytest.raises(UserError) as error:
+        with tracking.stage_run("prepare", TrackingConfig(), params_file=project / "params.yaml", project_root=project):
+            pytest.fail("the stage body must not run without its store")
+    message = str(error.value)
+    assert "\n" not in message and "was left half-created by an interrupted first run" in message
+    assert "run `kip doctor`" in message
+    half = store.read_bytes()
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True, timeout=120)
+    doctor = subprocess.run([sys.executable, "-m", "pipeline.run.cli", "doctor", str(project)], capture_output=True,
+                            text=True, timeout=300)
+    assert doctor.returncode == 0, doctor.stderr
+    (backup,) = project.glob("mlflow.db.half-created-*")
+    assert backup.read_bytes() == half and "moved it to mlflow.db.half-created-" in doctor.stdout
+    # A new process, as each stage is (this one's MLflow keeps its connection to the moved file).
+    fresh = subprocess.run([sys.executable, "-c", _STAGE, str(project)], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and fresh.stdout.split() == ["2"], fresh.stderr[-2000:]  # the parent and the stage
+
+
+def test_kip_doctor_never_moves_a_store_that_holds_runs(project):
+    import sqlite3
+
+    from pipeline.run import store_doctor
+
+    with tracking.stage_run("prepare", TrackingConfig(), params_file=project / "params.yaml", project_root=project):
+        pass
+    store = project / "mlflow.db"
+    assert store_doctor.repair(store) is None  # healthy: nothing to do
+    with sqlite3.connect(store) as connection:  # as if an older MLflow had made it
+        connection.execute("update alembic_version set version_num = '0a8213491aaa'")
+    before = store.read_bytes()
+    said = store_doctor.repair(store)
+    assert "holds 2 runs: left as it is" in said and "mlflow db upgrade" in said
+    assert store.read_bytes() == before
+    assert sorted(p.name for p in project.iterdir()) == ["mlflow.db", "params.yaml"]

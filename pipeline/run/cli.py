@@ -389,9 +389,31 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
-    from pipeline.artifacts.lockfile import repair
+    from pipeline.artifacts.lockfile import find_root, repair
+    from pipeline.run import store_doctor
 
     print(f"kip doctor: {repair(args.dir)}")
+    store = _tracking_store(find_root(args.dir))
+    if store is not None:
+        done = store_doctor.repair(store)
+        print(f"kip doctor: {done}" if done else f"kip doctor: the MLflow store {store} is at MLflow's schema")
+
+
+def _tracking_store(root: Path) -> Path | None:
+    """The project's SQLite MLflow store, as the stages resolve it; None for a server or no file."""
+    from pipeline.run import params, store_doctor, tracking
+
+    params_file = root / "params.yaml"
+    section = {}
+    if params_file.is_file():
+        document = params.load_yaml(params_file.read_text(), str(params_file)) or {}
+        section = document.get("tracking") or {} if isinstance(document, dict) else {}
+    config = cfg.TrackingConfig(**section) if isinstance(section, dict) else cfg.TrackingConfig()
+    path = store_doctor.sqlite_path(tracking.resolve_uri(config, root))
+    if path is None:
+        return None
+    path = path if path.is_absolute() else root / path
+    return path if path.exists() else None
 
 
 def _version() -> str:

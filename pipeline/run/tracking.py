@@ -224,7 +224,7 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
     except Exception as err:
         raise UserError(redact(
             f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
-            "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+            + (_store_problem(uri) or "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
         )) from None
     tags = {
         "kip.stage": stage,
@@ -297,6 +297,17 @@ def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict)
             client.log_batch(run_id, params=[_param(k, redact(v)) for k, v in items[start:start + 100]])
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def _store_problem(uri: str) -> str | None:
+    """What is wrong with a SQLite store whose schema is not MLflow's, with its remedy; else None."""
+    from pipeline.run import store_doctor
+
+    path = store_doctor.sqlite_path(uri)
+    try:
+        return store_doctor.problem(path) if path is not None else None
+    except Exception:  # the diagnosis must never hide the store's own error
+        return None
 
 
 def _param(key: str, value: str):
