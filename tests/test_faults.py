@@ -599,3 +599,28 @@ def test_kip_doctor_refuses_while_dvc_runs_and_clears_what_killed_runs_left(tmp_
     line = repair(tmp_path)
     assert ".git/index.lock exists: a git command is running or was killed" in line and "delete it" in line, line
     assert (tmp_path / ".git" / "index.lock").exists()
+
+
+@needs_git
+def test_kip_doctor_names_a_hand_edited_dvc_lock_and_keeps_what_it_replaces(tmp_path):
+    """Valid YAML with zeroed md5s was written whole: an edit, not a killed write. The line says so and
+    which field DVC rejects, and the edited file survives beside the restored one."""
+    from dvc.repo import Repo
+
+    from pipeline.artifacts.lockfile import repair
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    Repo.init(str(tmp_path)).close()
+    good = ("schema: '2.0'\nstages:\n  distill:\n    cmd: python stages/distill.py\n    outs:\n"
+            "    - path: artifacts/distilled.npz\n      hash: md5\n      md5: c6de2cdf8063b6bf186cb80db4a3d5e5\n      size: 10\n")
+    (tmp_path / "dvc.lock").write_text(good)
+    subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, check=True)
+    assert repair(tmp_path).startswith("nothing to repair")
+    edited = good.replace("md5: c6de2cdf8063b6bf186cb80db4a3d5e5", "md5: 0")
+    (tmp_path / "dvc.lock").write_text(edited)
+    line = repair(tmp_path)
+    assert "dvc.lock was valid YAML: DVC's schema rejects it (" in line and "md5" in line, line
+    assert "edited by hand or by another tool, not a killed DVC" in line and "replaced it by the version staged in git" in line
+    (backup,) = tmp_path.glob("dvc.lock.replaced-*")
+    assert f"what it held is in {backup.name}" in line
+    assert backup.read_text() == edited and (tmp_path / "dvc.lock").read_text() == good

@@ -14,6 +14,9 @@ RWLock-file". Nothing in DVC's configuration makes these writes atomic, so we re
   is removed. Either way it is a true record of some earlier state, and DVC re-checks every hash
   against the workspace: stages whose record is missing or stale simply run again (distill resuming
   from its checkpoint), and the outputs end byte-identical to an uninterrupted run.
+* a `dvc.lock` that parses but that DVC's schema rejects was written whole: an edit (by hand, a
+  merge, another tool), not a kill; the line says so and which field, and it is repaired alike.
+  Whatever `dvc.lock` held is copied to `dvc.lock.replaced-<UTC time>` first.
 * a damaged `rwlock` is removed (it only lists processes that were running; there are none).
 
 The repo lock `.dvc/tmp/lock` needs no help (an fcntl lock: the kernel releases it with the process),
@@ -62,11 +65,21 @@ def lockfile_problem(path: Path) -> str | None:
         load(os.fspath(path), COMPILED_LOCKFILE_SCHEMA)
     except YAMLSyntaxError:
         return "cut off mid-write (not valid YAML)"
-    except YAMLValidationError:
-        return "incomplete (DVC's schema rejects it)"
+    except YAMLValidationError as err:
+        return f"{EDITED}: DVC's schema rejects it ({_first_schema_error(err)})"
     except EncodingError:
         return "not UTF-8 text"
     return None
+
+
+EDITED = "valid YAML"  # a killed write leaves a file cut short; one that parses was written whole, or edited
+
+
+def _first_schema_error(err: Exception) -> str:
+    """The first of voluptuous' complaints, one line, bounded."""
+    cause = getattr(err, "__cause__", None)
+    errors = getattr(cause, "errors", None) or [cause or err]
+    return " ".join(str(errors[0]).split())[:160]
 
 
 def rwlock_problem(path: Path) -> str | None:
@@ -141,6 +154,20 @@ def _restore_from_git(root: Path, path: Path) -> str | None:
     return None
 
 
+def _backup(path: Path) -> Path:
+    """Copy `path` beside itself as `<name>.replaced-<UTC time>` before kip doctor replaces it."""
+    import shutil
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = path.with_name(f"{path.name}.replaced-{stamp}")
+    counter = 1
+    while backup.exists():
+        backup, counter = path.with_name(f"{path.name}.replaced-{stamp}-{counter}"), counter + 1
+    shutil.copy2(path, backup)
+    return backup
+
+
 def _git_index_lock(root: Path) -> Path | None:
     """The git index's lock file of the repository holding `root`, if it exists."""
     try:
@@ -187,11 +214,15 @@ def repair(start: Path | str = ".") -> str:
             lock = root / LOCKFILE
             problem = lockfile_problem(lock)
             if problem:
+                backup = _backup(lock) if lock.stat().st_size else None
                 restored = _restore_from_git(root, lock)
                 if restored is None:
                     lock.unlink()
                 action = f"replaced it by {restored}" if restored else "removed it (git has no valid version of it)"
-                done.append(f"{LOCKFILE} was {problem}, left by a DVC command killed while writing it: {action}")
+                cause = ("written whole, so edited by hand or by another tool, not a killed DVC" if problem.startswith(EDITED)
+                         else "left by a DVC command killed while writing it")
+                done.append(f"{LOCKFILE} was {problem}, {cause}: {action}"
+                            + (f"; what it held is in {backup.name}" if backup else ""))
             index_lock = _git_index_lock(root)
             if index_lock is not None:  # git's own lock: a git command may be running, so only say so
                 done.append(f"{os.path.relpath(index_lock, root)} exists: a git command is running or was killed "

@@ -392,11 +392,10 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
     from pipeline.artifacts.lockfile import find_root, repair
     from pipeline.run import store_doctor
 
-    print(f"kip doctor: {repair(args.dir)}")
+    said = repair(args.dir)
     store = _tracking_store(find_root(args.dir))
-    if store is not None:
-        done = store_doctor.repair(store)
-        print(f"kip doctor: {done}" if done else f"kip doctor: the MLflow store {store} is at MLflow's schema")
+    done = store_doctor.repair(store) if store is not None else None
+    print(f"kip doctor: {said}" + (f"; {done}" if done else ""))
 
 
 def _tracking_store(root: Path) -> Path | None:
