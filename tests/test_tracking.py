@@ -234,3 +234,46 @@ def test_kip_doctor_never_moves_a_store_that_holds_runs(project):
     assert "holds 2 runs: left as it is" in said and "mlflow db upgrade" in said
     assert store.read_bytes() == before
     assert sorted(p.name for p in project.iterdir()) == ["mlflow.db", "params.yaml"]
+
+
+_DIE_IN_STAGE = """
+import os, signal, sys, time
+from pathlib import Path
+from pipeline.run import tracking
+from pipeline.run.config import TrackingConfig
+root = Path(sys.argv[1])
+with tracking.stage_run(sys.argv[2], TrackingConfig(), params_file=root / "params.yaml", project_root=root):
+    print("started", flush=True)
+    if sys.argv[3] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as losing the store: the run cannot be ended
+    time.sleep(120)
+"""
+
+
+def test_a_run_whose_process_is_gone_is_marked_killed_by_the_next_stage_and_a_live_one_is_not(project):
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", _DIE_IN_STAGE, str(project), "train", "live"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "started"
+        died = subprocess.run([sys.executable, "-c", _DIE_IN_STAGE, str(project), "distill", "die"], capture_output=True,
+                              text=True, timeout=300)
+        assert died.returncode == -9 and "started" in died.stdout, died.stderr[-2000:]
+        client = _client(project)
+        experiment = client.get_experiment_by_name("kip-pipeline").experiment_id
+
+        def status(stage: str) -> str:
+            (run,) = client.search_runs([experiment], f"tags.`kip.stage` = '{stage}'")
+            return run.info.status
+
+        assert status("distill") == "RUNNING" and status("train") == "RUNNING"  # what MLflow shows, for good
+        with tracking.stage_run("evaluate", TrackingConfig(), params_file=project / "params.yaml", project_root=project):
+            pass
+        assert status("distill") == "KILLED" and status("train") == "RUNNING" and status("evaluate") == "FINISHED"
+        (ended,) = client.search_runs([experiment], "tags.`kip.stage` = 'distill'")
+        assert ended.data.tags["kip.ended_by"].startswith("a later stage: process ")
+    finally:
+        live.kill()
+        live.wait()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 import warnings
@@ -226,8 +227,12 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
             f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
             + (_store_problem(uri) or "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
         )) from None
+    with contextlib.suppress(Exception):  # tidying up after others must never stop this stage
+        _end_orphaned_runs(experiment_id)
     tags = {
         "kip.stage": stage,
+        "kip.host": socket.gethostname(),
+        "kip.pid": str(os.getpid()),
         "kip.pipeline_key": key,
         "kip.git_commit": git["commit"],
         "kip.git_dirty": git["dirty"],
@@ -297,6 +302,37 @@ def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict)
             client.log_batch(run_id, params=[_param(k, redact(v)) for k, v in items[start:start + 100]])
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def _end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the stage runs of this host left RUNNING by a process that no longer exists.
+
+    A stage whose store went away mid-run (a server restarted, a network cut), or that was killed
+    with SIGKILL, cannot end its own run, and MLflow would show it RUNNING for good. Each stage run is
+    tagged with its host and PID, so the next stage on the same host can tell a dead one from a
+    concurrent one (queued experiments run side by side): the PID is gone, or now names a process
+    younger than the run. Runs of other hosts are left alone: their processes cannot be seen from here.
+    """
+    import mlflow
+    import psutil
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    orphans = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`kip.host` = '{host}'",
+                                 max_results=1000)
+    ended = []
+    for run in orphans:
+        try:
+            pid = int(run.data.tags.get("kip.pid", ""))
+            alive = psutil.Process(pid).create_time() * 1000 <= run.info.start_time + 1000
+        except (ValueError, psutil.Error):
+            alive = False
+        if not alive:
+            client.set_tag(run.info.run_id, "kip.ended_by", f"a later stage: process {run.data.tags.get('kip.pid')} "
+                           "had gone without ending this run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def _store_problem(uri: str) -> str | None:
