@@ -143,12 +143,13 @@ def test_credentials_in_a_tracking_uri_never_reach_a_message_or_a_param(project)
     assert tracking.redact("postgresql://kip:pw@db/kip") == "postgresql://***@db/kip"
 
 
-def test_params_logged_to_mlflow_carry_no_credentials(project):
+def test_params_and_tags_logged_to_mlflow_carry_no_credentials(project):
     """params.yaml naming a team store with a password (here under a key the default store ignores):
     the pipeline's parent run and the stage's own params log it with the password replaced."""
     (project / "params.yaml").write_text("seed: 0\nremote:\n  url: http://ada:TopSecretPw@127.0.0.1:9000/bucket\n")
     with tracking.stage_run("prepare", TrackingConfig(), params_file=project / "params.yaml", project_root=project) as run:
         run.log_params({"remote": {"url": "s3://ada:TopSecretPw@bucket/x"}})
+        run.set_tags({"kip.data_url": "https://ada:TopSecretPw@mirror.example/x?token=TopSecretTok"})
     client = _client(project)
     experiment = client.get_experiment_by_name("kip-pipeline")
     runs = client.search_runs([experiment.experiment_id])
@@ -156,6 +157,8 @@ def test_params_logged_to_mlflow_carry_no_credentials(project):
     assert by_role["pipeline"]["remote.url"] == "http://***@127.0.0.1:9000/bucket"
     assert by_role["stage"]["remote.url"] == "s3://***@bucket/x"
     assert not any("TopSecret" in value for run in runs for value in run.data.params.values())
+    assert not any("TopSecret" in value for run in runs for value in run.data.tags.values())
+    assert any(value == "https://***@mirror.example/x?token=***" for run in runs for value in run.data.tags.values())
 
 
 _HALF_CREATE = """

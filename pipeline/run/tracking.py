@@ -119,7 +119,7 @@ class Tracker:
         import mlflow
 
         with self._store():
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
 
     def tag_files(self, *, read: Sequence[Path] = (), wrote: Sequence[Path] = ()) -> None:
         """md5 of the files this stage read and wrote, on its run and on the parent (lineage)."""
