@@ -105,6 +105,15 @@ def test_distill_then_evaluate_on_digits(capsys, tmp_path):
     assert metrics == json.loads(stdout)
     assert metrics["support_size"] == 20 and metrics["test_size"] == 360
     assert metrics["krr_test_accuracy"] > metrics["baseline_test_accuracy"]
+    assert "scored_under_kernel" not in metrics  # the set's own kernel, which its metadata names
+
+    # Another kernel only when asked, and labelled as such in the JSON and on stderr.
+    code, stdout, err = run_cli(capsys, "evaluate", str(out), "--kernel", "rbf", "--gamma", "2")
+    other = json.loads(stdout)
+    assert code == 0 and "scored under another kernel than the set's own" in err
+    assert other["scored_under_kernel"] == {"architecture": "rbf", "gamma": 2.0}
+    assert other["distilled_for_kernel"]["architecture"] == "fc" and other["support_size"] == 20
+    assert other["krr_test_accuracy"] != metrics["krr_test_accuracy"]
 
     code, stdout, _ = run_cli(capsys, "train", str(out), "--width", "64", "--steps", "200", "--seeds", "2",
                               "--eval-every", "0")

@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="which random real subsets form the baseline")
     evaluate.add_argument("--json", type=_file_path, default=None, help="also write the metrics to this file")
     evaluate.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")
+    other = evaluate.add_argument_group(
+        "another kernel", "By default a set is scored under the kernel it was distilled for (its metadata). Any of "
+        "these scores it under that kernel with the given fields changed instead; the JSON then says so.")
+    for flag, field, kind, shown in (
+        ("--kernel", "architecture", str, "|".join(cfg.ARCHITECTURES)), ("--kernel-kind", "kind", str, "|".join(cfg.KERNEL_KINDS)),
+        ("--depth", "depth", int, "hidden layers"), ("--w-std", "w_std", float, "weight std"),
+        ("--b-std", "b_std", float, "bias std"), ("--activation", "activation", str, "|".join(cfg.ACTIVATIONS)),
+        ("--parameterization", "parameterization", str, "|".join(cfg.PARAMETERIZATIONS)),
+        ("--conv-readout", "conv_readout", str, "|".join(cfg.CONV_READOUTS)), ("--gamma", "gamma", float, "RBF bandwidth"),
+        ("--rf-eval-networks", "rf_eval_networks", int, "conv_rf: random ConvNets scored over"),
+        ("--rf-width", "rf_width", int, "conv_rf: their channels"),
+    ):
+        other.add_argument(flag, dest=f"kernel.{field}", type=kind, default=None, help=f"{shown} [the set's own]")
 
     train = commands.add_parser(
         "train", help="finite networks trained on a support set, against random real images",
@@ -310,7 +323,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     default = None
     if prepared.transform.method != cfg.PreprocessConfig().method:  # the strongest baseline may be there
         default = prepare(cfg.DataConfig(**distilled.metadata["data"]), cfg.PreprocessConfig(), cache_dir=cache_dir)
-    metrics = workflow.evaluate(distilled, prepared, config, default)
+    changed = {field: value for field, value in _section(args, "kernel").items() if value is not None}
+    metrics = workflow.evaluate(distilled, prepared, config, default, kernel_changes=changed)
+    if "scored_under_kernel" in metrics:
+        print(f"kip evaluate: scored under another kernel than the set's own ({metrics['scored_under_kernel']}); "
+              "these are not the set's numbers", file=sys.stderr)
     if args.json:
         atomic.write_json(args.json, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))

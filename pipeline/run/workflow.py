@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -141,7 +141,8 @@ def _privacy(images: np.ndarray, prepared: Prepared, config: DistillConfig) -> d
 
 
 def evaluate(
-    distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig, default_prepared: Prepared | None = None
+    distilled: DistilledSet, prepared: Prepared, config: EvaluateConfig, default_prepared: Prepared | None = None,
+    *, kernel_changes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """KRR test accuracy/MSE of the support set beside the strongest simple baselines of its size.
 
@@ -149,6 +150,10 @@ def evaluate(
     not the default, under the default one (`default_prepared`: the same data and split,
     standardised), of which the better is `baseline_test_accuracy` (`baseline_preprocessing` says
     which); and Label Solve (the same kind of real images with closed-form labels).
+
+    The kernel is the one the set was distilled for; `kernel_changes` (explicit, from `kip evaluate
+    --kernel ...`) scores it, and the baselines, under that kernel with those fields changed, and the
+    metrics then carry `scored_under_kernel` so the number is never mistaken for the set's own.
     """
     prep_io.check_same_data(distilled, prepared)
     if tuple(distilled.images.shape[1:]) != tuple(prepared.x_test.shape[1:]):
@@ -156,7 +161,8 @@ def evaluate(
             f"support images have shape {tuple(distilled.images.shape[1:])}; "
             f"the test images are {tuple(prepared.x_test.shape[1:])}"
         )
-    kernel = KernelConfig(**distilled.metadata["kernel"])
+    own = KernelConfig(**distilled.metadata["kernel"])
+    kernel = replace(own, **kernel_changes) if kernel_changes else own
     kernel_fn = kernels.make(kernel)
     scores = scoring.krr_scores(
         kernel_fn, distilled.images, distilled.labels, prepared.x_test, prepared.y_test,
@@ -192,6 +198,10 @@ def evaluate(
     }
     for method, result in random_real.items():
         metrics[f"baseline_{method}_test_accuracy"] = result["accuracy"]
+    if kernel != own:
+        metrics["scored_under_kernel"] = {field: value for field, value in asdict(kernel).items()
+                                          if value != getattr(own, field)}
+        metrics["distilled_for_kernel"] = asdict(own)
     return metrics
 
 
