@@ -1,6 +1,7 @@
 """The `kip` command as a user meets it: help, one-line errors, and a whole distill/evaluate run."""
 from __future__ import annotations
 
+import os
 import json
 import subprocess
 import sys
@@ -166,3 +167,30 @@ def test_a_text_file_is_not_called_a_corrupted_npz(capsys, tmp_path):
     notes.write_text("# not an artifact\n")
     code, _, err = run_cli(capsys, "evaluate", str(notes))
     assert code == 2 and "is not an .npz file (not a zip archive" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["distill", "-o", "x.npz", "--stepz", "3"],
+     "kip distill: error: unrecognized arguments: --stepz 3; did you mean --steps? (see kip distill --help)"),
+    (["evaluate", "x.npz", "--gama=2"],
+     "kip evaluate: error: unrecognized arguments: --gama=2; did you mean --gamma? (see kip evaluate --help)"),
+    (["inspect", "x.npz", "--qqqqq"], "kip inspect: error: unrecognized arguments: --qqqqq (see kip inspect --help)"),
+])
+def test_an_unknown_option_is_named_by_its_command_with_a_did_you_mean(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == expected + "\n"
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, capsys):
+    """`kip inspect set.npz | head -1`: the reader went away; no BrokenPipeError traceback."""
+    out = tmp_path / "d.npz"
+    run_cli(capsys, "distill", "--source", "embedded", "--dataset", "digits", "--support-per-class", "1",
+            "--steps", "2", "-q", "-o", str(out))
+    reader, writer = os.pipe()
+    os.close(reader)  # closed before kip writes a byte: its first write fails with EPIPE
+    with os.fdopen(writer, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "pipeline.run.cli", "inspect", str(out)], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

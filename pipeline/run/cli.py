@@ -38,6 +38,23 @@ class _OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown options are reported by the command they were given to, with a did-you-mean:
+        argparse would report them from the top level (`see kip --help`)."""
+        import difflib
+
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            known = [flag for action in command._actions for flag in action.option_strings]
+            hints = []
+            for extra in extras:
+                close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1) if extra.startswith("-") else []
+                if close:
+                    hints.append(f"did you mean {close[0]}?")
+            command.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; {' '.join(hints)}" if hints else ""))
+        return parsed
+
 
 _TRAIN_HELP = {
     "architecture": "|".join(cfg.NETWORKS), "width": "fc hidden units", "depth": "fc hidden layers",
@@ -65,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_OneLineErrors)
+    parser.commands = commands.choices  # name (and alias) -> its parser, for _OneLineErrors.parse_args
 
     distill = commands.add_parser(
         "distill", help="learn a support set and write it as .npz",
@@ -468,6 +486,11 @@ def _run(args: argparse.Namespace, handler, distributed) -> int:
     except UserError as err:
         print(f"kip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `kip inspect ... | head`: the reader has all it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipe's writer
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, runtime.Terminated)
         print(f"kip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
