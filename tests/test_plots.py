@@ -46,3 +46,19 @@ def test_figures_render_to_identical_png_bytes(rng):
     assert first.startswith(b"\x89PNG") and first == again
     curves = plots.learning_curves_figure(history)
     assert plots.png_bytes(curves) == plots.png_bytes(plots.learning_curves_figure(history))
+
+
+def test_the_support_figure_titles_do_not_overlap_at_one_image_a_class(rng):
+    """At 10 images (one a class) the panels are narrow; their titles must stay apart and inside."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    transform = preprocess.fit(PreprocessConfig("standardize"), rng.random((20, 28, 28, 1)).astype(np.float32))
+    for per_class in (1, 10, 50):
+        images = rng.standard_normal((10 * per_class, 28, 28, 1))
+        classes = np.repeat(np.arange(10), per_class)
+        fig = plots.support_figure(images, images, classes, [str(i) for i in range(10)], transform)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        left, right = (ax.title.get_window_extent(renderer) for ax in fig.axes)
+        assert left.x1 < right.x0, (per_class, left, right)
+        assert left.x0 >= 0 and right.x1 <= fig.bbox.x1, (per_class, left, right)

@@ -58,13 +58,13 @@ def support_figure(
     num_classes = len(class_names)
     panels = [("initial", before), ("distilled", after)]
     per_class = max(int(np.max(np.bincount(classes, minlength=num_classes))), 1)
-    width = min(2 + 2 * 0.45 * per_class, 24)
+    width = min(max(2 + 2 * 0.45 * per_class, 5.5), 24)  # 5.5 in: room for both titles at 1 image a class
     fig = Figure(figsize=(width, 1.4 + 0.45 * num_classes), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, (title, images) in zip(axes, panels):
         grid = tile(viewable(images, transform), classes, num_classes)
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{title} ({len(images)} images)")
+        ax.set_title(f"{title}\n{len(images)} images", fontsize=10)
         h = images.shape[1] + 1
         ax.set_yticks([1 + h * i + h / 2 - 1 for i in range(num_classes)], labels=list(class_names), fontsize=7)
         ax.set_xticks([])
