@@ -22,13 +22,19 @@ virtual reservations), inspect .npz 0.39 GB, inspect .parquet 1.51 GB (pyarrow's
 Without the fixes: the 100,000,000 label, the /dev/zero symlink and the gzip bomb each hit the `kip
 data` limit (MemoryError traceback) and the FIFO hung until the timeout; classes of 2e9 make `kip
 inspect` allocate 14.9 GiB and a 400 GB .npy header makes np.load allocate 400 GB: both die with
-MemoryError tracebacks under these limits.
+MemoryError tracebacks under these limits. Sealed sets far larger than a distilled support (issue 36,
+section 3): 3.58 million deflated 8x8 zero images (5 MB) were "valid" to `kip inspect` after 4.5 s
+and 2.0 GB, and killed `kip evaluate` in XLA (SIGABRT, 2.1 GB); 3.3 million zero Parquet rows (9 MB)
+were valid after 9 s and 3.4 GB, and under the limit "corrupted or truncated"; 50,000 one-row
+groups were valid after 15 s and 1.5 GB (and aborted under the limit).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -550,7 +556,7 @@ def test_a_huge_deflated_member_is_refused_before_inflating(tmp_path, limits):
                 member.write(block)
     result = run_kip(["inspect", npz], limits["inspect-npz"], cwd=tmp_path)
     assert_one_line_error(result, npz, "compressed members would inflate to")
-    assert "this reader accepts at most 1.0 GiB" in result.stderr
+    assert f"this reader accepts at most {safe_read.MAX_INFLATED_BYTES} bytes (1.00 GiB)" in result.stderr
 
 
 def test_object_arrays_are_refused(tmp_path, limits):
@@ -655,6 +661,274 @@ def test_an_embedded_zca_matrix_is_checked_before_use(tmp_path, limits, matrix, 
     result = run_kip(["inspect", path], limits["inspect-parquet"], cwd=tmp_path)
     assert_one_line_error(result, path, fragment)
     assert snapshot(tmp_path) == before
+
+
+# --- valid-looking sets far larger than a distilled support (issue 36, section 3) ----------------
+#
+# Each file is well formed and sealed (every checksum right, recomputed as its author would), so
+# only the readers' size bounds stand between it and the memory it would take. Built by streaming
+# zeros: a few seconds and a few MB each, whatever size the file declares.
+
+FEW_SECONDS = 10  # wall time a refusal may take, jax's import (evaluate) included; before: 8-22 s
+
+
+def _repeat(unit: bytes, total: int):
+    """`total` bytes of `unit` repeated, in blocks of at most 16 MiB (the last one cut short)."""
+    block = unit * max(1, (16 << 20) // len(unit)) if unit else b""
+    while total > 0:
+        piece = block[:total]
+        yield piece
+        total -= len(piece)
+
+
+def _stream_digest(name: str, descr: str, shape: tuple[int, ...], chunks) -> str:
+    """artifacts.part_digest of the array `chunks` spell out, without building it."""
+    digest = hashlib.sha256(f"{name}\0{np.dtype(descr).str}\0{shape}\0".encode())
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _overall(digests: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}={digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()
+
+
+def _streamed(array: np.ndarray) -> tuple[tuple[int, ...], str, object]:
+    return array.shape, array.dtype.str, lambda: [array.tobytes()]  # tobytes: C order, 0-d arrays too
+
+
+def sealed_npz_stream(path: Path, members: dict[str, tuple[tuple[int, ...], str, object]]) -> None:
+    """A deflated .npz of `members` (name -> (shape, dtype, chunks())) with checksums recomputed over
+    them, as a hostile author would write it: nothing the size of the arrays is ever in memory."""
+    digests = {name: _stream_digest(name, descr, shape, chunks()) for name, (shape, descr, chunks) in members.items()}
+    record = json.dumps({"parts": digests, "all": _overall(digests)}, sort_keys=True)
+    members = {**members, "checksums": _streamed(np.array(record))}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, (shape, descr, chunks) in members.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                member.write(npy_header(shape, descr))
+                for chunk in chunks():
+                    member.write(chunk)
+
+
+def zero_support_npz(source: Path, path: Path, images: int) -> None:
+    """`source`'s set with its support replaced by `images` zero images of class 0 (one-hot labels)."""
+    members = {name: _streamed(value) for name, value in npz_members(source).items() if name != "checksums"}
+    image_shape, k = members["images"][0][1:], members["labels"][0][1]
+    label = (np.eye(k, dtype=np.float32)[0] - np.float32(1 / k)).tobytes()
+    members["images"] = ((images, *image_shape), "<f4", lambda: _repeat(b"\0", images * 4 * math.prod(image_shape)))
+    members["labels"] = ((images, k), "<f4", lambda: _repeat(label, images * len(label)))
+    members["classes"] = ((images,), "<i4", lambda: _repeat(b"\0", images * 4))
+    sealed_npz_stream(path, members)
+
+
+@pytest.fixture(scope="module")
+def digits_support(tmp_path_factory) -> Path:
+    """A real distilled digits set (its lineage is what `kip evaluate` accepts: the right fingerprint)."""
+    path = tmp_path_factory.mktemp("digits") / "real.npz"
+    argv = ["distill", *DIGITS, "--support-per-class", "1", "--steps", "2", "-q", "-o", path]
+    result = subprocess.run([sys.executable, "-m", "pipeline.run.cli", *map(str, argv)], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def run_timed(argv, limit: int, cwd: Path) -> subprocess.CompletedProcess:
+    """run_kip, asserting it took at most FEW_SECONDS and printed nothing to stdout (no score)."""
+    start = time.monotonic()
+    result = run_kip(argv, limit, cwd=cwd)
+    elapsed = time.monotonic() - start
+    assert elapsed < FEW_SECONDS, (elapsed, result.stderr[-2000:])
+    assert result.stdout == "", result.stdout[-2000:]
+    return result
+
+
+SUPPORT_RANGE = f"a distilled set holds 1 to {artifacts.MAX_SUPPORT_IMAGES}"
+
+
+@pytest.mark.parametrize("command", ["inspect", "evaluate"])
+def test_millions_of_deflated_zero_images_are_refused_from_the_headers(command, tmp_path, limits, digits_support):
+    """The auditor's file: 3.58 million 8x8 zero images (and their one-hot labels), 1.0 GiB inflated,
+    just within the .npz inflation cap, a few MB on disk. Before: `kip inspect` said "valid" after
+    8 s and 1.9 GB, and `kip evaluate` died in XLA (SIGABRT) at 2.1 GB."""
+    npz = tmp_path / "support.npz"
+    zero_support_npz(digits_support, npz, 3_578_000)
+    assert npz.stat().st_size < 20 << 20
+    argv = ["inspect", npz] if command == "inspect" else ["evaluate", npz, "--json", tmp_path / "metrics.json"]
+    before = snapshot(tmp_path)
+    result = run_timed(argv, limits["inspect-npz" if command == "inspect" else "evaluate"], tmp_path)
+    assert_one_line_error(result, npz, "images declare 3578000 support images", SUPPORT_RANGE, "`kip distill`")
+    assert snapshot(tmp_path) == before
+
+
+def standardize(channels: int) -> preprocess.Transform:
+    return preprocess.Transform("standardize", np.zeros(channels, np.float32), np.ones(channels, np.float32),
+                                np.zeros((0, 0)), 0.0)
+
+
+def zero_rows_parquet(path: Path, rows: int, repeats: int, group_rows: int, image_shape=(8, 8, 1), *,
+                      dictionary: bool = True, class_name: str = "c0") -> None:
+    """A sealed distilled Parquet file of `rows` x `repeats` zero rows (class 0, `class_name`), in row
+    groups of `group_rows`; checksums computed as the rows stream by, as a hostile author would."""
+    d, k, n, channels = math.prod(image_shape), len(CLASS_NAMES), rows * repeats, image_shape[-1]
+    chunk = pa.table({
+        "index": pa.array(np.arange(rows, dtype=np.int32)),
+        "class": pa.array(np.zeros(rows, np.int32)),
+        "class_name": pa.array([class_name] * rows, pa.string()),
+        "label": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * k, np.float32)), k),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * d, np.float32)), d),
+    })
+    index = np.arange(rows, dtype=np.int32).tobytes()
+    item = json.dumps(class_name).encode()
+    names_length = 2 + n * len(item) + 2 * (n - 1)  # json.dumps of the column: ["c0", "c0", ...]
+    digests = {
+        "column 'index'": _stream_digest("column 'index'", "<i4", (n,), _repeat(index, n * 4)),
+        "column 'class'": _stream_digest("column 'class'", "<i4", (n,), _repeat(b"\0", n * 4)),
+        "column 'label'": _stream_digest("column 'label'", "<f4", (n, k), _repeat(b"\0", n * k * 4)),
+        "column 'image'": _stream_digest("column 'image'", "<f4", (n, d), _repeat(b"\0", n * d * 4)),
+        "column 'class_name'": _stream_digest("column 'class_name'", "|u1", (names_length,),
+                                              [b"[", *_repeat(item + b", ", (n - 1) * (len(item) + 2)), item + b"]"]),
+    }
+    strings = {
+        "kip.format_version": str(artifacts.FORMAT_VERSION), "kip.image_shape": json.dumps(list(image_shape)),
+        "kip.transform": json.dumps({"method": "standardize", "channel_mean": [0.0] * channels, "channel_std": [1.0] * channels,
+                                     "zca_reg": 0.0, "sha256": standardize(channels).checksum()}, sort_keys=True),
+        "kip.metadata": json.dumps(lineage("standardize"), sort_keys=True),
+    }
+    digests.update({key: artifacts.part_digest(key, np.frombuffer(value.encode(), np.uint8)) for key, value in strings.items()})
+    record = {"parts": digests, "all": _overall(digests)}
+    metadata = {**strings, "kip.checksum": record["all"], "kip.checksums": json.dumps(record, sort_keys=True)}
+    chunk = chunk.replace_schema_metadata({key: value.encode() for key, value in metadata.items()})
+    with pq.ParquetWriter(path, chunk.schema, compression="zstd", use_dictionary=dictionary,
+                          write_statistics=False) as writer:
+        for _ in range(repeats):
+            writer.write_table(chunk, row_group_size=group_rows)
+
+
+def test_the_streamed_builders_seal_like_the_writers(tmp_path):
+    """The control for the cases below: small files from the same builders are valid sets."""
+    valid_npz, _ = write_pair(tmp_path)
+    zero_support_npz(valid_npz, tmp_path / "z.npz", 30)
+    assert artifacts.load_npz(tmp_path / "z.npz").images.shape == (30, 8, 8, 1)
+    zero_rows_parquet(tmp_path / "z.parquet", 7, 3, 4, (4, 3, 1), dictionary=False, class_name="a long name")
+    distilled = parquet.read_parquet(tmp_path / "z.parquet")
+    assert distilled.images.shape == (21, 4, 3, 1) and distilled.transform.method == "standardize"
+
+
+PARQUET_TOO_LARGE = {  # build(path) -> what the one line must say; before: valid, after 15-22 s and 1.4-3.4 GB
+    # 1 GiB of zero rows, honestly declared (no dictionary encoding): 3.3 million 8x8 rows in 4 row groups, 9 MB
+    "a GiB of zero rows": (lambda p: zero_rows_parquet(p, 1_100_000, 3, 1_100_000, dictionary=False),
+                           ["its footer declares 3300000 support images", SUPPORT_RANGE]),
+    # 50,000 row groups of one row each: pyarrow's footer for them alone is 25 MB
+    "50,000 one-row groups": (lambda p: zero_rows_parquet(p, 50_000, 1, 1, dictionary=False),
+                              [f"its footer lists more than {parquet.MAX_ROW_GROUPS} row groups",
+                               f"a distilled set is read from 1 to {parquet.MAX_ROW_GROUPS} row groups"]),
+    # 10,000 rows (within the row bound) of 64x60 zero images, dictionary-encoded: the footer's
+    # uncompressed sizes say 1 MB, its value counts 154 MB
+    "dictionary-encoded zeros": (lambda p: zero_rows_parquet(p, 10_000, 1, 10_000, (64, 60, 1)),
+                                 ["its footer declares 1540", "bytes of support data", "column 'image': 153600000 bytes",
+                                  f"a distilled set holds at most {artifacts.MAX_SUPPORT_BYTES} bytes"]),
+    # one 14 KB class name on every one of 10,000 rows: a few KB in the file and in the footer, 140 MB expanded
+    "one long class name on every row": (lambda p: zero_rows_parquet(p, 10_000, 1, 10_000, class_name="c" * 14_000),
+                                         ["its rows hold", "class names expanded",
+                                          f"a distilled set holds at most {artifacts.MAX_SUPPORT_BYTES} bytes"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARQUET_TOO_LARGE))
+def test_parquet_far_larger_than_a_support_is_refused_before_its_rows_are_read(case, tmp_path, limits):
+    build, fragments = PARQUET_TOO_LARGE[case]
+    path = tmp_path / "distilled.parquet"
+    build(path)
+    assert path.stat().st_size < 64 << 20
+    before = snapshot(tmp_path)
+    result = run_timed(["inspect", path], limits["inspect-parquet"], tmp_path)
+    assert_one_line_error(result, path, *fragments)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_parquet_footer_declaring_gigabytes_is_not_read(tmp_path, limits):
+    """A footer length of 3 GiB in the last 8 bytes (of a sparse file): refused before pyarrow reads it."""
+    path = tmp_path / "distilled.parquet"
+    with open(path, "wb") as out:
+        out.write(b"PAR1")
+        out.seek(3 << 30)
+        out.write(struct.pack("<I", 3 << 30) + b"PAR1")
+    result = run_timed(["inspect", path], limits["inspect-parquet"], tmp_path)
+    assert_one_line_error(result, path, f"has a footer of {3 << 30} bytes",
+                          f"footer is at most {parquet.MAX_FOOTER_BYTES} bytes")
+
+
+NPZ_TOO_LARGE = {  # member -> (shape, dtype, chunks) replacing it in the valid 20-image set; the line
+    "metadata": (lambda text: ((), f"<U{len(text) + (20 << 20)}", lambda: [text.encode("utf-32-le"), *_repeat(b" \0\0\0", 80 << 20)]),
+                 "metadata declares 83", f"at most {artifacts.MAX_TEXT_BYTES} bytes"),
+    "transform/zca_matrix": (lambda _: ((8000, 8000), "<f8", lambda: _repeat(b"\0", 8000 * 8000 * 8)),
+                             "transform zca_matrix has shape (8000, 8000); expected (64, 64) finite values", None),
+    "transform/channel_mean": (lambda _: ((50_000_000,), "<f4", lambda: _repeat(b"\0", 200_000_000)),
+                               "transform channel_mean has shape (50000000,); expected 1 finite values", None),
+}
+
+
+@pytest.mark.parametrize("member", sorted(NPZ_TOO_LARGE))
+def test_npz_members_larger_than_the_images_make_them_are_refused_unread(member, tmp_path, limits):
+    """Text of 80 MiB, a 512 MB ZCA matrix for 8x8 images, 50 million channel means: each sealed,
+    deflated to a few MB, and refused from its header."""
+    npz, _ = write_pair(tmp_path)
+    arrays = npz_members(npz)
+    members = {name: _streamed(value) for name, value in arrays.items() if name != "checksums"}
+    build, *fragments = NPZ_TOO_LARGE[member]
+    members[member] = build(str(arrays["metadata"]))
+    sealed_npz_stream(npz, members)
+    result = run_timed(["inspect", npz], limits["inspect-npz"], tmp_path)
+    assert_one_line_error(result, npz, *[f for f in fragments if f])
+
+
+def test_supports_at_the_image_bound_are_read(tmp_path):
+    """The other side: MAX_SUPPORT_IMAGES images are a set, one more is not."""
+    valid_npz, _ = write_pair(tmp_path)
+    most = artifacts.MAX_SUPPORT_IMAGES
+    zero_support_npz(valid_npz, tmp_path / "most.npz", most)
+    assert len(artifacts.load_npz(tmp_path / "most.npz").images) == most
+    zero_support_npz(valid_npz, tmp_path / "over.npz", most + 1)
+    with pytest.raises(UserError, match=f"images declare {most + 1} support images; {SUPPORT_RANGE}"):
+        artifacts.load_npz(tmp_path / "over.npz")
+    zero_rows_parquet(tmp_path / "most.parquet", most // 10, 10, most // 10)  # 10 row groups
+    assert len(parquet.read_parquet(tmp_path / "most.parquet").images) == most
+    zero_rows_parquet(tmp_path / "over.parquet", most + 1, 1, most + 1)
+    with pytest.raises(UserError, match=f"its footer declares {most + 1} support images"):
+        parquet.read_parquet(tmp_path / "over.parquet")
+
+
+def test_a_support_at_the_byte_bound_passes_inspect_under_the_limit(tmp_path, limits):
+    """10,000 CIFAR-sized images (32x32x3: 123 MB of float32, MAX_SUPPORT_BYTES being 128 MiB), in both
+    formats: read within the command's baseline + 1 GiB, so the bound leaves a hostile file no more."""
+    small = replace(valid_set(), images=np.zeros((20, 32, 32, 3), np.float32), transform=standardize(3),
+                    metadata={**lineage("standardize"), "seed": 0})
+    artifacts.save_npz(tmp_path / "small.npz", small)
+    zero_support_npz(tmp_path / "small.npz", tmp_path / "cifar.npz", 10_000)
+    zero_rows_parquet(tmp_path / "cifar.parquet", 10_000, 1, 10_000, (32, 32, 3), dictionary=False)
+    for path, kind in ((tmp_path / "cifar.npz", "inspect-npz"), (tmp_path / "cifar.parquet", "inspect-parquet")):
+        result = run_kip(["inspect", path], limits[kind], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout)["image_shape"] == [32, 32, 3] and json.loads(result.stdout)["images"] == 10_000
+
+
+def test_a_real_sized_support_passes_inspect_under_the_limit(tmp_path, limits):
+    """500 CIFAR-sized images (32x32x3) with their 3072 x 3072 ZCA matrix (75 MB), in both formats."""
+    rng = np.random.default_rng(0)
+    transform = preprocess.Transform("zca", np.zeros(3, np.float32), np.ones(3, np.float32), np.eye(3072), 0.1)
+    distilled = artifacts.DistilledSet(
+        images=rng.standard_normal((500, 32, 32, 3)).astype(np.float32),
+        labels=(np.eye(10, dtype=np.float32)[np.arange(500) % 10] - np.float32(0.1)),
+        classes=(np.arange(500) % 10).astype(np.int32), transform=transform,
+        metadata={**lineage("zca"), "seed": 0},
+    )
+    artifacts.save_npz(tmp_path / "cifar.npz", distilled)
+    parquet.save_parquet(tmp_path / "cifar.parquet", distilled, CLASS_NAMES)
+    for path, kind in ((tmp_path / "cifar.npz", "inspect-npz"), (tmp_path / "cifar.parquet", "inspect-parquet")):
+        result = run_kip(["inspect", path], limits[kind], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout)["images"] == 500
 
 
 # === Section 4: output paths and temp files =======================================================

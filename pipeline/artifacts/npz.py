@@ -12,12 +12,35 @@ colleague, a damaged disk): every reader of a distilled set (`kip evaluate`, `ki
 stages, `kip inspect`) must get either a set it can use or one line saying what is wrong, and
 no generic schema library here would know what "usable" means (class ids within the label
 width, a transform that fits the images, metadata `KernelConfig` accepts).
+
+A distilled support is small, and the readers (this one and pipeline.artifacts.parquet) refuse one
+that is not from its headers (the Parquet footer), before a byte of its data is read: a file of
+3.6 million zero images deflates to a few MB, and its checksums are no obstacle to whoever writes it.
+
+- `MAX_SUPPORT_IMAGES` = 10,000 images. Every use of a support solves in its n x n kernel (KIP's
+  loss, `kip evaluate`'s KRR, Label Solve): n^2 memory and n^3 time. At 10,000 that kernel is 400 MB
+  of float32 (800 MB with distill.float64) and one solve in it some 3 x 10^11 operations. This
+  project's paper experiments distil 1 to 50 images per class (at most 500 images,
+  experiments/paper/params.yaml) and its scaling measurements go to 1000 (docs/scaling.md): the
+  bound is 10x the largest of those, and a set past it no longer distils anything.
+- `MAX_SUPPORT_BYTES` = 128 MiB for the support's arrays together (images, labels, classes; the
+  Parquet file's decoded rows). 10,000 CIFAR-sized images (32x32x3 float32) are 123 MB; 500 of
+  them, 6 MB. `kip inspect` reads a support at this bound in 0.2 GiB of address space beyond its
+  baseline (.npz; Parquet less), well inside the 1 GiB a hostile file may cost a reader
+  (docs/testing.md); pyarrow needs about 3x a table's size while it decodes one, so twice the
+  bound would not be.
+- `MAX_TEXT_BYTES` = 64 MiB per text member (metadata, checksums): the largest metadata, the
+  privacy section's two numbers per image at 10,000 images, is about 2 MB.
+- Every transform array no larger than the images make it (`channel_mean` one value per channel,
+  `zca_matrix` d x d): a ZCA matrix is the one array that may be large (`MAX_ARRAY_BYTES`), and only
+  for images of as many pixels.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +64,13 @@ _METADATA_SECTIONS = {"data": cfg.DataConfig, "preprocess": cfg.PreprocessConfig
 # array a set holds is its ZCA matrix (float64, d x d), the very matrix prepared.npz holds, so any set
 # distilled from a readable prepared.npz must be readable too. Images and labels are far smaller.
 MAX_ARRAY_BYTES = 4 * safe_read.MAX_ARRAY_BYTES
+# What a distilled support may be (the module docstring says why): images, and bytes of the support's
+# arrays together; and bytes of one text member (metadata, checksums).
+MAX_SUPPORT_IMAGES = 10_000
+MAX_SUPPORT_BYTES = 1 << 27
+MAX_TEXT_BYTES = 1 << 26
+_SUPPORT_ARRAYS = ("images", "labels", "classes")
+_REMEDY = "re-create it with `kip distill` (a smaller distill.support_per_class), or check where the file came from"
 
 
 @dataclass(frozen=True)
@@ -82,7 +112,7 @@ def part_digest(name: str, array: np.ndarray) -> str:
     """sha256 over a part's name, dtype, shape and bytes: a reshaped or retyped part changes it too."""
     array = np.asarray(array)
     digest = hashlib.sha256(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # the bytes, not a copy of them
     return digest.hexdigest()
 
 
@@ -152,7 +182,8 @@ def load_npz(path: Path) -> DistilledSet:
     safe_read.check_regular(path, _EXPECTED)
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (not a zip archive: another format, or truncated)")
-    arrays = safe_read.read_npz(path, max_array_bytes=MAX_ARRAY_BYTES, strings=True)  # metadata is a string
+    arrays = safe_read.read_npz(path, max_array_bytes=MAX_ARRAY_BYTES, strings=True,  # metadata is a string
+                                check=lambda headers: _check_declared(path, headers))
     _check_members_present(path, arrays)
     metadata = _parse_metadata(path, arrays["metadata"])
     check_format_version(path, metadata.get("format_version"))
@@ -169,6 +200,42 @@ def load_npz(path: Path) -> DistilledSet:
     check_metadata(path, metadata, distilled.labels.shape[1])
     check_agreement(path, distilled)
     return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
+
+
+def check_support_size(path: Path, images: int, nbytes: int, where: str, detail: str = "") -> None:
+    """Refuse a support of more than MAX_SUPPORT_IMAGES images or MAX_SUPPORT_BYTES bytes, in one line
+    saying what `where` (e.g. "images declare") declared (`detail` added to the bytes) and what is allowed."""
+    if images > MAX_SUPPORT_IMAGES:
+        raise UserError(f"{path}: {where} {images} support images; a distilled set holds 1 to {MAX_SUPPORT_IMAGES} "
+                        f"(each use solves an n x n kernel): {_REMEDY}")
+    if nbytes > MAX_SUPPORT_BYTES:
+        raise UserError(f"{path}: {where} {nbytes} bytes of support data ({nbytes / 2**20:.0f} MiB{detail}); a distilled "
+                        f"set holds at most {MAX_SUPPORT_BYTES} bytes ({MAX_SUPPORT_BYTES >> 20} MiB): {_REMEDY}")
+
+
+def _check_declared(path: Path, headers: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """What the .npy headers declare, before any data is read: a support no larger than a distilled
+    one, text members of bounded size, and transform arrays no larger than the images make them."""
+    sizes = {name: (shape, math.prod(shape), math.prod(shape) * dtype.itemsize) for name, (shape, dtype) in headers.items()}
+    support = [name for name in _SUPPORT_ARRAYS if name in sizes]
+    images = max((sizes[name][0][0] for name in support if sizes[name][0]), default=0)
+    first = next((name for name in support if sizes[name][0] and sizes[name][0][0] == images), "images")
+    check_support_size(path, images, sum(sizes[name][2] for name in support), f"{first} declare")
+    for name, (shape, dtype) in headers.items():
+        if dtype.kind in safe_read.STRING_KINDS and sizes[name][2] > MAX_TEXT_BYTES:
+            raise UserError(f"{path}: {name} declares {sizes[name][2]} bytes of text; at most {MAX_TEXT_BYTES} bytes "
+                            f"({MAX_TEXT_BYTES >> 20} MiB) are allowed: the file was altered or damaged")
+    image_shape = sizes["images"][0] if "images" in sizes else ()
+    if len(image_shape) != 4:
+        return  # check_consistent names the images' shape
+    channels, dim = image_shape[3], math.prod(image_shape[1:])
+    most = {"channel_mean": (channels, f"{channels} finite values (one per channel)"),
+            "channel_std": (channels, f"{channels} finite values (one per channel)"),
+            "zca_matrix": (dim * dim, f"({dim}, {dim}) finite values"), "zca_reg": (1, "one number")}
+    for key, (count, expected) in most.items():
+        name = _TRANSFORM_PREFIX + key
+        if name in sizes and sizes[name][1] > count:
+            raise UserError(f"{path}: transform {key} has shape {sizes[name][0]}; expected {expected}")
 
 
 def _check_members_present(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

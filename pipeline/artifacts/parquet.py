@@ -15,21 +15,42 @@ against the matrix it finds.
 
 The reader's checks are hand-written for the same reason as the .npz's (pipeline.artifacts.npz): a
 file from anywhere must yield a usable set or one line naming what is wrong, within bounded
-memory (the declared table size is checked before any row is read).
+memory. The footer is the only part read before these bounds are checked, so it is bounded first:
+its length (`MAX_FOOTER_BYTES`, read from the file's last 8 bytes) and, while pyarrow parses it, the
+length of any list in it (`MAX_ROW_GROUPS`) and of any value (`MAX_FOOTER_BYTES`). Then, from the
+footer alone, the rows must be a support the .npz could hold (`npz.MAX_SUPPORT_IMAGES` rows,
+`npz.MAX_SUPPORT_BYTES` decoded: per column the larger of its uncompressed size and its value count
+times the value width, so dictionary-encoded zeros count at their decoded size) in at most
+`MAX_ROW_GROUPS` row groups. Class names are read dictionary-encoded and their decoded size counted
+before they are expanded.
+
+- `MAX_ROW_GROUPS` = 1000. kip writes one row group (a support is below pyarrow's 1Mi-row default);
+  other writers split by rows (DuckDB: 122,880) or by bytes (Spark: 128 MB), so a support within
+  the bounds above takes a few. 1000 still allows 10 rows per group at the largest support; 50,000
+  one-row groups cost pyarrow 15 s and 1.4 GB to read.
+- `MAX_FOOTER_BYTES` = 96 MiB. The footer holds the ZCA matrix (CIFAR's: 75 MB) besides the schema
+  and lineage (KBs to a few MB), so a ZCA set of up to about 3500 values per image is complete in
+  its Parquet file; a larger one is read from its .npz. pyarrow takes about 6x a footer's size in
+  memory to parse it and hand its values over, so a footer at this bound stays inside the 1 GiB a
+  hostile file may cost a reader (docs/testing.md).
 
 Read it in one line: `pandas.read_parquet("artifacts/distilled.parquet")`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import atomic, npz as artifacts, safe_read
@@ -38,7 +59,8 @@ from pipeline.data.preprocess import Transform
 from pipeline.errors import UserError
 from pipeline.run import config as cfg
 
-MAX_TABLE_BYTES = 1 << 30  # declared uncompressed size a reader accepts (a distilled set is MBs)
+MAX_ROW_GROUPS = 1000  # row groups of one file, and entries of any list in its footer (the docstring says why)
+MAX_FOOTER_BYTES = 96 << 20  # the footer, and any one value in it (the ZCA matrix is one)
 _EXPECTED = "a distilled .parquet written by kip"
 _COLUMNS = ("index", "class", "class_name", "label", "image")
 _HASHED_KEYS = ("kip.format_version", "kip.image_shape", "kip.transform", "kip.metadata")
@@ -119,11 +141,17 @@ def _column_array(column: pa.ChunkedArray) -> np.ndarray:
     """A column as a deterministic array: numbers as numbers, anything else as its JSON text."""
     kind = column.type
     if pa.types.is_fixed_size_list(kind) and _is_number(kind.value_type) and column.null_count == 0:
-        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        values = _one_chunk(column).flatten().to_numpy(zero_copy_only=False)
         return values.reshape(len(column), kind.list_size)
     if _is_number(kind) and column.null_count == 0:
         return column.to_numpy()
     return np.frombuffer(json.dumps(column.to_pylist(), default=str).encode(), np.uint8)
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as it is (combine_chunks would copy it), or the chunks
+    combined."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _is_number(kind: pa.DataType) -> bool:
@@ -135,9 +163,12 @@ def _is_number(kind: pa.DataType) -> bool:
 def read_parquet(path: Path) -> DistilledSet:
     """Read and verify a distilled Parquet file (schema, checksums, shapes, lineage, transform)."""
     path = Path(path)
-    safe_read.check_regular(path, _EXPECTED)
-    meta = _schema_metadata(path)
-    table = _read_table(path)
+    with safe_read.open_regular(path, _EXPECTED) as handle:
+        parquet_file = _open(path, handle)
+        meta = _schema_metadata(path, parquet_file)
+        _check_declared(path, parquet_file.metadata)
+        table = _read_table(path, handle, parquet_file)
+        footer = parquet_file.metadata.metadata or {}
     _verify(path, table, meta)
     shape = _image_shape(path, meta["kip.image_shape"])
     tmeta = parse_transform(path, meta["kip.transform"])
@@ -148,7 +179,7 @@ def read_parquet(path: Path) -> DistilledSet:
         method=tmeta["method"],
         channel_mean=np.asarray(tmeta["channel_mean"], np.float32),
         channel_std=np.asarray(tmeta["channel_std"], np.float32),
-        zca_matrix=_zca_matrix(path, int(np.prod(shape))) if tmeta["method"] == "zca" else np.zeros((0, 0)),
+        zca_matrix=_zca_matrix(path, footer, int(np.prod(shape))) if tmeta["method"] == "zca" else np.zeros((0, 0)),
         zca_reg=float(tmeta["zca_reg"]),
     )
     distilled = DistilledSet(
@@ -167,12 +198,8 @@ def read_parquet(path: Path) -> DistilledSet:
     return dataclasses.replace(distilled, classes=distilled.classes.astype(np.int32))
 
 
-def _zca_matrix(path: Path, dim: int) -> np.ndarray:
+def _zca_matrix(path: Path, footer: Mapping[bytes, bytes], dim: int) -> np.ndarray:
     """The embedded d x d ZCA matrix; its size is checked before it is interpreted."""
-    try:
-        footer = pq.ParquetFile(path).metadata.metadata or {}
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
     raw = footer.get(_ZCA_KEY.encode())
     if raw is None:
         raise UserError(f"{path} records ZCA preprocessing but lacks its matrix ({_ZCA_KEY}); "
@@ -182,15 +209,40 @@ def _zca_matrix(path: Path, dim: int) -> np.ndarray:
     return np.frombuffer(raw, "<f8").reshape(dim, dim).astype(np.float64)
 
 
-def _schema_metadata(path: Path) -> dict[str, str]:
-    """The `kip.*` schema metadata, after the footer says the table is of a size we will read."""
+def _unreadable(path: Path, err: BaseException) -> UserError:
+    return UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})")
+
+
+def _open(path: Path, handle) -> pq.ParquetFile:
+    """The file's footer, parsed only once its length is known to be within MAX_FOOTER_BYTES, and
+    with every list in it at most MAX_ROW_GROUPS long and every value at most MAX_FOOTER_BYTES."""
+    size = os.fstat(handle.fileno()).st_size
+    if size >= 12:  # "PAR1", the footer, its 4-byte length, "PAR1"; pyarrow names anything shorter
+        handle.seek(size - 8)
+        length, magic = struct.unpack("<I4s", handle.read(8))
+        handle.seek(0)
+        if magic == b"PAR1" and length > MAX_FOOTER_BYTES:
+            raise UserError(f"{path} has a footer of {length} bytes ({length / 2**20:.0f} MiB); a distilled set's "
+                            f"footer is at most {MAX_FOOTER_BYTES} bytes ({MAX_FOOTER_BYTES >> 20} MiB): the file is "
+                            "not a distilled set, or is damaged; re-create it with `kip distill`")
     try:
-        parquet_file = pq.ParquetFile(path)
-        schema = parquet_file.schema_arrow
-        file_meta = parquet_file.metadata
-        declared = sum(file_meta.row_group(i).total_byte_size for i in range(file_meta.num_row_groups))
+        return pq.ParquetFile(handle, thrift_string_size_limit=MAX_FOOTER_BYTES, thrift_container_size_limit=MAX_ROW_GROUPS)
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+        if "Exceeded size limit" in str(err):
+            raise UserError(
+                f"{path}: its footer lists more than {MAX_ROW_GROUPS} row groups (or columns, or metadata keys), or holds "
+                f"a value over {MAX_FOOTER_BYTES >> 20} MiB; a distilled set is read from 1 to {MAX_ROW_GROUPS} row "
+                f"groups: rewrite it in fewer (pyarrow.parquet.write_table(..., row_group_size={artifacts.MAX_SUPPORT_IMAGES}))"
+            ) from None
+        raise _unreadable(path, err) from None
+
+
+def _schema_metadata(path: Path, parquet_file: pq.ParquetFile) -> dict[str, str]:
+    """The `kip.*` schema metadata."""
+    try:
+        schema = parquet_file.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
     try:
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     except UnicodeDecodeError:
@@ -202,23 +254,74 @@ def _schema_metadata(path: Path) -> dict[str, str]:
     artifacts.check_format_version(path, int(version) if re.fullmatch(r"[0-9]{1,6}", version) else version)
     if missing:
         raise UserError(f"{path} lacks schema metadata {missing[0]}; expected {_EXPECTED}")
-    if declared > MAX_TABLE_BYTES:
-        raise UserError(
-            f"{path} declares {declared / 2**30:.1f} GiB of rows; a distilled set is far smaller "
-            f"(this reader accepts {MAX_TABLE_BYTES / 2**30:.0f} GiB)"
-        )
     return meta
 
 
-def _read_table(path: Path) -> pa.Table:
+# Bytes per value of each Parquet physical type once decoded; BYTE_ARRAY (strings) counts its
+# uncompressed size, and class names are measured again once read (_decoded_names).
+_VALUE_BYTES = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
+
+
+def _check_declared(path: Path, file_meta: pq.FileMetaData) -> None:
+    """From the footer alone, before any row is read: at most MAX_ROW_GROUPS row groups, and rows that
+    are a support the .npz reader would accept (npz.check_support_size)."""
+    groups = file_meta.num_row_groups
+    if groups > MAX_ROW_GROUPS:
+        raise UserError(f"{path} declares {groups} row groups; a distilled set is read from 1 to {MAX_ROW_GROUPS}: rewrite "
+                        f"it in fewer (pyarrow.parquet.write_table(..., row_group_size={artifacts.MAX_SUPPORT_IMAGES}))")
+    rows, columns = file_meta.num_rows, collections.Counter()  # bytes per top-level column
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable Parquet file (corrupted or truncated: {safe_read.one_line(err)})") from None
+        widths = [_VALUE_BYTES.get(column.physical_type, max(column.length or 0, 0)) for column in file_meta.schema]
+        groups_rows = 0
+        for g in range(groups):
+            group = file_meta.row_group(g)
+            groups_rows += group.num_rows
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                name = chunk.path_in_schema.split(".")[0]
+                columns[name] += max(chunk.total_uncompressed_size, chunk.num_values * widths[c], 0)
+    except (pa.ArrowException, OSError, ValueError, IndexError) as err:
+        raise _unreadable(path, err) from None
+    rows = max(rows, groups_rows)  # the file's count and its row groups' may disagree in a damaged file
+    largest = max(columns, key=columns.get, default=None)
+    detail = f"; column {largest!r}: {columns[largest]} bytes" if largest is not None else ""
+    artifacts.check_support_size(path, rows, sum(columns.values()), "its footer declares", detail)
+
+
+def _read_table(path: Path, handle, parquet_file: pq.ParquetFile) -> pa.Table:
+    """The rows, class names dictionary-encoded until _decoded_names has measured them."""
+    names = parquet_file.schema_arrow.names
     for column in _COLUMNS:
-        if column not in table.column_names:
+        if column not in names:
             raise UserError(f"{path} lacks column {column!r}; expected {', '.join(_COLUMNS)}")
-    return table
+    try:
+        reader = pq.ParquetFile(handle, metadata=parquet_file.metadata, read_dictionary=["class_name"])
+        table = reader.read()
+    except MemoryError as err:  # pa.ArrowMemoryError too: not a damaged file, but this machine's memory
+        raise UserError(f"{path}: not enough memory to read its {parquet_file.metadata.num_rows} rows "
+                        f"({safe_read.one_line(err)}); free memory and retry") from None
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    return _decoded_names(path, table)
+
+
+def _decoded_names(path: Path, table: pa.Table) -> pa.Table:
+    """class_name, read dictionary-encoded, expanded only once its expanded size is known to fit: a
+    few long names repeated over every row are small in the file and in the footer's sizes."""
+    column = table.column("class_name")
+    if not pa.types.is_dictionary(column.type):
+        return table
+    value_type = column.type.value_type
+    if _is_text(value_type):  # other types have fixed widths, counted by the footer's value counts
+        lengths = (pc.take(pc.binary_length(chunk.dictionary), chunk.indices) for chunk in column.chunks)
+        names = sum(pc.sum(length).as_py() or 0 for length in lengths)
+        others = sum(table.column(name).nbytes for name in table.column_names if name != "class_name")
+        artifacts.check_support_size(path, table.num_rows, names + others, "its rows hold", "; class names expanded")
+    return table.set_column(table.column_names.index("class_name"), "class_name", column.cast(value_type))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary))
 
 
 def _verify(path: Path, table: pa.Table, meta: Mapping[str, str]) -> None:
@@ -298,5 +401,5 @@ def _is_float_list(kind: pa.DataType) -> bool:
 
 
 def _fixed_list_values(table: pa.Table, column: str) -> np.ndarray:
-    chunked = table.column(column).combine_chunks()
+    chunked = _one_chunk(table.column(column))
     return np.asarray(chunked.flatten().to_numpy(zero_copy_only=False), np.float32)

@@ -10,7 +10,9 @@ declaring an array far larger than the file. The rules here:
   swapped in between).
 * Sizes declared by headers are computed with Python ints (no overflow) and checked against what
   the file holds and against a per-array cap (`MAX_ARRAY_BYTES` unless the caller needs another)
-  before anything is allocated; compressed .npz members are also capped in total.
+  before anything is allocated; compressed .npz members are also capped in total. An .npz's
+  headers are all read before any member's data, so a caller can refuse the arrays as a whole
+  (`read_npz(..., check=...)`: a distilled set's support size) before a byte of data is read.
 * Compressed data is inflated as a stream, never beyond the declared size plus one byte (the byte
   that proves the file holds more than its header says).
 * Anything a file says is quoted in one bounded line (`one_line`).
@@ -54,6 +56,8 @@ _CHUNK = 1 << 24  # inflate / copy 16 MiB at a time
 _READ_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)  # gzip.BadGzipFile is an OSError
 
 Names = Union[Iterable[str], Callable[[list[str]], Iterable[str]], None]
+Header = tuple[tuple[int, ...], bool, np.dtype]  # shape, Fortran order, dtype of one .npy member
+HeaderCheck = Callable[[dict[str, tuple[tuple[int, ...], np.dtype]]], None]
 
 
 # --- regular files only ---------------------------------------------------------------------------
@@ -161,6 +165,7 @@ def read_npz(
     max_array_bytes: int = MAX_ARRAY_BYTES,
     max_inflated: int = MAX_INFLATED_BYTES,
     strings: bool = False,
+    check: HeaderCheck | None = None,
 ) -> dict[str, np.ndarray]:
     """Arrays of an .npz, each checked before anything is allocated for it.
 
@@ -170,8 +175,10 @@ def read_npz(
     the members read: what compressed ones inflate to (at most `max_inflated` in total), and per
     member its .npy header (version 1.0/2.0, no objects or structured dtypes, kinds
     `NUMERIC_KINDS` plus `STRING_KINDS` if `strings`), its declared size (at most
-    `max_array_bytes`, equal to the bytes the member holds) and then exactly those bytes (+1 byte
-    probe, CRC checked). Any defect is a one-line UserError naming the file.
+    `max_array_bytes`, equal to the bytes the member holds). Then `check`, if given, with every
+    member read's {name: (shape, dtype)}, to refuse the arrays as a whole (it raises UserError).
+    Only then, per member, exactly its declared bytes (+1 byte probe, CRC checked). Any defect is a
+    one-line UserError naming the file.
     """
     path = Path(path)
     kinds = NUMERIC_KINDS + (STRING_KINDS if strings else "")
@@ -187,7 +194,10 @@ def read_npz(
                 if missing:
                     raise UserError(f"{path} lacks arrays {one_line(missing)}; it has {one_line(available)}")
                 _check_inflated(path, [members[name] for name in wanted], max_inflated)
-                return {name: _read_member(path, archive, members[name], kinds, max_array_bytes) for name in wanted}
+                headers = {name: _member_header(path, archive, members[name], kinds, max_array_bytes) for name in wanted}
+                if check is not None:
+                    check({name: (shape, dtype) for name, (shape, _, dtype) in headers.items()})
+                return {name: _read_member(path, archive, members[name], kinds, headers[name]) for name in wanted}
         except UserError:
             raise
         except (*_READ_ERRORS, zipfile.LargeZipFile, ValueError, NotImplementedError) as err:
@@ -220,18 +230,29 @@ def _check_inflated(path: Path, infos: list[zipfile.ZipInfo], max_inflated: int)
     inflated = sum(info.file_size for info in infos if info.compress_type == zipfile.ZIP_DEFLATED)
     if inflated > max_inflated:
         raise UserError(
-            f"{path}: compressed members would inflate to {inflated / 2**30:.1f} GiB; "
-            f"this reader accepts at most {max_inflated / 2**30:.1f} GiB"
+            f"{path}: compressed members would inflate to {inflated} bytes ({inflated / 2**30:.2f} GiB); "
+            f"this reader accepts at most {max_inflated} bytes ({max_inflated / 2**30:.2f} GiB)"
         )
 
 
-def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: str, limit: int) -> np.ndarray:
-    """One .npy member: header, declared size checks, then exactly the declared data."""
+def _member_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: str, limit: int) -> Header:
+    """One .npy member's header, with its declared size checked against `limit` and what it holds."""
     what = f"{path}: member {one_line(info.filename, 80)}"
     with archive.open(info) as member:
         shape, fortran_order, dtype = _read_header(what, member, kinds)
         held = info.file_size - member.tell()
-        nbytes = check_declared(what, shape, dtype.itemsize, limit, dtype=dtype, held=held)
+    check_declared(what, shape, dtype.itemsize, limit, dtype=dtype, held=held)
+    return shape, fortran_order, dtype
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: str, header: Header) -> np.ndarray:
+    """One .npy member's data: exactly the bytes its (already checked) header declares."""
+    what = f"{path}: member {one_line(info.filename, 80)}"
+    shape, fortran_order, dtype = header
+    with archive.open(info) as member:
+        if _read_header(what, member, kinds) != header:  # the same bytes, read again: a file changed under us
+            raise UserError(f"{what} changed while it was read; read it again")
+        nbytes = math.prod(shape) * dtype.itemsize
         data = read_exactly(member, nbytes, what, f"its header {shape} {dtype}")
     return data.view(dtype).reshape(shape, order="F" if fortran_order else "C")
 
