@@ -53,11 +53,13 @@ def _run(name: str, main, args: argparse.Namespace, distributed, several_process
 
 @contextlib.contextmanager
 def tracked(name: str, params: dict[str, Any], params_file: Path) -> Iterator[Tracker]:
-    """The stage's MLflow run. `DVC_ROOT` (set by DVC, also for `dvc exp run --temp`) locates the
-    project, so every run lands in the same store whatever directory the stage runs in."""
+    """The stage's MLflow run. `DVC_ROOT` (set by DVC, also for queued and `--temp` experiments)
+    locates the project, so every run lands in the same store whatever directory the stage runs in;
+    the git state recorded is the working directory's, the checkout DVC runs the stage in (a queued
+    experiment's own, with its params applied), not the project's."""
     config = section(params, "tracking", TrackingConfig)
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    with stage_run(name, config, params_file=params_file, project_root=root) as tracker:
+    with stage_run(name, config, params_file=params_file, project_root=root, workspace=Path.cwd()) as tracker:
         yield tracker
 
 

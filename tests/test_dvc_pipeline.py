@@ -368,3 +368,21 @@ def test_the_committed_lock_records_the_code_and_params_in_the_tree(tmp_path):
             if deps or change.get("changed params") or "changed command" in change:
                 stale[stage] = {**deps, **change.get("changed params", {}), **({"cmd": "changed"} if "changed command" in change else {})}
     assert not stale, f"dvc.lock is stale (run `dvc repro` and commit dvc.lock): {stale}"
+
+
+def test_a_queued_experiment_records_its_own_checkout_as_dirty(project):
+    """`dvc exp run --queue -S ...` from a clean project: DVC runs the stages in a checkout of its own
+    (.dvc/tmp/exps/...) with the changed params applied there, and DVC_ROOT names the clean project.
+    The runs must say dirty (params differ from the commit) and name the commit they started from."""
+    root, env, _ = project
+    assert _run(root, env, "git", "status", "--porcelain", "--untracked-files=no").strip() == ""
+    _dvc(root, env, "exp", "run", "--queue", "-n", "queued-dirty", "-S", "evaluate.baseline_repeats=7")  # a value no other test runs
+    _dvc(root, env, "exp", "run", "--run-all")
+    head = _run(root, env, "git", "rev-parse", "HEAD").strip()
+    client, experiment_id = _mlflow(root)
+    (parent,) = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline' and attributes.run_name = 'queued-dirty'")
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert "evaluate" in {run.info.run_name for run in children}
+    for run in (parent, *children):
+        assert run.data.tags["kip.git_dirty"] == "true", run.info.run_name
+        assert run.data.tags["kip.git_commit"] == head

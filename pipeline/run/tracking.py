@@ -180,10 +180,15 @@ class NullTracker(Tracker):
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_root: Path,
+              workspace: Path | None = None) -> Iterator[Tracker]:
     """An MLflow run for `stage`, nested under this pipeline execution's parent run.
 
-    The run ends FAILED if the stage raises, FINISHED otherwise.
+    `project_root` locates the default store; `workspace` (default: the same) is the git checkout the
+    stage runs in, whose commit and dirty flag are recorded. They differ for queued and `--temp`
+    experiments, which DVC runs in a checkout of their own under `.dvc/tmp/exps/` with the
+    experiment's params applied there, not in the project. The run ends FAILED if the stage raises,
+    FINISHED otherwise.
     """
     if not config.enabled:
         yield NullTracker()
@@ -192,7 +197,7 @@ def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_
     # stage run in this process would take our resolved URI for a user setting.
     exported = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        with _stage_run(stage, config, Path(params_file), Path(project_root)) as tracker:
+        with _stage_run(stage, config, Path(params_file), Path(project_root), Path(workspace or project_root)) as tracker:
             yield tracker
     finally:
         if exported is None:
@@ -202,7 +207,8 @@ def stage_run(stage: str, config: TrackingConfig, *, params_file: Path, project_
 
 
 @contextlib.contextmanager
-def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_root: Path) -> Iterator[Tracker]:
+def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_root: Path,
+               workspace: Path) -> Iterator[Tracker]:
     import mlflow
 
     # Fail fast on an unreachable server instead of retrying for minutes.
@@ -211,7 +217,7 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
     uri = resolve_uri(config, project_root)
     user_chose_store = bool(config.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     params_text = params_file.read_text()
-    git = _git_state(project_root)
+    git = _git_state(workspace)
     key = _execution_key(git["commit"], params_text)
     try:
         mlflow.set_tracking_uri(uri)
