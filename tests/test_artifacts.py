@@ -122,6 +122,8 @@ def _one_hot(classes: np.ndarray, num_classes: int = 10) -> np.ndarray:
     ("preprocess.method", "metadata preprocess.method='standardize' but the stored transform is 'zca'"),
     ("preprocess.zca_reg", "metadata preprocess.zca_reg=0.5 but the stored transform's is 0.1"),
     ("labels", "metadata says the labels were not learned (distill.learn_labels=false), but 20 label rows differ"),
+    ("kernel", "is not the sha256 of its lineage sections (data, dataset, preprocess, kernel, distill): one of them was "
+               "edited after distilling"),
 ])
 def test_a_set_that_disagrees_with_itself_is_refused_though_its_checksums_are_resealed(distilled, tmp_path, reader,
                                                                                       edit, message):
@@ -129,8 +131,9 @@ def test_a_set_that_disagrees_with_itself_is_refused_though_its_checksums_are_re
     is refused in one line on read, not scored. The unedited file reads, as the control."""
     from pipeline.artifacts import parquet
 
-    distilled = dataclasses.replace(distilled, labels=_one_hot(distilled.classes),
-                                    metadata={**distilled.metadata, "distill": {"method": "kip", "learn_labels": False}})
+    metadata = {**distilled.metadata, "distill": {"method": "kip", "learn_labels": False}}
+    metadata["params_hash"] = artifacts.params_hash(metadata)
+    distilled = dataclasses.replace(distilled, labels=_one_hot(distilled.classes), metadata=metadata)
     path = tmp_path / f"set.{reader}"
 
     def save_and_load(candidate):
@@ -147,6 +150,8 @@ def test_a_set_that_disagrees_with_itself_is_refused_though_its_checksums_are_re
         metadata["preprocess"]["method"] = "standardize"
     elif edit == "preprocess.zca_reg":
         metadata["preprocess"]["zca_reg"] = 0.5
+    elif edit == "kernel":
+        metadata["kernel"] = {"architecture": "rbf", "gamma": 50.0}  # the auditor's edit: scored 0.889, exit 0
     else:
         labels = np.roll(labels, 1, axis=1)  # every image's label moved to the next class
     with pytest.raises(UserError, match=re.escape(message)) as raised:

@@ -346,6 +346,16 @@ def check_metadata(path: Path, metadata: Mapping[str, Any], num_classes: int) ->
         raise UserError(f"{path}: metadata dataset.class_names is not a list of {num_classes} names (one per label column)")
 
 
+PARAMS_HASH_SECTIONS = ("data", "dataset", "preprocess", "validation", "kernel", "distill")
+
+
+def params_hash(sections: Mapping[str, Any]) -> str:
+    """sha256 of a set's lineage: what made it (the data, its preprocessing and split, the kernel,
+    the KIP settings). `kip distill` stores it as metadata `params_hash`; a reader recomputes it."""
+    lineage = {name: sections[name] for name in PARAMS_HASH_SECTIONS if name in sections}
+    return hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()
+
+
 def check_agreement(path: Path, distilled: DistilledSet) -> None:
     """What two parts of a set both state must agree, or the set is not scored: a file edited in
     one place (and re-sealed: the checksums catch accidental damage only) would otherwise be scored
@@ -353,7 +363,10 @@ def check_agreement(path: Path, distilled: DistilledSet) -> None:
 
     - metadata `preprocess` and the stored transform: the same method (and ZCA ridge);
     - labels and classes, where the metadata says the labels were not learned (`distill.method=kip`,
-      `learn_labels=false`): the labels are exactly the classes' centred one-hot rows.
+      `learn_labels=false`): the labels are exactly the classes' centred one-hot rows;
+    - the lineage sections (data, dataset, preprocess, validation, kernel, distill) and
+      `params_hash`, their sha256, where a set carries one (every set `kip distill` writes): an edited
+      kernel would otherwise be scored under the kernel its editor chose.
     """
     metadata, transform = distilled.metadata, distilled.transform
     preprocess = metadata["preprocess"]
@@ -372,6 +385,11 @@ def check_agreement(path: Path, distilled: DistilledSet) -> None:
             rows = int(np.sum(np.any(distilled.labels != one_hot, axis=1)))
             raise UserError(f"{path}: metadata says the labels were not learned (distill.learn_labels=false), but {rows} "
                             "label rows differ from their classes' one-hot rows: the file disagrees with itself")
+    stated = metadata.get("params_hash")
+    if stated is not None and stated != params_hash(metadata):
+        edited = [name for name in PARAMS_HASH_SECTIONS if name in metadata]
+        raise UserError(f"{path}: metadata params_hash {shown(stated)} is not the sha256 of its lineage sections "
+                        f"({', '.join(edited)}): one of them was edited after distilling; the file disagrees with itself")
 
 
 def shown(value: object) -> str:

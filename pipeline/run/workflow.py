@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 import pipeline
+from pipeline.artifacts import npz as artifacts_npz
 from pipeline.artifacts.npz import DistilledSet
 from pipeline.data import prepared as prep_io
 from pipeline.data.prepared import Prepared
@@ -54,7 +55,10 @@ def distill(
                         "class; expected augment: none|crop")
     kernel_fn = kernels.make(kernel)
     configs = {**prepared.provenance, "kernel": asdict(kernel), "distill": asdict(config)}
-    params_hash = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
+    unhashed = set(configs) - set(artifacts_npz.PARAMS_HASH_SECTIONS)
+    if unhashed:  # a new lineage section must be added to the hash that readers recompute
+        raise RuntimeError(f"lineage sections {sorted(unhashed)} are not in npz.PARAMS_HASH_SECTIONS")
+    params_hash = artifacts_npz.params_hash(configs)
     extra: dict[str, Any] = {}
     if config.method == "label_solve":
         if distributed.process_count() > 1:
