@@ -1286,3 +1286,37 @@ def test_write_json_names_the_key_of_the_first_non_finite_number(tmp_path):
     assert snapshot(tmp_path) == {}
     atomic.write_json(path, {"b": 1, "a": [0.5]})
     assert path.read_text() == '{\n  "a": [\n    0.5\n  ],\n  "b": 1\n}\n'
+
+
+# --- A set that disagrees with itself, re-sealed: `kip evaluate` refuses it and prints no score ----
+
+def _resealed_edit(source: Path, target: Path, edit: str) -> None:
+    """The auditor's edits of a real set, each with its checksums recomputed as anyone can."""
+    with np.load(source) as data:
+        arrays = {name: data[name] for name in data.files if name != "checksums"}
+    metadata = json.loads(str(arrays["metadata"]))
+    if edit == "kernel":  # scored 0.889 with exit 0
+        metadata["kernel"].update(architecture="rbf", gamma=50.0)
+    elif edit == "preprocess":  # metadata says zca, the transform standardises: passed kip inspect
+        metadata["preprocess"]["method"] = "zca"
+    elif edit == "transform":  # transform/method set to none: scored 0.917
+        arrays["transform/method"] = np.array("none")
+    else:  # labels rotated one class: scored 0.0028
+        arrays["labels"] = np.roll(arrays["labels"], 1, axis=1)
+    arrays["metadata"] = np.array(json.dumps(metadata, sort_keys=True))
+    arrays["checksums"] = np.array(json.dumps(artifacts.checksum_record(arrays), sort_keys=True))
+    atomic.save_npz(target, arrays)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ("kernel", "is not the sha256 of its lineage sections"),
+    ("preprocess", "metadata preprocess.method='zca' but the stored transform is 'standardize'"),
+    ("transform", "but the stored transform is 'none'"),
+    ("labels", "label rows differ from their classes' one-hot rows"),
+])
+def test_a_resealed_set_that_disagrees_with_itself_is_not_scored(edit, fragment, tmp_path, limits, digits_support):
+    edited = tmp_path / "edited.npz"
+    _resealed_edit(digits_support, edited, edit)
+    for argv, limit in ((["inspect", edited], "inspect-npz"), (["evaluate", edited], "evaluate")):
+        result = run_timed(argv, limits[limit], tmp_path)  # no stdout: nothing scored, nothing called valid
+        assert_one_line_error(result, edited, fragment, "the file disagrees with itself")
