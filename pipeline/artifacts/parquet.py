@@ -166,7 +166,7 @@ def read_parquet(path: Path) -> DistilledSet:
     with safe_read.open_regular(path, _EXPECTED) as handle:
         parquet_file = _open(path, handle)
         meta = _schema_metadata(path, parquet_file)
-        _check_declared(path, parquet_file.metadata)
+        _check_declared(path, parquet_file.metadata, parquet_file.schema_arrow)
         table = _read_table(path, handle, parquet_file)
         footer = parquet_file.metadata.metadata or {}
     _verify(path, table, meta)
@@ -257,35 +257,36 @@ def _schema_metadata(path: Path, parquet_file: pq.ParquetFile) -> dict[str, str]
     return meta
 
 
-# Bytes per value of each Parquet physical type once decoded; BYTE_ARRAY (strings) counts its
-# uncompressed size, and class names are measured again once read (_decoded_names).
-_VALUE_BYTES = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
-
-
-def _check_declared(path: Path, file_meta: pq.FileMetaData) -> None:
+def _check_declared(path: Path, file_meta: pq.FileMetaData, schema: pa.Schema) -> None:
     """From the footer alone, before any row is read: at most MAX_ROW_GROUPS row groups, and rows that
-    are a support the .npz reader would accept (npz.check_support_size)."""
+    are a support the .npz reader would accept (npz.check_support_size).
+
+    The decoded size is the larger of what the row groups declare uncompressed and the rows times
+    the schema's fixed widths (fixed-size image and label lists, numbers), so dictionary-encoded zeros
+    count at full size; strings (class names) count as declared and are measured again once read
+    (_decoded_names). Column chunks are never opened here: pyarrow 2x aborts the process (an uncaught
+    C++ exception) on some damaged column-chunk statistics, where a row group's totals are safe."""
     groups = file_meta.num_row_groups
     if groups > MAX_ROW_GROUPS:
         raise UserError(f"{path} declares {groups} row groups; a distilled set is read from 1 to {MAX_ROW_GROUPS}: rewrite "
                         f"it in fewer (pyarrow.parquet.write_table(..., row_group_size={artifacts.MAX_SUPPORT_IMAGES}))")
-    rows, columns = file_meta.num_rows, collections.Counter()  # bytes per top-level column
     try:
-        widths = [_VALUE_BYTES.get(column.physical_type, max(column.length or 0, 0)) for column in file_meta.schema]
-        groups_rows = 0
-        for g in range(groups):
-            group = file_meta.row_group(g)
-            groups_rows += group.num_rows
-            for c in range(group.num_columns):
-                chunk = group.column(c)
-                name = chunk.path_in_schema.split(".")[0]
-                columns[name] += max(chunk.total_uncompressed_size, chunk.num_values * widths[c], 0)
+        declared = [(group.num_rows, group.total_byte_size) for group in map(file_meta.row_group, range(groups))]
     except (pa.ArrowException, OSError, ValueError, IndexError) as err:
         raise _unreadable(path, err) from None
-    rows = max(rows, groups_rows)  # the file's count and its row groups' may disagree in a damaged file
-    largest = max(columns, key=columns.get, default=None)
-    detail = f"; column {largest!r}: {columns[largest]} bytes" if largest is not None else ""
-    artifacts.check_support_size(path, rows, sum(columns.values()), "its footer declares", detail)
+    rows = max(file_meta.num_rows, sum(n for n, _ in declared), 0)  # a damaged file's two counts may disagree
+    row_width = sum(_fixed_width(field.type) for field in schema)
+    nbytes = max(sum(max(size, 0) for _, size in declared), rows * row_width)
+    artifacts.check_support_size(path, rows, nbytes, "its footer declares", f"; {row_width} bytes a row")
+
+
+def _fixed_width(kind: pa.DataType) -> int:
+    """Bytes a value of `kind` takes once decoded, where the schema fixes it (0 for strings)."""
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size * _fixed_width(kind.value_type)
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return max(kind.bit_width // 8, 1)
+    return 0
 
 
 def _read_table(path: Path, handle, parquet_file: pq.ParquetFile) -> pa.Table:
