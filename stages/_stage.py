@@ -40,15 +40,34 @@ def _run(name: str, main, args: argparse.Namespace, distributed, several_process
             distributed.initialize_from_env()
         main(args)
     except UserError as err:
-        print(f"stage {name}: error: {err}", file=sys.stderr)
+        restored = _restore_outputs(name)
+        print(f"stage {name}: error: {err}" + (f"; {restored}" if restored else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         what = "terminated" if isinstance(stop, runtime.Terminated) else "interrupted"
         print(f"stage {name}: {what}; `dvc repro` resumes from the last checkpoint", file=sys.stderr)
         return 143 if isinstance(stop, runtime.Terminated) else 130
     except Exception as err:
+        restored = _restore_outputs(name)
+        if restored:
+            print(f"stage {name}: {restored}", file=sys.stderr)
         return distributed.exit_code_of_failure(err, f"stage {name}")
     return 0
+
+
+def _restore_outputs(name: str) -> str | None:
+    """A failed stage leaves its outputs as DVC found them: DVC deleted them before the stage ran."""
+    if not os.environ.get("DVC_ROOT"):  # run by hand, not by DVC: nothing was deleted
+        return None
+    from pipeline.artifacts.lockfile import restore_outputs
+    from pipeline.run import distributed
+
+    if not distributed.is_main():
+        return None
+    try:
+        return restore_outputs(Path.cwd(), name)
+    except Exception:  # restoring is a courtesy; the stage's own error is the one to report
+        return None
 
 
 @contextlib.contextmanager

@@ -621,6 +621,42 @@ def test_kip_doctor_names_a_hand_edited_dvc_lock_and_keeps_what_it_replaces(tmp_
     line = repair(tmp_path)
     assert "dvc.lock was valid YAML: DVC's schema rejects it (" in line and "md5" in line, line
     assert "edited by hand or by another tool, not a killed DVC" in line and "replaced it by the version staged in git" in line
-    (backup,) = tmp_path.glob("dvc.lock.replaced-*")
-    assert f"what it held is in {backup.name}" in line
+    (backup,) = (tmp_path / ".dvc" / "tmp").glob("dvc.lock.replaced-*")
+    assert f"what it held is in .dvc/tmp/{backup.name}" in line
     assert backup.read_text() == edited and (tmp_path / "dvc.lock").read_text() == good
+
+
+@needs_git
+def test_a_failed_stage_gets_back_what_dvc_deleted_as_dvc_lock_records_it(tmp_path):
+    """DVC removes a stage's outputs before running it; when the stage fails, each is put back from
+    DVC's cache or git, only with the md5 dvc.lock records, and one that neither holds is named."""
+    import hashlib
+
+    from dvc.repo import Repo
+
+    from pipeline.artifacts.lockfile import restore_outputs
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    Repo.init(str(tmp_path)).close()
+    committed, cached, stale, lost = b'{"acc": 0.9}\n', b"npz bytes", b'{"acc": 0.5}\n', b"never stored"
+    md5 = {name: hashlib.md5(content).hexdigest() for name, content in
+           (("committed", committed), ("cached", cached), ("stale", b'{"acc": 0.7}\n'), ("lost", lost))}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_bytes(committed)
+    (tmp_path / "metrics" / "old.json").write_bytes(stale)  # git holds another version than the lock's
+    subprocess.run(["git", "add", "metrics"], cwd=tmp_path, check=True)
+    blob = tmp_path / ".dvc" / "cache" / "files" / "md5" / md5["cached"][:2] / md5["cached"][2:]
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(cached)
+    outs = [{"path": "metrics/evaluate.json", "md5": md5["committed"]}, {"path": "artifacts/d.npz", "md5": md5["cached"]},
+            {"path": "metrics/old.json", "md5": md5["stale"]}, {"path": "plots/p.csv", "md5": md5["lost"]}]
+    (tmp_path / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": {"evaluate": {"cmd": "x", "outs": outs}}}))
+    assert restore_outputs(tmp_path, "train") is None  # a stage the lock does not hold: nothing to do
+    for path in ("metrics/evaluate.json", "metrics/old.json"):
+        (tmp_path / path).unlink()
+    said = restore_outputs(tmp_path, "evaluate")
+    assert said.startswith("put back artifacts/d.npz, metrics/evaluate.json (deleted by DVC before the stage ran)"), said
+    assert "metrics/old.json, plots/p.csv deleted by DVC and held neither by DVC's cache nor by git" in said
+    assert (tmp_path / "metrics" / "evaluate.json").read_bytes() == committed
+    assert (tmp_path / "artifacts" / "d.npz").read_bytes() == cached
+    assert not (tmp_path / "metrics" / "old.json").exists()  # a version the lock does not record stays out

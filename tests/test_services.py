@@ -236,6 +236,33 @@ def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
     return clone, env
 
 
+def test_a_wrong_mlflow_password_names_the_login_and_keeps_every_tracked_file(logged):
+    """DVC deletes the evaluate metrics (`cache: false`) before the stage runs; the stage then finds
+    the server refusing the login. It says so (not "fix tracking.uri") and puts back what DVC deleted,
+    as dvc.lock records it: no file git tracks is lost or changed."""
+    import yaml
+
+    root, _, env, user = logged
+    listed = _run(root, env, "git", "ls-files").split()
+    before = {path: (root / path).read_bytes() for path in listed if (root / path).is_file()}
+    assert "metrics/evaluate.json" in before
+    params_text = (root / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["evaluate"]["baseline_repeats"] = 5  # evaluate must run: DVC deletes its output first
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        failed = _dvc_as(root, env, {**user, "MLFLOW_TRACKING_PASSWORD": "not-adas-password"}, "repro")
+    finally:
+        (root / "params.yaml").write_text(params_text)
+    assert failed.returncode != 0
+    (line,) = [text for text in failed.stderr.splitlines() if text.startswith("stage evaluate: error:")]
+    assert "the server refused the login: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in line, line
+    assert "put back metrics/evaluate.json" in line and "not-adas-password" not in failed.stderr + failed.stdout
+    changed = sorted(path for path, content in before.items()
+                     if not (root / path).is_file() or (root / path).read_bytes() != content)
+    assert changed == [], changed
+
+
 def _dvc_as(root: Path, env: dict[str, str], extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env={**env, **extra},
                           capture_output=True, text=True, timeout=600)

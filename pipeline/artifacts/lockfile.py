@@ -16,7 +16,7 @@ RWLock-file". Nothing in DVC's configuration makes these writes atomic, so we re
   from its checkpoint), and the outputs end byte-identical to an uninterrupted run.
 * a `dvc.lock` that parses but that DVC's schema rejects was written whole: an edit (by hand, a
   merge, another tool), not a kill; the line says so and which field, and it is repaired alike.
-  Whatever `dvc.lock` held is copied to `dvc.lock.replaced-<UTC time>` first.
+  Whatever `dvc.lock` held is copied to `.dvc/tmp/dvc.lock.replaced-<UTC time>` first.
 * a damaged `rwlock` is removed (it only lists processes that were running; there are none).
 
 The repo lock `.dvc/tmp/lock` needs no help (an fcntl lock: the kernel releases it with the process),
@@ -155,15 +155,18 @@ def _restore_from_git(root: Path, path: Path) -> str | None:
 
 
 def _backup(path: Path) -> Path:
-    """Copy `path` beside itself as `<name>.replaced-<UTC time>` before kip doctor replaces it."""
+    """Copy `path` to `.dvc/tmp/<name>.replaced-<UTC time>` (git-ignored, so the checkout stays clean)
+    before kip doctor replaces it."""
     import shutil
     import time
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = path.with_name(f"{path.name}.replaced-{stamp}")
+    folder = path.parent / ".dvc" / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    backup = folder / f"{path.name}.replaced-{stamp}"
     counter = 1
     while backup.exists():
-        backup, counter = path.with_name(f"{path.name}.replaced-{stamp}-{counter}"), counter + 1
+        backup, counter = folder / f"{path.name}.replaced-{stamp}-{counter}", counter + 1
     shutil.copy2(path, backup)
     return backup
 
@@ -222,7 +225,7 @@ def repair(start: Path | str = ".") -> str:
                 cause = ("written whole, so edited by hand or by another tool, not a killed DVC" if problem.startswith(EDITED)
                          else "left by a DVC command killed while writing it")
                 done.append(f"{LOCKFILE} was {problem}, {cause}: {action}"
-                            + (f"; what it held is in {backup.name}" if backup else ""))
+                            + (f"; what it held is in {os.path.relpath(backup, root)}" if backup else ""))
             index_lock = _git_index_lock(root)
             if index_lock is not None:  # git's own lock: a git command may be running, so only say so
                 done.append(f"{os.path.relpath(index_lock, root)} exists: a git command is running or was killed "
@@ -234,3 +237,72 @@ def repair(start: Path | str = ".") -> str:
     if not done:
         return f"nothing to repair in {root}: {LOCKFILE} and DVC's lock files are intact"
     return "; ".join(done) + "; run `dvc repro` to resume"
+
+
+def restore_outputs(root: Path, stage: str) -> str | None:
+    """Put back the outputs of `stage` that DVC deleted before running it, when the stage then failed.
+
+    DVC removes a stage's outputs before its command runs, `cache: false` ones included, so a stage
+    that fails (a wrong MLflow password, an unreachable store, a bad value) would otherwise leave
+    them gone: the metrics a user committed, or ones not committed yet. What dvc.lock records for
+    each missing output is looked up by md5 in DVC's cache (cached outputs; the run cache also keeps
+    uncached ones), then in git (staged, then committed), and copied back atomically only if the md5
+    matches. Returns one clause for the stage's error line, or None if nothing was missing.
+    """
+    import hashlib
+
+    import yaml
+
+    lock = Path(root) / LOCKFILE
+    try:
+        outs = (yaml.safe_load(lock.read_text()) or {})["stages"][stage]["outs"]
+        recorded = {str(out["path"]): str(out["md5"]) for out in outs if "md5" in out}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    missing = {path: md5 for path, md5 in recorded.items() if not (Path(root) / path).exists()}
+    if not missing:
+        return None
+    cache = _cache_dir(Path(root))
+    restored, lost = [], []
+    for path, md5 in sorted(missing.items()):
+        candidates = [cache / md5[:2] / md5[2:]] if cache else []
+        content = None
+        for candidate in candidates:
+            if candidate.is_file() and hashlib.md5(candidate.read_bytes()).hexdigest() == md5:
+                content = candidate.read_bytes()
+        for spec in (f":./{path}", f"HEAD:./{path}"):
+            if content is None:
+                blob = _git_version(Path(root), spec)
+                if blob is not None and hashlib.md5(blob).hexdigest() == md5:
+                    content = blob
+        if content is None:
+            lost.append(path)
+            continue
+        target = Path(root) / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            os.replace(tmp_name, target)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+        restored.append(path)
+    said = []
+    if restored:
+        said.append(f"put back {', '.join(restored)} (deleted by DVC before the stage ran) as {LOCKFILE} records")
+    if lost:
+        said.append(f"{', '.join(lost)} deleted by DVC and held neither by DVC's cache nor by git: "
+                    "fix the error and run `dvc repro` to write them again")
+    return "; ".join(said)
+
+
+def _cache_dir(root: Path) -> Path | None:
+    """DVC's md5-addressed file cache of the project (`.dvc/cache/files/md5` unless configured)."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(os.fspath(root)) as repo:
+            return Path(repo.cache.local.path)
+    except Exception:  # a project DVC cannot open: git is still worth a try
+        return None

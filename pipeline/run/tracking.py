@@ -160,7 +160,9 @@ class Tracker:
         except UserError:
             raise
         except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
-            raise UserError(redact(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})")) from None
+            hint = _refused_login(err)
+            raise UserError(redact(f"tracking.uri={self.uri}: the MLflow store failed ({_first_line(err)})"
+                                   + (f"; {hint}" if hint else ""))) from None
 
 
 class NullTracker(Tracker):
@@ -231,7 +233,8 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
     except Exception as err:
         raise UserError(redact(
             f"tracking.uri={uri}: cannot use the MLflow store ({_first_line(err)}); "
-            + (_store_problem(uri) or "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
+            + (_refused_login(err) or _store_problem(uri)
+               or "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled: false")
         )) from None
     with contextlib.suppress(Exception):  # tidying up after others must never stop this stage
         _end_orphaned_runs(experiment_id)
@@ -339,6 +342,18 @@ def _end_orphaned_runs(experiment_id: str) -> list[str]:
             client.set_terminated(run.info.run_id, "KILLED")
             ended.append(run.info.run_id)
     return ended
+
+
+def _refused_login(err: BaseException) -> str | None:
+    """The remedy when an MLflow server with logins refused this user (401) or this action (403)."""
+    text = str(err)
+    if "401" in text or "Unauthorized" in text or "UNAUTHENTICATED" in text:
+        return ("the server refused the login: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(the address answered)")
+    if "403" in text or "PERMISSION_DENIED" in text:
+        return ("the server refused this user the experiment: ask its owner for EDIT permission, or set "
+                "tracking.experiment to one of your own")
+    return None
 
 
 def _store_problem(uri: str) -> str | None:
