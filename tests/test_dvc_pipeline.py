@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import SMALL, copy_project, distilled_bytes as _bytes, dvc as _dvc, run as _run, stages_ran as _ran
+from projects import (REPO, SMALL, copy_project, distilled_bytes as _bytes, dvc as _dvc, run as _run, stages_ran as _ran,
+                      write_params)
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -370,19 +371,54 @@ def test_the_committed_lock_records_the_code_and_params_in_the_tree(tmp_path):
     assert not stale, f"dvc.lock is stale (run `dvc repro` and commit dvc.lock): {stale}"
 
 
-def test_a_queued_experiment_records_its_own_checkout_as_dirty(project):
+def test_a_queued_experiment_records_its_own_checkout_as_dirty(small_project, tmp_path):
     """`dvc exp run --queue -S ...` from a clean project: DVC runs the stages in a checkout of its own
     (.dvc/tmp/exps/...) with the changed params applied there, and DVC_ROOT names the clean project.
     The runs must say dirty (params differ from the commit) and name the commit they started from."""
-    root, env, _ = project
+    copy = copy_project(small_project, tmp_path / "project")  # clean, whatever this module's other tests did
+    root, env = copy.root, copy.env
     assert _run(root, env, "git", "status", "--porcelain", "--untracked-files=no").strip() == ""
     _dvc(root, env, "exp", "run", "--queue", "-n", "queued-dirty", "-S", "evaluate.baseline_repeats=7")  # a value no other test runs
     _dvc(root, env, "exp", "run", "--run-all")
     head = _run(root, env, "git", "rev-parse", "HEAD").strip()
     client, experiment_id = _mlflow(root)
-    (parent,) = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline' and attributes.run_name = 'queued-dirty'")
+    (parent,) = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline' and attributes.run_name LIKE 'queued-dirty%'")
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert "evaluate" in {run.info.run_name for run in children}
     for run in (parent, *children):
         assert run.data.tags["kip.git_dirty"] == "true", run.info.run_name
         assert run.data.tags["kip.git_commit"] == head
+    assert parent.info.run_name == "queued-dirty · digits fc-ntk 2/class · evaluate.baseline_repeats=7"
+
+
+def as_written(document: Path, name: str) -> str:
+    """The bash block the docs mark `<!-- as-written: name -->`, exactly as a reader copies it."""
+    import re
+
+    found = re.search(rf"<!-- as-written: {name} -->\n```bash\n(.*?)```", document.read_text(), re.S)
+    assert found, f"{document} has no as-written block {name!r}"
+    return found.group(1)
+
+
+def run_as_written(script: str, cwd: Path, env: dict[str, str], fill: dict[str, str]) -> str:
+    """Run a docs block under bash -e, with only its placeholders filled in (each must be there)."""
+    for placeholder, value in fill.items():
+        assert placeholder in script, f"the block no longer has {placeholder!r}"
+        script = script.replace(placeholder, value)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, f"{script}\nfailed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def test_the_readme_sharing_block_runs_as_written(small_project, tmp_path):
+    """README "Sharing with a team and comparing runs": after a changed run, commit, push, clone
+    beside it, pull: the copy holds the same bytes, and its lock is the one that names them."""
+    project = copy_project(small_project, tmp_path / "project")
+    root, env = project.root, project.env
+    write_params(root, {"distill": {"steps": 240}})  # what a user does before sharing: a run of their own
+    assert "distill" in _ran(_dvc(root, env, "repro"))
+    run_as_written(as_written(REPO / "README.md", "local"), root, env, {})
+    copy = tmp_path / "kip-copy"
+    assert _bytes(copy) == _bytes(root)
+    assert (copy / "dvc.lock").read_bytes() == (root / "dvc.lock").read_bytes()

@@ -156,6 +156,8 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
     parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
     names = [run.info.run_name for run in parents]
+    assert names == ["digits fc-ntk 2/class", "one-repeat · digits fc-ntk 2/class · evaluate.baseline_repeats=1"]
+    assert all("krr_val_accuracy" in run.data.metrics for run in parents)  # the deciding number, on the parent
     accuracy = [_as_the_ui_shows(run.data.metrics["krr_test_accuracy"]) for run in parents]
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     with chromium(login=ADA) as page:
@@ -166,7 +168,7 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
         ids = json.dumps([run.info.run_id for run in parents])
         text = page.open(f"{tracking.uri}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
                          "&workflowType=machine_learning",
-                         *names, "krr_test_accuracy")
+                         *names, "krr_test_accuracy", "krr_val_accuracy")
         page.screenshot(shots / "mlflow-compare.png")
         assert all(value in text for value in accuracy), (accuracy, text[:500])
 
@@ -198,7 +200,7 @@ def test_two_queued_experiments_run_at_once_and_both_land_with_their_lineage(log
     head = _run(root, env, "git", "rev-parse", "HEAD").strip()
     client = _client(tracking, ADA, monkeypatch)
     for name, steps in (("queued-a", "20"), ("queued-b", "30")):
-        (parent,) = client.search_runs([experiment_id], f"tags.`kip.role` = 'pipeline' and attributes.run_name = '{name}'")
+        (parent,) = client.search_runs([experiment_id], f"tags.`kip.role` = 'pipeline' and attributes.run_name LIKE '{name} · %'")
         children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         stages = {run.info.run_name: run for run in children}
         assert {"prepare", "train"} <= set(stages), sorted(stages)
@@ -234,6 +236,37 @@ def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
     clone = tmp_path / "clone"
     _run(tmp_path, env, "git", "clone", "-q", str(ada_root), str(clone))
     return clone, env
+
+
+def test_the_team_sharing_blocks_run_as_written(s3, small_project, tmp_path):
+    """docs/services.md "Sharing with a team", both blocks exactly as written, placeholders filled in:
+    Ada (her clone, her HOME) distils, commits, pushes the data, the commit and the tag to a shared
+    git repository and the S3 bucket; Ben (another HOME) clones it and pulls, and fetches the tagged
+    version without a clone. Both get Ada's bytes."""
+    from test_dvc_pipeline import as_written, run_as_written
+
+    document = Path(__file__).resolve().parents[1] / "docs" / "services.md"
+    team = tmp_path / "team.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(team)], check=True)
+    (tmp_path / "ada-home").mkdir()
+    ada_env = _clean_env(tmp_path / "ada-home")
+    root = copy_project(small_project, tmp_path / "ada", home=tmp_path / "ada-home").root
+    write_params(root, {"tracking": {"enabled": False}, "distill": {"steps": 260}})  # a run of her own
+    _run(root, ada_env, "git", "remote", "add", "origin", str(team))
+    _run(root, ada_env, "git", "push", "-q", "origin", "main")  # the team's repository, before today
+    keys = {"AWS_ACCESS_KEY_ID=...": f"AWS_ACCESS_KEY_ID={s3.access_key}",
+            "AWS_SECRET_ACCESS_KEY=...": f"AWS_SECRET_ACCESS_KEY={s3.secret_key}"}
+    run_as_written(as_written(document, "sharer"), root, ada_env,
+                   {"https://s3.example.org": s3.endpoint, "s3://kip-team/dvc": f"s3://{s3.bucket}/dvc", **keys})
+
+    (tmp_path / "ben").mkdir()
+    (tmp_path / "ben-home").mkdir()
+    ben_env = _clean_env(tmp_path / "ben-home")
+    said = run_as_written(as_written(document, "teammate"), tmp_path / "ben", ben_env, {"<repo>": str(team), **keys})
+    clone = tmp_path / "ben" / "kip"
+    assert _bytes(clone) == _bytes(root)
+    assert json.loads(said[said.index("{"):said.rindex("}") + 1])["valid"] is True
+    assert (clone / "v1.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
 
 
 def test_a_wrong_mlflow_password_names_the_login_and_keeps_every_tracked_file(logged):

@@ -280,3 +280,17 @@ def test_a_run_whose_process_is_gone_is_marked_killed_by_the_next_stage_and_a_li
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_run_name_says_what_the_execution_is_and_what_changed():
+    params = {"data": {"name": "fashion_mnist"}, "kernel": {"architecture": "conv_rf", "kind": "ntk"},
+              "distill": {"support_per_class": 1, "steps": 2000, "learn_labels": True},
+              "tracking": {"uri": "http://ada:pw@host:5000"}}
+    committed = {"data": {"name": "fashion_mnist"}, "kernel": {"architecture": "conv_rf", "kind": "ntk"},
+                 "distill": {"support_per_class": 10, "steps": 2000}, "tracking": {"uri": None}}
+    assert tracking.run_name(params, committed, "finny-judo") == (
+        "finny-judo · fashion_mnist conv_rf-ntk 1/class · distill.learn_labels=true · distill.support_per_class=1")
+    assert tracking.run_name(params, params, None) == "fashion_mnist conv_rf-ntk 1/class"
+    many = {"distill": {f"k{i}": i for i in range(7)}}
+    assert tracking.run_name(many, {}, None).endswith("distill.k3=3 · +3 more")
+    assert tracking.run_name({}, None, None) == "mnist fc-ntk 10/class"  # outside git: the defaults' summary

@@ -227,7 +227,9 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
         # stage happens to run in: `dvc exp run --temp` runs in a temporary copy).
         artifacts = None if user_chose_store else (project_root / "mlruns").resolve().as_uri()
         experiment_id = _experiment_id(config.experiment, artifacts)
-        parent_id = _parent_run(experiment_id, key, git, load_yaml(params_text, str(params_file)) or {})
+        params = load_yaml(params_text, str(params_file)) or {}
+        name = run_name(params, _committed_params(workspace, params_file), os.environ.get("DVC_EXP_NAME"))
+        parent_id = _parent_run(experiment_id, key, git, params, name)
     except UserError:
         raise
     except Exception as err:
@@ -287,7 +289,38 @@ def _experiment_id(name: str, artifact_location: str | None) -> str:
     return experiment.experiment_id
 
 
-def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict) -> str:
+def run_name(params: Mapping[str, Any], committed: Mapping[str, Any] | None, experiment: str | None) -> str:
+    """What a pipeline execution is, at a glance in the runs list: the experiment's name if DVC gave
+    one, the dataset, kernel and support size, then every param that differs from the committed
+    params.yaml (`tracking.*` aside: it says where runs go, not what they are)."""
+    def get(section: str, key: str, default: Any) -> Any:
+        value = params.get(section)
+        return value.get(key, default) if isinstance(value, Mapping) else default
+
+    what = (f"{get('data', 'name', 'mnist')} {get('kernel', 'architecture', 'fc')}-{get('kernel', 'kind', 'ntk')} "
+            f"{get('distill', 'support_per_class', 10)}/class")
+    parts = [experiment] if experiment else []
+    parts.append(what)
+    if committed is not None:
+        now, before = flatten(params), flatten(committed)
+        changed = [f"{k}={now.get(k, '(removed)')}" for k in sorted(set(now) | set(before))
+                   if now.get(k) != before.get(k) and not k.startswith("tracking.")]
+        parts += changed[:4] + ([f"+{len(changed) - 4} more"] if len(changed) > 4 else [])
+    return redact(" · ".join(parts))[:250]
+
+
+def _committed_params(workspace: Path, params_file: Path) -> dict | None:
+    """params.yaml as the checked-out commit has it; None outside git or without one there."""
+    try:
+        relative = Path(os.path.relpath(Path(params_file).resolve(), Path(workspace).resolve())).as_posix()
+        shown = subprocess.run(["git", "show", f"HEAD:./{relative}"], cwd=workspace, capture_output=True, text=True,
+                               timeout=30)
+        return load_yaml(shown.stdout, f"HEAD:{relative}") or {} if shown.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, UserError):
+        return None
+
+
+def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict, name: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -299,7 +332,6 @@ def _parent_run(experiment_id: str, key: str, git: dict[str, str], params: dict)
     if found:
         run_id = found[0].info.run_id
     else:
-        name = os.environ.get("DVC_EXP_NAME") or f"pipeline {git['commit'][:8]} {key[-8:]}"
         run_id = client.create_run(
             experiment_id, run_name=name,
             tags={"kip.role": PIPELINE_ROLE, "kip.pipeline_key": key, "kip.git_commit": git["commit"],

@@ -172,6 +172,11 @@ def evaluate(
         kernel_fn, distilled.images, distilled.labels, prepared.x_test, prepared.y_test,
         prepared.num_classes, config.reg, config.batch_size,
     )
+    # The number to choose between runs by: the test split is for reporting, never for choosing.
+    validation = scoring.krr_scores(
+        kernel_fn, distilled.images, distilled.labels, prepared.x_val, prepared.y_val,
+        prepared.num_classes, config.reg, config.batch_size,
+    ) if len(prepared.y_val) else None
     per_class = max(1, len(distilled.images) // prepared.num_classes)
     candidates = {prepared.transform.method: prepared}
     if default_prepared is not None:
@@ -190,6 +195,7 @@ def evaluate(
     label_solve = scoring.krr_scores(kernel_fn, solved.images, solved.labels, prepared.x_test, prepared.y_test,
                                      prepared.num_classes, config.reg, config.batch_size)
     metrics: dict[str, Any] = {
+        **({"krr_val_accuracy": validation["accuracy"]} if validation else {}),
         "krr_test_accuracy": scores["accuracy"],
         "krr_test_mse": scores["mse"],
         "baseline_test_accuracy": random_real[best]["accuracy"],
