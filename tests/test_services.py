@@ -276,6 +276,8 @@ def test_a_wrong_mlflow_password_names_the_login_and_keeps_every_tracked_file(lo
     import yaml
 
     root, _, env, user = logged
+    _run(root, env, "git", "add", "-A")
+    _run(root, env, "git", "commit", "-qm", "Ada's results")  # the metrics are now files git tracks
     listed = _run(root, env, "git", "ls-files").split()
     before = {path: (root / path).read_bytes() for path in listed if (root / path).is_file()}
     assert "metrics/evaluate.json" in before
