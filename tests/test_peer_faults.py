@@ -123,17 +123,19 @@ def test_a_stopped_coordinator_stops_the_other_with_one_line_within_the_peer_tim
     assert took < WATCHDOG + SLACK, took
 
 
-def test_a_stopped_coordinator_under_the_launcher_stops_the_run_promptly(tmp_path):
-    """`kip distill --processes 2`, process 0 stopped: process 1 says so in one line, the launcher
-    adds its one line, kills the stopped process (SIGTERM would wait for it to be resumed) and
-    returns 75."""
+@pytest.mark.parametrize("stopped", [0, 1], ids=["coordinator", "worker"])
+def test_a_stopped_process_under_the_launcher_stops_the_run_promptly(tmp_path, stopped):
+    """`kip distill --processes 2`, one process stopped (SIGSTOP): the other says so in one line, the
+    launcher adds its one line, kills the stopped process at once (SIGTERM would wait for it to be
+    resumed) and returns 75."""
+    other = 1 - stopped
     launcher, children = _launched(tmp_path)
-    os.kill(children[0], signal.SIGSTOP)
+    os.kill(children[stopped], signal.SIGSTOP)
     code, lines, took = _finish_launcher(launcher, children, time.monotonic())
     assert code == 75, lines
     assert len(lines) == 2, lines
-    assert lines[0].startswith("kip: process 0 stopped responding") and RERUN in lines[0], lines
-    assert lines[1] == "kip: process 1 of 2 exited with code 75; stopped the others", lines
+    assert lines[0].startswith(f"kip: process {stopped} stopped responding") and RERUN in lines[0], lines
+    assert lines[1] == f"kip: process {other} of 2 exited with code 75; stopped the others", lines
     assert took < WATCHDOG + LAUNCHER + SLACK, took
 
 
@@ -150,19 +152,6 @@ def test_a_killed_coordinator_under_the_launcher_gives_one_line_and_the_launcher
         and RERUN in lines[0], lines
     assert lines[1] == "kip: process 0 of 2 exited with code -9; stopped the others", lines
     assert took < WATCHDOG + LAUNCHER + SLACK, took  # at once when the collective breaks, as a rule
-
-
-def test_a_stopped_worker_under_the_launcher_stops_the_run_promptly(tmp_path):
-    """`kip distill --processes 2`, process 1 stopped: process 0 says so in one line, the launcher
-    adds its one line, kills the stopped process at once and returns 75."""
-    launcher, children = _launched(tmp_path)
-    os.kill(children[1], signal.SIGSTOP)
-    code, lines, took = _finish_launcher(launcher, children, time.monotonic())
-    assert code == 75, lines
-    assert len(lines) == 2, lines
-    assert lines[0].startswith("kip: process 1 stopped responding") and RERUN in lines[0], lines
-    assert lines[1] == "kip: process 0 of 2 exited with code 75; stopped the others", lines
-    assert took < WATCHDOG + LAUNCHER + SLACK, took
 
 
 @pytest.mark.parametrize("value", ["ten", "0", "-1", "nan"])
