@@ -148,51 +148,62 @@ def test_mlflow_records_params_metrics_lineage_and_images_as_the_stages_wrote_th
     assert [m.step for m in client.get_metric_history(train.info.run_id, "distilled_val_accuracy")] == [20, 40]
 
 
-def test_mlflow_server_on_the_store_returns_the_runs(project):
+def test_kip_ui_serves_the_store_and_prints_the_runs_view_of_the_deciding_metrics(project):
+    """`kip ui` in the project: one line on stdout, the address of the runs view; behind it `mlflow ui`
+    serves the project's store, whose experiment carries the view in MLflow's shared-view tag, naming
+    metrics the parent run really has, best validation accuracy first."""
     import signal
     import socket
     import time
+    import urllib.parse
     import urllib.request
+
+    from pipeline.run import tracking
 
     root, env, _ = project
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline.run.cli", "ui", "--port", str(port)], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        address = ui.stdout.readline().strip()
+        assert address.startswith(f"http://127.0.0.1:{port}/#/experiments/"), (address, ui.stderr.read() if ui.poll() is not None else "")
+        base, fragment = address.split("/#/", 1)
+        query = urllib.parse.parse_qs(fragment.split("?", 1)[1])
+        assert query["viewStateShareKey"] == [tracking.RUNS_VIEW_KEY] and query["workflowType"] == ["machine_learning"]
         deadline = time.monotonic() + 120
         while True:
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2).read()
                 break
             except OSError:
-                assert server.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
+                assert ui.poll() is None, f"kip ui exited: {ui.stderr.read()}"
+                assert time.monotonic() < deadline, "kip ui's server did not come up in 120 s"
                 time.sleep(1)
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=kip-pipeline") as r:
-            experiment_id = json.load(r)["experiment"]["experiment_id"]
+            experiment = json.load(r)["experiment"]
+        assert fragment.startswith(f"experiments/{experiment['experiment_id']}/runs?")
+        tags = {tag["key"]: tag["value"] for tag in experiment["tags"]}
+        view = json.loads(tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_KEY}"])
         request = urllib.request.Request(
             f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [experiment_id], "filter": "tags.`kip.stage` = 'evaluate'"}).encode(),
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]], "filter": view["searchFilter"]}).encode(),
         )
         with urllib.request.urlopen(request) as r:
-            runs = json.load(r)["runs"]
-        assert runs and all(run["info"]["run_name"] == "evaluate" for run in runs)
-        metrics = {m["key"]: m["value"] for m in runs[-1]["data"]["metrics"]}
-        assert "krr_test_accuracy" in metrics
+            (parent,) = json.load(r)["runs"]  # the view lists executions: one here, not its four stages
+        logged = {m["key"] for m in parent["data"]["metrics"]}
+        shown = {column.removeprefix("metrics.`").removesuffix("`") for column in view["selectedColumns"]}
+        assert shown <= logged, shown - logged  # every column has numbers
+        assert {"krr_val_accuracy", "nn_val_accuracy"} <= shown
+        assert view["orderByKey"] == "metrics.`krr_val_accuracy`" and view["orderByAsc"] is False
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(ui.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=30)
+            ui.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
 
 def test_second_repro_does_nothing(project):

@@ -144,14 +144,40 @@ def _as_the_ui_shows(value: float) -> str:
     return repr(math.floor(1000 * value + 0.5) / 1000)
 
 
+def _cells_in_view(page) -> list[tuple[str, dict[str, str]]]:
+    """Each row of the runs table, top to bottom: its run name and the metric cells that lie wholly
+    inside the window (ag-grid renders a row's pinned and scrolled parts as separate elements)."""
+    rows = page.evaluate("""(() => {
+        const rows = {};
+        for (const cell of document.querySelectorAll('.ag-row [col-id]')) {
+            const row = cell.closest('.ag-row'), id = row.getAttribute('row-index'), box = cell.getBoundingClientRect();
+            const entry = rows[id] = rows[id] || {top: row.getBoundingClientRect().top, cells: {}};
+            if (box.left >= 0 && box.right <= window.innerWidth && box.bottom <= window.innerHeight)
+                entry.cells[cell.getAttribute('col-id')] = cell.innerText.trim();
+        }
+        return Object.entries(rows).sort((a, b) => Number(a[0]) - Number(b[0])).map(([, r]) => r.cells);
+    })()""")
+    shown = []
+    for cells in rows:
+        name = cells.get("attributes.`Run Name`", "").splitlines()[-1:] or [""]
+        metrics = {key[len("metrics.`"):-1]: value for key, value in cells.items() if key.startswith("metrics.`")}
+        shown.append((name[0], metrics))
+    return shown
+
+
 def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tracking, monkeypatch, tmp_path):
-    """Through a real browser, logged in as Ada: the experiment opens on its runs table, the compare
-    view shows both executions' metrics, and a support-image PNG decodes."""
+    """Through a real browser, logged in as Ada: the runs-view address (`kip ui` prints it) opens on
+    the executions, best first, each with its deciding metrics in the window without a click; the
+    compare view shows both executions' metrics, and a support-image PNG decodes."""
     from browser import chromium
 
+    from pipeline.run import tracking as tracking_view
     from pipeline.run.tracking import experiment_url
 
-    _, experiment_id, *_ = logged
+    root, experiment_id, env, user = logged
+    ui = subprocess.run([sys.executable, "-m", "pipeline.run.cli", "ui"], cwd=root, env={**env, **user},
+                        capture_output=True, text=True, timeout=120)
+    assert ui.returncode == 0 and ui.stdout == experiment_url(tracking.uri, experiment_id) + "\n", ui.stderr
     client = _client(tracking, ADA, monkeypatch)
     parents = client.search_runs([experiment_id], "tags.`kip.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
     assert len(parents) == 2
@@ -161,9 +187,18 @@ def test_the_ui_shows_the_runs_the_comparison_and_the_support_images(logged, tra
     accuracy = [_as_the_ui_shows(run.data.metrics["krr_test_accuracy"]) for run in parents]
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     with chromium(login=ADA) as page:
-        text = page.open(experiment_url(tracking.uri, experiment_id), *names)
+        text = page.open(experiment_url(tracking.uri, experiment_id), *names, *tracking_view.RUNS_VIEW_METRICS[:2])
         page.screenshot(shots / "mlflow-runs.png")
         assert "Run Name" in text and "Observability" not in text  # the runs table, not MLflow 3's GenAI overview
+        shown = _cells_in_view(page)
+        assert sorted(name for name, _ in shown) == sorted(names)  # the executions, not their stage runs
+        by_name = {run.info.run_name: run.data.metrics for run in parents}
+        for name, cells in shown:
+            for metric in ("krr_val_accuracy", "nn_val_accuracy"):  # the deciding numbers, on screen without a click
+                expected = repr(by_name[name][metric]) if metric in by_name[name] else "-"  # train skipped: no number
+                assert cells.get(metric) == expected, (name, metric, cells)
+        ranked = [by_name[name]["krr_val_accuracy"] for name, _ in shown]
+        assert ranked == sorted(ranked, reverse=True)  # best first
 
         ids = json.dumps([run.info.run_id for run in parents])
         text = page.open(f"{tracking.uri}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"

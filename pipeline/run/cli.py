@@ -236,9 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--lock", type=Path, default=None, help="a dvc.lock to take the recorded md5 from")
     verify.add_argument("--as", dest="lock_path", default=None,
                         help="the output's path in --lock [ARTIFACT's path relative to the lock's folder]")
-    for sub in (distill, evaluate, train, inspect, data, keygen, sign, verify):
+    ui = commands.add_parser(
+        "ui", help="open the MLflow runs table with each run's deciding metrics",
+        description="Print the address of the project's MLflow experiment in a view that shows each execution's "
+        "validation and test accuracy (best krr_val_accuracy first). For the SQLite store it also serves "
+        "the UI on 127.0.0.1 until Ctrl-C; for a tracking server it only prints the address.",
+    )
+    ui.add_argument("dir", nargs="?", type=Path, default=Path("."), help="the project (where params.yaml is)")
+    ui.add_argument("--port", type=_port, default=5000, help="where to serve the SQLite store's UI")
+    for sub in (distill, evaluate, train, inspect, data, keygen, sign, verify, ui):
         _short_metavars(sub)
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a TCP port 1..65535")
+    return port
 
 
 def _file_path(text: str) -> Path:
@@ -433,16 +451,25 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
     print(f"kip doctor: {said}" + (f"; {done}" if done else ""))
 
 
+def _cmd_ui(args: argparse.Namespace) -> None:
+    from pipeline.run import ui
+
+    if not (args.dir / "params.yaml").is_file():
+        raise UserError(f"dir={args.dir}: no params.yaml there; expected a kip-pipeline project")
+    uri, address = ui.runs_address(args.dir.resolve(), args.port)
+    print(address, flush=True)
+    if not uri.startswith(("http://", "https://")):
+        print(f"kip ui: serving {uri} on 127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        code = ui.serve(uri, args.port, args.dir.resolve())
+        if code not in (0, -2, 130):
+            raise UserError(f"mlflow ui stopped with exit code {code} (port {args.port} in use? try --port)")
+
+
 def _tracking_store(root: Path) -> Path | None:
     """The project's SQLite MLflow store, as the stages resolve it; None for a server or no file."""
-    from pipeline.run import params, store_doctor, tracking
+    from pipeline.run import store_doctor, tracking
 
-    params_file = root / "params.yaml"
-    section = {}
-    if params_file.is_file():
-        document = params.load_yaml(params_file.read_text(), str(params_file)) or {}
-        section = document.get("tracking") or {} if isinstance(document, dict) else {}
-    config = cfg.TrackingConfig(**section) if isinstance(section, dict) else cfg.TrackingConfig()
+    config = tracking.project_config(root)
     path = store_doctor.sqlite_path(tracking.resolve_uri(config, root))
     if path is None:
         return None
@@ -469,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "doctor": _cmd_doctor, "repair": _cmd_doctor,
         "keygen": _cmd_keygen, "sign": _cmd_sign, "verify": _cmd_verify,
+        "ui": _cmd_ui,
     }[args.command]
     from pipeline.run import distributed
 

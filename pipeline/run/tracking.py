@@ -49,6 +49,18 @@ def resolve_uri(config: TrackingConfig, project_root: Path) -> str:
     return f"sqlite:///{(Path(project_root) / 'mlflow.db').resolve()}"
 
 
+def project_config(root: Path) -> TrackingConfig:
+    """The `tracking` section of the project's params.yaml, as the stages read it (defaults if absent)."""
+    params_file = Path(root) / "params.yaml"
+    section: Any = {}
+    if params_file.is_file():
+        document = load_yaml(params_file.read_text(), str(params_file)) or {}
+        section = (document.get("tracking") or {}) if isinstance(document, dict) else {}
+    if not isinstance(section, Mapping):
+        raise UserError(f"tracking={section!r} in {params_file} is not allowed; expected a mapping")
+    return TrackingConfig(**section)
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"distill": {"steps": 10}} -> {"distill.steps": "10"}: MLflow params are flat strings."""
     flat: dict[str, str] = {}
@@ -272,9 +284,40 @@ def _stage_run(stage: str, config: TrackingConfig, params_file: Path, project_ro
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# The runs table opens with no metric columns. The view below is a "shared view" in MLflow's own
+# format: the UI's Share button stores a view as the experiment tag mlflow.sharedViewState.<key>, and
+# an address with ?viewStateShareKey=<key> opens it. Ours lists the executions (parent runs; their
+# stages are one click away on each run's page) with their deciding numbers (validation accuracy:
+# KRR, then networks) and the reported test numbers beside their baselines, best
+# krr_val_accuracy first, in columns narrow enough that all six fit beside the names on a laptop.
+RUNS_VIEW_KEY = "kip-runs"
+RUNS_VIEW_METRICS = ("krr_val_accuracy", "nn_val_accuracy", "krr_test_accuracy", "baseline_test_accuracy",
+                     "nn_test_accuracy", "nn_baseline_test_accuracy")
+
+
+def runs_view() -> dict[str, Any]:
+    """The shared view's state: MLflow 3.17's search facets and table settings (keys the UI reads)."""
+    metrics = [f"metrics.`{name}`" for name in RUNS_VIEW_METRICS]
+    name = "attributes.`Run Name`"
+    return {"searchFilter": f"tags.`kip.role` = '{PIPELINE_ROLE}'", "orderByKey": metrics[0], "orderByAsc": False,
+            "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+            "selectedColumns": metrics, "columnOrder": [name, *metrics],
+            "columnWidths": {name: 260, **{column: 130 for column in metrics}},
+            "runListHidden": False, "viewMaximized": False}
+
+
 def experiment_url(server: str, experiment_id: str) -> str:
-    """The address of an experiment's runs table in the MLflow UI served at `server`."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The address of an experiment's runs table, in the view that shows the deciding metrics."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def ensure_runs_view(client: Any, experiment_id: str, tags: Mapping[str, str]) -> None:
+    """Put the runs view on the experiment through `client` (an MlflowClient), unless it is there
+    already: one write per experiment."""
+    key, value = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}", json.dumps(runs_view(), sort_keys=True)
+    if tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def _experiment_id(name: str, artifact_location: str | None) -> str:
@@ -282,10 +325,14 @@ def _experiment_id(name: str, artifact_location: str | None) -> str:
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        ensure_runs_view(mlflow.MlflowClient(), experiment_id, {})
+        return experiment_id
     if not set(EXPERIMENT_KIND) <= set(experiment.tags):  # made by an older version, or by hand: only add, never overwrite
         for key, value in EXPERIMENT_KIND.items():
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    with contextlib.suppress(Exception):  # a teammate without EDIT on the experiment still logs runs
+        ensure_runs_view(mlflow.MlflowClient(), experiment.experiment_id, experiment.tags)
     return experiment.experiment_id
 
 
