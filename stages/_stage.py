@@ -18,6 +18,20 @@ from pipeline.run.params import section
 from pipeline.run.tracking import Tracker, stage_run
 
 
+def _require_full_install() -> None:
+    """A stage run from the base or '.[read]' install (e.g. `dvc repro` where `dvc pull` was meant) ends in
+    one line, before the stage's own imports reach for JAX, and puts back what DVC deleted."""
+    from pipeline.run.install import require_full
+
+    name = Path(sys.argv[0]).stem
+    try:
+        require_full()
+    except UserError as err:
+        restored = _restore_outputs(name)
+        print(f"stage {name}: error: {err}" + (f"; {restored}" if restored else ""), file=sys.stderr)
+        sys.exit(2)
+
+
 def run_stage(name: str, main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
               several_processes: bool = False) -> None:
     """several_processes: the stage may run as cooperating processes (pipeline/run/distributed.py)
@@ -89,3 +103,6 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+_require_full_install()  # at import: every stage imports this module before its own dependencies

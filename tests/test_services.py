@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from projects import (SMALL, copy_project, distilled_bytes as _bytes, dvc as _dvc, env_for as _env, make_project,
                       run as _run, write_params)
 from services import mlflow_server, postgres_server, s3_server
@@ -273,19 +274,25 @@ def _ben(tmp_path: Path, ada_root: Path) -> tuple[Path, dict[str, str]]:
     return clone, env
 
 
+@pytest.mark.registry  # Ben's install comes from PyPI (pip's cache when warm)
 def test_the_team_sharing_blocks_run_as_written(s3, small_project, tmp_path):
     """docs/services.md "Sharing with a team", both blocks exactly as written, placeholders filled in:
     Ada (her clone, her HOME) distils, commits, pushes the data, the commit and the tag to a shared
-    git repository and the S3 bucket; Ben (another HOME) clones it and pulls, and fetches the tagged
+    git repository and the S3 bucket; Ben (another HOME) clones it, makes a venv with the `read`
+    install only (no JAX, no TensorFlow), pulls, loads the set with pandas, and fetches the tagged
     version without a clone. Both get Ada's bytes."""
-    from test_dvc_pipeline import as_written, run_as_written
+    from test_dvc_pipeline import REPO, as_written, run_as_written
 
-    document = Path(__file__).resolve().parents[1] / "docs" / "services.md"
+    document = REPO / "docs" / "services.md"
     team = tmp_path / "team.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(team)], check=True)
     (tmp_path / "ada-home").mkdir()
     ada_env = _clean_env(tmp_path / "ada-home")
     root = copy_project(small_project, tmp_path / "ada", home=tmp_path / "ada-home").root
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):  # what an install from a clone reads
+        (root / name).write_bytes((REPO / name).read_bytes())
+    _run(root, ada_env, "git", "add", "pyproject.toml", "README.md", "constraints.txt")
+    _run(root, ada_env, "git", "commit", "-qm", "the package's install files")
     write_params(root, {"tracking": {"enabled": False}, "distill": {"steps": 260}})  # a run of her own
     _run(root, ada_env, "git", "remote", "add", "origin", str(team))
     _run(root, ada_env, "git", "push", "-q", "origin", "main")  # the team's repository, before today
@@ -297,11 +304,28 @@ def test_the_team_sharing_blocks_run_as_written(s3, small_project, tmp_path):
     (tmp_path / "ben").mkdir()
     (tmp_path / "ben-home").mkdir()
     ben_env = _clean_env(tmp_path / "ben-home")
+    ben_env.update(_pip_settings_of_this_machine())
     said = run_as_written(as_written(document, "teammate"), tmp_path / "ben", ben_env, {"<repo>": str(team), **keys})
     clone = tmp_path / "ben" / "kip"
     assert _bytes(clone) == _bytes(root)
     assert json.loads(said[said.index("{"):said.rindex("}") + 1])["valid"] is True
+    rows = int(yaml.safe_load((root / "params.yaml").read_text())["distill"]["support_per_class"]) * 10
+    assert f"({rows}, " in said  # pandas loaded the rows
     assert (clone / "v1.parquet").read_bytes() == _bytes(root)["distilled.parquet"]
+    installed = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c",
+                                "import importlib.util as u; print([m for m in ('jax', 'tensorflow', 'mlflow', 'flax') if u.find_spec(m)])"],
+                               capture_output=True, text=True, check=True)
+    assert installed.stdout.strip() == "[]"  # the read install, nothing of the pipeline's
+
+
+def _pip_settings_of_this_machine() -> dict[str, str]:
+    """Ben's HOME is a scratch folder: give his pip this machine's cache and configuration (its
+    package index mirrors), as his own machine would have its own."""
+    settings = {"PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip")}
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pip" / "pip.conf"
+    if "PIP_CONFIG_FILE" in os.environ or config.is_file():
+        settings["PIP_CONFIG_FILE"] = os.environ.get("PIP_CONFIG_FILE") or str(config)
+    return settings
 
 
 def test_a_wrong_mlflow_password_names_the_login_and_keeps_every_tracked_file(logged):

@@ -506,8 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+_READ_ONLY_COMMANDS = {"inspect", "show", "keygen", "sign", "verify"}  # what the base install runs
+
+
 def _run(args: argparse.Namespace, handler, distributed) -> int:
     try:
+        if args.command not in _READ_ONLY_COMMANDS:
+            from pipeline.run.install import FULL_MODULES, require_full
+
+            require_full(("mlflow",) if args.command == "ui" else FULL_MODULES)
         if args.command == "distill":  # the only command that runs as several processes
             distributed.initialize_from_env()
         handler(args)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation check of the numerical core: cosmic-ray on the targets of tests/mutation/cosmic-ray.toml.
 
-    pip install -c constraints.txt -e '.[dev,mutation]'
+    pip install -c constraints.txt -e '.[full,dev,mutation]'
     python tests/mutation/run.py                   # all targets, 2 at a time; writes .mutation/report.md
     python tests/mutation/run.py krr --jobs 1      # one target
     python tests/mutation/run.py --survivors-only  # re-test last run's survivors (after new tests)

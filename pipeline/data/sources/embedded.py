@@ -43,7 +43,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
     path = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "data" / "digits.csv.gz" if spec else None
     if path is None or not path.is_file():
         raise UserError("data.source=embedded needs scikit-learn's digits file (sklearn/datasets/data/digits.csv.gz); "
-                        "install scikit-learn (pip install -e .)")
+                        "install scikit-learn (pip install -c constraints.txt -e '.[full]')")
     with gzip.open(path, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
     if table.shape != (DIGITS, 65):
