@@ -142,7 +142,7 @@ def step_times(args) -> dict:
 
 
 def full_run(args) -> dict:
-    from jax.experimental import enable_x64
+    from pipeline.compat import enable_x64
 
     from pipeline.artifacts import npz as artifacts, parquet
     from pipeline.data.prepared import prepare

@@ -53,3 +53,30 @@ def test_saved_step_timings_were_taken_quiet_and_say_so():
             assert not timing["loaded"] and timing["quiet_samples"] >= 5
             assert all("other_cores" in sample for sample in timing["samples"])
             assert timing["p25_ms"] <= timing["median_ms"] <= timing["p75_ms"]
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_the_core_only():
+    """benchmarks/gpu.py --device cpu --small: every row measured, and nothing beyond the core imported
+    (it must run on a bare accelerator image: no neural-tangents, TensorFlow, DVC or MLflow)."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--small", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["backend"] == "cpu" and report["small"] is True
+    assert report["imported"] == {"neural_tangents": False, "tensorflow": False, "dvc": False, "mlflow": False}
+    assert all(report["matmul"][p]["gflops"] > 0 for p in ("default", "highest"))
+    assert [(r["support"], r["targets"]) for r in report["fc_step"]] == [(20, 200), (10, 400)]
+    assert all(r["median_ms"] > 0 and 0 < r["share_of_fp32_matmul"] for r in report["fc_step"])
+    assert report["conv_rf_step"]["median_ms"] > 0
+
+
+def test_the_gpu_benchmark_without_a_gpu_says_so_in_one_line():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "gpu", "--small", "--no-cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("gpu.py: --device gpu: JAX finds no such device"), done.stderr[-1500:]

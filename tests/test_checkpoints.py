@@ -81,7 +81,7 @@ def finished_checkpoint(prepared, tmp_path_factory) -> Path:
     return checkpoint
 
 
-@pytest.mark.parametrize("library", ["jax", "jaxlib", "neural-tangents", "numpy", "optax"])
+@pytest.mark.parametrize("library", ["jax", "jaxlib", pytest.param("neural-tangents", marks=pytest.mark.exact), "numpy", "optax"])
 def test_another_library_version_starts_afresh(prepared, finished_checkpoint, tmp_path, monkeypatch, capsys, library):
     checkpoint = tmp_path / "run.ckpt.npz"
     shutil.copyfile(finished_checkpoint, checkpoint)

@@ -10,7 +10,7 @@ import jax.scipy as jsp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import enable_x64
+from pipeline.compat import enable_x64
 
 from pipeline.distill import kip
 from pipeline.kernels import closed_form, functions as kernels
@@ -32,6 +32,7 @@ def _relative(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("spec", GRID, ids=_ids)
 def test_kernel_and_its_gradient_equal_neural_tangents(rng, spec):
     """Reference: neural-tangents' stax kernel_fn (and autodiff through it), all in float64.
@@ -70,6 +71,7 @@ def _reference_loss(spec, reg, x_s, y_s, x_t, y_t):
     return 0.5 * jnp.mean((prediction - y_t) ** 2)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("spec", [KernelConfig(), KernelConfig(kind="nngp", depth=2), KernelConfig(activation="erf")],
                          ids=["fc-ntk", "fc-nngp-2", "fc-erf"])
 def test_kip_step_equals_the_papers_step(digits_standardized, spec):
@@ -96,6 +98,7 @@ def test_kip_step_equals_the_papers_step(digits_standardized, spec):
     assert _relative(g_labels, g_labels_ref) < 1e-5
 
 
+@pytest.mark.exact
 def test_float32_kernel_is_close_to_float64_reference(digits_standardized):
     """The float32 fast path (polynomial arc-cosine, pinned diagonal) against neural-tangents in
     float64: what KIP actually runs, held to float32-level error. Error analysis: each float32 dot

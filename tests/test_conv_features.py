@@ -26,6 +26,7 @@ def _per_network_kernels(config: ConvFeatureConfig, x: jax.Array, seed: int) -> 
                      for i in range(m)]) + config.b_std ** 2
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
     """The estimate averages `networks` i.i.d. per-network kernels, so its error is their standard
@@ -50,6 +51,7 @@ def test_estimate_is_within_its_monte_carlo_error_of_the_exact_nngp(depth):
         conv_features.init(jax.random.PRNGKey(3), config, x.shape[1:]), x, x, config)), estimate, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.exact
 def test_a_wrong_kernel_is_caught():
     """The check above has power: the NNGP of a network with another weight scale (w_std 1.2
     instead of sqrt 2, a 28 % smaller kernel) fails it."""

@@ -134,6 +134,7 @@ def test_idx_parser_rejects_truncated_data():
         parse_idx(b"not idx at all", "x.idx")
 
 
+@pytest.mark.tfds
 def test_tfds_source_reads_a_tfds_dataset_offline():
     """TFDS's own mock_data stands in for prepared files; our code path (tfds.load, splits,
     supervised keys, class count) is the real one, and nothing is downloaded."""
@@ -146,11 +147,19 @@ def test_tfds_source_reads_a_tfds_dataset_offline():
     assert dataset.origin.startswith("tfds:mnist")
 
 
+@pytest.mark.tfds
 def test_tfds_source_reports_an_unprepared_dataset(tmp_path):
     with pytest.raises(UserError, match=r"not prepared in data.data_dir.*tfds build mnist"):
         load_dataset(DataConfig(source="tfds", name="mnist", data_dir=str(tmp_path)), tmp_path)
 
 
+def test_without_tfds_installed_the_tfds_source_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import tensorflow_datasets` fails as if absent
+    with pytest.raises(UserError, match=r"data.source=tfds needs TensorFlow Datasets.*'\.\[full,tfds\]'"):
+        load_dataset(DataConfig(source="tfds", name="mnist", data_dir=str(tmp_path)), tmp_path)
+
+
+@pytest.mark.tfds
 def test_tfds_source_rejects_unknown_names(tmp_path):
     with pytest.raises(UserError, match="not a TFDS dataset"):
         load_dataset(DataConfig(source="tfds", name="no_such_dataset_xyz", data_dir=str(tmp_path)), tmp_path)

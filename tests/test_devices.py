@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import jax, jax.numpy as jnp, numpy as np, optax
-    from jax.experimental import enable_x64
+    from pipeline.compat import enable_x64
     from pipeline.run import devices
     from pipeline.evaluate import scoring as evaluate
     from pipeline.kernels import functions as kernels

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -151,7 +152,7 @@ def test_rbf_matches_sklearn(images):
 @pytest.mark.parametrize("spec", [
     KernelConfig(),
     KernelConfig(architecture="rbf"),
-    KernelConfig(architecture="conv", depth=1),
+    pytest.param(KernelConfig(architecture="conv", depth=1), marks=pytest.mark.exact),
 ], ids=["fc", "rbf", "conv"])
 def test_blocked_kernel_matrix_equals_one_shot(rng, spec):
     """Consistency check, not a reference: kernel_matrix's padded blocks against one call of the
@@ -165,6 +166,7 @@ def test_blocked_kernel_matrix_equals_one_shot(rng, spec):
     np.testing.assert_allclose(blocked, np.asarray(kernel_fn(x1, x2)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.exact
 def test_conv_kernel_is_symmetric_positive_semidefinite(rng):
     """Property check (no reference): symmetry to float32 rounding (measured 3.8e-7 relative) and
     no eigenvalue below -1e-4 of the largest entry (rounding can push one below 0 by ~n u |k|,
@@ -194,6 +196,7 @@ def conv_relu_flatten_nngp(x: np.ndarray, w_std: float, b_std: float) -> np.ndar
     return w_std**2 * e_relu.mean(axis=-1) + b_std**2
 
 
+@pytest.mark.exact
 def test_conv_relu_flatten_matches_closed_form(rng):
     """Reference: the per-pixel arc-cosine closed form above (float64 NumPy) against
     neural-tangents' float32 conv kernel. Tolerance: each pixel's covariance is a length-18 patch
@@ -204,3 +207,13 @@ def test_conv_relu_flatten_matches_closed_form(rng):
     np.testing.assert_allclose(
         np.asarray(kernel_fn(x, x)), conv_relu_flatten_nngp(x, W_STD, B_STD), rtol=2e-5, atol=1e-6
     )
+
+
+def test_without_neural_tangents_the_exact_conv_kernel_names_the_extra(monkeypatch):
+    """The core never needs neural-tangents; the one kernel that does says which install brings it."""
+    from pipeline.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "neural_tangents", None)  # `import neural_tangents` fails as if absent
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    with pytest.raises(UserError, match=r"kernel.architecture=conv .*needs neural-tangents.*'\.\[full,exact\]'"):
+        kernels.make(KernelConfig(architecture="conv", depth=1))(x, x)

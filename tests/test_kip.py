@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
+from pipeline.compat import enable_x64
 
 from pipeline.distill import kip, krr
 from pipeline.evaluate import scoring as evaluate
@@ -203,9 +203,9 @@ def _kernel_rows_and_scans(closed_jaxpr, n_s: int, d: int) -> tuple[list[int], i
                     rows.append(shape[0])
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    if isinstance(sub, jax.core.ClosedJaxpr):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
                         visit(sub.jaxpr)
-                    elif isinstance(sub, jax.core.Jaxpr):
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
                         visit(sub)
 
     visit(closed_jaxpr.jaxpr)

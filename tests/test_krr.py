@@ -1,6 +1,7 @@
 """KRR and Label Solve against scikit-learn and NumPy's least squares."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.kernel_ridge import KernelRidge
@@ -11,7 +12,7 @@ from pipeline.distill import krr
 @pytest.fixture(autouse=True)
 def float64():
     """Compare in double precision: the references are float64, and near-singular systems are the point."""
-    from jax.experimental import enable_x64
+    from pipeline.compat import enable_x64
 
     with enable_x64():
         yield
@@ -163,14 +164,31 @@ def test_accuracy_and_mse_by_hand():
 def test_a_singular_support_kernel_names_the_regulariser_to_raise(rng):
     from pipeline.errors import UserError
     from pipeline.evaluate.scoring import krr_scores
-    from pipeline.kernels import functions as kernels
-    from pipeline.run.config import KernelConfig
 
     image = rng.standard_normal((1, 4, 4, 1)).astype(np.float32)
-    support = np.concatenate([image, image])  # identical rows: K_ss is singular
+    support = np.concatenate([image, image])
     labels = np.array([[1.0, -1.0], [-1.0, 1.0]])
+
+    def blind(a, b):  # sees no difference between images: K_ss is all ones, singular in any precision
+        return jnp.ones((a.shape[0], b.shape[0]), jnp.float32)
+
+    # (Not the NTK of two copies of one image: its off-diagonal entry may differ from the diagonal by
+    # float32 rounding, by how the XLA build orders the sums, and the system is then solvable.)
     with pytest.raises(UserError, match=r"singular or too ill-conditioned to solve with evaluate.reg=0.0; raise evaluate.reg"):
-        krr_scores(kernels.make(KernelConfig()), support, labels, image, np.array([0]), 2, reg=0.0)
+        krr_scores(blind, support, labels, image, np.array([0]), 2, reg=0.0)
+
+
+def test_a_finite_solution_that_solves_nothing_is_caught():
+    """Cholesky of an exactly singular K_ss can end on a rounding-sized pivot instead of zero: alpha
+    comes out finite (~1e15) and K alpha is nowhere near y. The residual check refuses it and
+    accepts a true solution of an ill-conditioned but solvable system."""
+    from pipeline.evaluate.scoring import _solves
+
+    labels = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    singular = np.ones((2, 2))
+    assert not _solves(singular, labels, 0.0, np.array([[4.5e15, -4.5e15], [-4.5e15, 4.5e15]]))
+    solvable = np.array([[1.0, 1.0 - 1e-8], [1.0 - 1e-8, 1.0]])  # condition number ~2e8
+    assert _solves(solvable, labels, 0.0, np.linalg.solve(solvable, labels))
 
 
 def test_the_random_baseline_is_krr_on_class_balanced_real_images_as_given(rng):

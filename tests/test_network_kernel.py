@@ -24,6 +24,7 @@ def _params(config: TrainConfig, shape=(4, 4, 1), classes=3, seed=0):
     return model, model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape), jnp.float32))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("kw", [dict(width=64, depth=1), dict(width=32, depth=3, b_std=0.5),
                                 dict(width=48, depth=2, parameterization="standard")])
 def test_closed_form_ntk_equals_neural_tangents_autodiff(kw):

@@ -75,3 +75,28 @@ def test_the_library_limits_lapack_threads_by_itself_unless_told_not_to(entry, o
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["before"] == [2]
     assert result["after"] == ([2] if opt_out else [1])
+
+
+ON_AN_ACCELERATOR = textwrap.dedent("""
+    import json
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+    from pipeline.run import runtime
+    applied = runtime.tune_process()  # jax never imported: the decision must not start a backend
+    scipy_blas = [i["num_threads"] for i in threadpool_info() if "scipy.libs" in i["filepath"].replace("\\\\", "/")]
+    print(json.dumps({"applied": applied, "scipy_blas_threads": scipy_blas, "on_cpu": runtime.computes_on_cpu()}))
+""")
+
+
+@pytest.mark.parametrize("platforms,on_cpu", [("cuda,cpu", False), ("tpu", False), ("cpu", True)])
+def test_the_cpu_tuning_stays_off_where_jax_computes_on_an_accelerator(platforms, on_cpu):
+    """JAX_PLATFORMS naming a GPU or TPU first: neither the allocator nor SciPy's OpenBLAS is touched."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OPENBLAS_NUM_THREADS": "2", "JAX_PLATFORMS": platforms}
+    env.pop("KIP_KEEP_LAPACK_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", ON_AN_ACCELERATOR], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["on_cpu"] is on_cpu
+    assert result["scipy_blas_threads"] == ([1] if on_cpu else [2])
+    if not on_cpu:
+        assert result["applied"] == {"allocator": False, "lapack_threads": False}

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import enable_x64
+from pipeline.compat import enable_x64
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic, safe_read

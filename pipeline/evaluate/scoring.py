@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import enable_x64
+from pipeline.compat import enable_x64
 
 from pipeline.distill import krr
 from pipeline.distill.kip import class_balanced_indices
@@ -59,7 +59,7 @@ def krr_predictions(
     k_ss = kernels.support_matrix(kernel_fn, support_images)
     with enable_x64():  # the solve is tiny; do it in double precision whatever KIP used
         alpha = np.asarray(krr.fit(jnp.asarray(k_ss, jnp.float64), jnp.asarray(support_labels, jnp.float64), reg))
-    if not np.isfinite(alpha).all():
+    if not np.isfinite(alpha).all() or not _solves(k_ss, support_labels, reg, alpha):
         raise UserError(
             f"the {len(k_ss)}x{len(k_ss)} support kernel K_ss is singular or too ill-conditioned to solve "
             f"with {reg_name}={reg}; raise {reg_name} (e.g. to {max(reg * 100, 1e-6):g})"
@@ -70,6 +70,17 @@ def krr_predictions(
     for rows, block in kernels.kernel_rows(kernel_fn, test_images, support_images, block_size):
         predictions[rows] = block.astype(np.float64) @ alpha
     return predictions
+
+
+def _solves(k_ss: np.ndarray, labels: np.ndarray, reg: float, alpha: np.ndarray) -> bool:
+    """Whether alpha solves (K_ss + ridge I) alpha = y to 1e-3 of |y|: a singular K_ss gives
+    Cholesky either NaN or, depending on the last bit of a pivot, a finite alpha of ~1e15 that
+    solves nothing. A solvable system's relative residual is ~eps x cond(K_reg); 1e-3 admits
+    every condition number below ~1e12, far beyond what evaluate.reg >= 1e-8 allows."""
+    k64 = np.asarray(k_ss, np.float64)
+    k_reg = k64 + (reg * np.trace(k64) / len(k64)) * np.eye(len(k64))
+    labels = np.asarray(labels, np.float64)
+    return bool(np.linalg.norm(k_reg @ alpha - labels) <= 1e-3 * np.linalg.norm(labels))
 
 
 def random_subset_baseline(

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.kernels import closed_form
 from pipeline.run import devices
 from pipeline.run.config import KernelConfig
@@ -36,7 +37,12 @@ def _stax():
     with warnings.catch_warnings():
         # neural-tangents 0.6.5 touches jax.core names that jax 0.5.3 deprecates; harmless on our pin.
         warnings.filterwarnings("ignore", message=r"jax\.core\..* is deprecated", category=DeprecationWarning)
-        from neural_tangents import stax
+        try:
+            from neural_tangents import stax
+        except ModuleNotFoundError:
+            raise UserError("kernel.architecture=conv (the exact ConvNet kernel) needs neural-tangents, which this "
+                            "install lacks: pip install -c constraints.txt -e '.[full,exact]' (it pins jax 0.5.3), or "
+                            "use kernel.architecture=conv_rf, the random-feature ConvNet kernel") from None
     return stax
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import enable_x64
+from pipeline.compat import enable_x64
 
 from pipeline.distill import krr
 from pipeline.errors import UserError

@@ -94,7 +94,9 @@ def _no_service_here():
     the launcher already hosts it, so process 0 only connects, like the others."""
     from jax._src import distributed as jax_distributed
 
-    real = jax_distributed.xla_extension
+    # The module jax calls get_distributed_runtime_service on: xla_extension in jax 0.5, _jax later.
+    name = next(n for n in ("xla_extension", "_jax") if hasattr(jax_distributed, n))
+    real = getattr(jax_distributed, name)
 
     class _ClientOnly:
         def __getattr__(self, name: str):
@@ -104,11 +106,11 @@ def _no_service_here():
         def get_distributed_runtime_service(*args, **kwargs):
             return None  # jax's shutdown skips a service that is None
 
-    jax_distributed.xla_extension = _ClientOnly()
+    setattr(jax_distributed, name, _ClientOnly())
     try:
         yield
     finally:
-        jax_distributed.xla_extension = real
+        setattr(jax_distributed, name, real)
 
 
 def is_main() -> bool:
@@ -342,10 +344,10 @@ def launch(argv: Sequence[str], processes: int, devices_per_process: int | None 
         raise UserError(f"--processes={processes} is not allowed; expected an integer >= 1")
     if devices_per_process is not None and devices_per_process < 1:
         raise UserError(f"--devices-per-process={devices_per_process} is not allowed; expected an integer >= 1")
-    from jaxlib import xla_extension
+    from pipeline.compat import jaxlib_extension
 
     port = _free_port()
-    service = xla_extension.get_distributed_runtime_service(f"127.0.0.1:{port}", processes)
+    service = jaxlib_extension().get_distributed_runtime_service(f"127.0.0.1:{port}", processes)
     children: list[subprocess.Popen] = []
     try:
         for index in range(processes):

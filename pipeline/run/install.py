@@ -9,8 +9,7 @@ from pipeline.errors import UserError
 
 FULL_INSTALL = "pip install -c constraints.txt -e '.[full]'"
 # One module per '.[full]' requirement the pipeline imports (import name, not distribution name).
-FULL_MODULES = ("jax", "neural_tangents", "optax", "flax", "scipy", "sklearn", "tqdm", "tensorflow_datasets",
-                "dvc", "mlflow", "matplotlib", "threadpoolctl")
+FULL_MODULES = ("jax", "optax", "flax", "scipy", "sklearn", "tqdm", "dvc", "mlflow", "matplotlib", "threadpoolctl")
 
 
 def missing_full_modules(needed: tuple[str, ...] = FULL_MODULES) -> list[str]:

@@ -18,7 +18,9 @@ Two things cost a KIP step more than its arithmetic on CPU (benchmarks/kip_step.
   whole process a library must not make behind its caller's back; so only the `kip` commands, the
   DVC stages and the benchmarks call it.
 
-On platforms without glibc the allocator part is skipped (there is nothing to tune there).
+On platforms without glibc the allocator part is skipped (there is nothing to tune there). Neither
+runs where JAX computes on a GPU or TPU (`computes_on_cpu`): XLA's device memory and solvers are
+not the host's, and the host process is better left as it was.
 """
 from __future__ import annotations
 
@@ -37,11 +39,24 @@ _lapack_limit = None
 _lapack_checked = False
 
 
+def computes_on_cpu() -> bool:
+    """Whether JAX will compute on the CPU, decided without starting its backends: the first of
+    JAX_PLATFORMS when it is set, else whether no accelerator plugin is installed (JAX prefers one
+    when present; with a plugin but no device it falls back to the CPU, untuned)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    import importlib.util
+
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+    return not any(importlib.util.find_spec(name) for name in plugins)
+
+
 def tune_process() -> dict[str, bool]:
-    """Both settings, once per process; say which took effect."""
+    """Both settings, once per process, on the CPU only; say which took effect."""
     global _allocator_tuned
     if _allocator_tuned is None:
-        _allocator_tuned = _keep_freed_memory()
+        _allocator_tuned = computes_on_cpu() and _keep_freed_memory()
     return {"allocator": _allocator_tuned, "lapack_threads": limit_lapack_threads()}
 
 
@@ -54,7 +69,7 @@ def limit_lapack_threads() -> bool:
     global _lapack_limit, _lapack_checked
     if not _lapack_checked:
         _lapack_checked = True
-        if os.environ.get("KIP_KEEP_LAPACK_THREADS") != "1":
+        if os.environ.get("KIP_KEEP_LAPACK_THREADS") != "1" and computes_on_cpu():
             try:
                 _lapack_limit = _single_threaded_lapack()
             except Exception:  # threadpoolctl cannot see or set it: slower, not wrong

@@ -85,7 +85,7 @@ def distill(
         **extra,
         "code_version": pipeline.__version__,
         "privacy": _privacy(result.images, prepared, config),
-        "versions": _library_versions(),
+        "versions": _artifact_versions(kernel),
     }
     distilled = DistilledSet(result.images, result.labels, result.classes.astype(np.int32), prepared.transform, metadata)
     return DistillRun(distilled, result.history, result.initial_images)
@@ -248,7 +248,20 @@ def source_digest(source_dir: Path) -> str:
 
 
 def _library_versions() -> dict[str, str]:
-    from importlib.metadata import version
+    """The versions of the libraries that compute a KIP step; neural-tangents wherever it is
+    installed (the '.[exact]' extra), so a checkpoint never resumes across its versions either."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    names = ("jax", "jaxlib", "neural-tangents", "optax", "numpy", "scipy")
-    return {name: version(name) for name in names}
+    versions = {name: version(name) for name in ("jax", "jaxlib", "optax", "numpy", "scipy")}
+    try:
+        versions["neural-tangents"] = version("neural-tangents")
+    except PackageNotFoundError:
+        pass
+    return dict(sorted(versions.items()))
+
+
+def _artifact_versions(kernel: KernelConfig) -> dict[str, str]:
+    """What a distilled set records: neural-tangents only where it computed the kernel (the exact
+    ConvNet kernel), so a set's bytes do not depend on whether that extra happens to be installed."""
+    return {name: value for name, value in _library_versions().items()
+            if name != "neural-tangents" or kernel.architecture == "conv"}

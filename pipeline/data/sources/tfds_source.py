@@ -16,7 +16,11 @@ from pipeline.errors import UserError
 
 def load(name: str, data_dir: str | None) -> RawSplits:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError:
+        raise UserError("data.source=tfds needs TensorFlow Datasets, which this install lacks: "
+                        "pip install -c constraints.txt -e '.[full,tfds]'") from None
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)

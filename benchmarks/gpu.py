@@ -1,0 +1,203 @@
+"""KIP on an accelerator against this machine's CPU: how fast is a step, and how much of the device does it use?
+
+Measured in one run, on the device named by --device:
+
+  matmul          the device's own fp32 matmul rate (square n x n, jitted), at JAX's default
+                  precision (TF32 on NVIDIA GPUs since Ampere) and at "highest" (true fp32)
+  fc step         value-and-gradient of the KIP loss, FC NTK (the pipeline default), MNIST-sized
+                  inputs, at 1000 x 5000 and 100 x 20000 (support x targets); its matmul FLOPs per
+                  second over the matmul rate at the same precision (benchmarks/kip_step.py's count)
+  conv_rf step    the random-feature ConvNet kernel's step at the paper matrix's 100-image settings
+                  (100 support images, 500 targets, the params' rf_width / depth / rf_networks)
+
+With --device gpu the same rows are then measured on this machine's CPU in a child process
+(JAX_PLATFORMS=cpu), and the ratios are reported. Not measured here (it needs MNIST, which a bare
+accelerator image lacks): time to accuracy of a whole cell; `cd experiments/paper && dvc repro`
+measures cells.
+
+Needs only the core (jax, optax, numpy; no neural-tangents, DVC, MLflow or TensorFlow), so it runs
+on a bare accelerator image with PYTHONPATH=. ; the JSON records which of those were imported.
+
+    python benchmarks/gpu.py --device gpu --out benchmarks/results/gpu.json   # a few minutes
+    python benchmarks/gpu.py --device cpu --small                             # seconds: what the tests run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = (28, 28, 1)
+CLASSES = 10
+REG = 1e-6
+FULL = {"matmul": 8192, "fc": [(1000, 5000), (100, 20000)], "conv_rf": (100, 500)}
+CPU_MATMUL = 2048  # n for the CPU's matmul rate: 8192^3 takes minutes on 2 cores
+SMALL = {"matmul": 256, "fc": [(20, 200), (10, 400)], "conv_rf": (10, 50)}
+HEAVY = ("neural_tangents", "tensorflow", "dvc", "mlflow")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], required=True)
+    parser.add_argument("--small", action="store_true", help="tiny sizes: checks the script, measures nothing worth quoting")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-cpu", action="store_true", help="with --device gpu: skip the CPU comparison")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} is not allowed; expected an integer >= 1")
+    os.environ["JAX_PLATFORMS"] = "cpu" if args.device == "cpu" else "cuda"
+    sizes = SMALL if args.small else FULL
+    report = measure(args.device, sizes, args.repeats)
+    if args.device == "gpu" and not args.no_cpu:
+        cpu = _child_cpu(args)
+        report["cpu"] = cpu
+        report["gpu_over_cpu"] = _ratios(report, cpu)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def measure(device: str, sizes: dict, repeats: int) -> dict:
+    import jax
+
+    from pipeline.run import runtime
+
+    tuned = runtime.tune_process()  # on the CPU as the pipeline runs; a no-op on an accelerator
+    try:
+        backend = jax.default_backend()
+    except Exception as err:  # JAX_PLATFORMS=cuda without a CUDA plugin or device (RuntimeError; jax 0.5: AssertionError)
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SystemExit(f"gpu.py: --device {device}: JAX finds no such device ({said}); "
+                         "install jax's CUDA wheels: pip install -e '.[full,cuda]'") from None
+    if (device == "gpu") != (backend == "gpu"):
+        raise SystemExit(f"--device {device}: JAX computes on {backend!r}; expected {'a GPU' if device == 'gpu' else 'the CPU'}")
+    n = sizes["matmul"] if device == "gpu" or sizes is SMALL else CPU_MATMUL
+    matmul = {precision: _matmul_rate(n, precision, repeats) for precision in ("default", "highest")}
+    rows = []
+    for n_s, n_t in sizes["fc"]:
+        ms = _median_ms(_fc_step(n_s, n_t), repeats)
+        gflops = _fc_flops(n_s, n_t) / ms / 1e6
+        rows.append({"support": n_s, "targets": n_t, "median_ms": ms, "gflops": round(gflops, 1),
+                     "share_of_default_matmul": round(gflops / matmul["default"]["gflops"], 3),
+                     "share_of_fp32_matmul": round(gflops / matmul["highest"]["gflops"], 3)})
+        print(f"gpu.py: {device} fc {n_s} x {n_t}: {ms} ms", file=sys.stderr, flush=True)
+    n_s, n_t = sizes["conv_rf"]
+    conv = {"support": n_s, "targets": n_t, **_conv_settings(sizes), "median_ms": _median_ms(_conv_step(n_s, n_t, sizes), repeats)}
+    print(f"gpu.py: {device} conv_rf {n_s} x {n_t}: {conv['median_ms']} ms", file=sys.stderr, flush=True)
+    return {
+        "device": device, "backend": backend, "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(), "jax": jax.__version__, "small": sizes is SMALL,
+        "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "cpu_tuning": tuned,
+        "matmul": matmul, "fc_step": rows, "conv_rf_step": conv,
+        "imported": {name: name in sys.modules for name in HEAVY},
+    }
+
+
+def _median_ms(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return round(times[len(times) // 2], 3)
+
+
+def _matmul_rate(n: int, precision: str, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+    product = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+    ms = _median_ms(lambda: product(a, b), repeats)
+    return {"n": n, "median_ms": ms, "gflops": round(2.0 * n ** 3 / ms / 1e6, 1)}
+
+
+def _fc_flops(n_s: int, n_t: int) -> float:
+    """The step's matmul FLOPs, as benchmarks/kip_step.py counts them."""
+    d = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    return 4.0 * n_s * (n_s + n_t) * d + n_s ** 3 / 3 + 4.0 * n_t * n_s * CLASSES
+
+
+def _data(n_s: int, n_t: int):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng([n_s, n_t])
+    x_s = jnp.asarray(rng.standard_normal((n_s,) + SHAPE), jnp.float32)
+    x_t = jnp.asarray(rng.standard_normal((n_t,) + SHAPE), jnp.float32)
+    y_s = jnp.asarray(np.eye(CLASSES)[np.arange(n_s) % CLASSES] - 0.1, jnp.float32)
+    y_t = jnp.asarray(np.eye(CLASSES)[np.arange(n_t) % CLASSES] - 0.1, jnp.float32)
+    return x_s, y_s, x_t, y_t
+
+
+def _fc_step(n_s: int, n_t: int):
+    import jax
+
+    from pipeline.distill import kip
+    from pipeline.kernels import functions as kernels
+    from pipeline.run.config import DistillConfig, KernelConfig
+
+    kernel_fn, block = kernels.make(KernelConfig()), DistillConfig().kernel_block
+    step = jax.jit(jax.value_and_grad(
+        lambda x_s, y_s, x_t, y_t: kip.kip_loss(kernel_fn, REG, kip.Support(x_s, y_s), x_t, y_t, kernel_block=block)))
+    inputs = _data(n_s, n_t)
+    return lambda: step(*inputs)
+
+
+def _conv_settings(sizes: dict) -> dict:
+    from pipeline.kernels import conv_features
+    from pipeline.run.config import KernelConfig
+
+    features = conv_features.feature_config(KernelConfig(architecture="conv_rf", kind="nngp"))
+    if sizes is SMALL:
+        features = conv_features.ConvFeatureConfig(width=8, depth=2, networks=1)
+    return {"width": features.width, "depth": features.depth, "networks": features.networks}
+
+
+def _conv_step(n_s: int, n_t: int, sizes: dict):
+    import jax
+
+    from pipeline.distill import kip
+    from pipeline.kernels import conv_features
+
+    features = conv_features.ConvFeatureConfig(**_conv_settings(sizes))
+    kernel = conv_features.RandomFeatureKernel(features, SHAPE, seed=0)
+    step = jax.jit(jax.value_and_grad(
+        lambda x_s, y_s, x_t, y_t, key: kip.kip_loss(kernel, REG, kip.Support(x_s, y_s), x_t, y_t, draw=key)))
+    inputs, key = _data(n_s, n_t), kernel.draw(0)
+    return lambda: step(*inputs, key)
+
+
+def _child_cpu(args: argparse.Namespace) -> dict:
+    """The same rows on this machine's CPU, in a process of its own (JAX picks its backend once)."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu", "--repeats", str(args.repeats)]
+    if args.small:
+        argv.append("--small")
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if done.returncode:
+        raise SystemExit(f"gpu.py: the CPU comparison failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def _ratios(gpu: dict, cpu: dict) -> dict:
+    fc = {f"fc {a['support']}x{a['targets']}": round(b["median_ms"] / a["median_ms"], 1)
+          for a, b in zip(gpu["fc_step"], cpu["fc_step"])}
+    return {**fc, "conv_rf step": round(cpu["conv_rf_step"]["median_ms"] / gpu["conv_rf_step"]["median_ms"], 1)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
