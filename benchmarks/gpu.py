@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = (28, 28, 1)
-CLASSES = 10
-REG = 1e-6
+from kip_step import REG, SHAPE, _inputs, matmul_flops  # the same inputs and FLOP count
+
 FULL = {"matmul": 8192, "fc": [(1000, 5000), (100, 20000)], "conv_rf": (100, 500)}
 CPU_MATMUL = 2048  # n for the CPU's matmul rate: 8192^3 takes minutes on 2 cores
 SMALL = {"matmul": 256, "fc": [(20, 200), (10, 400)], "conv_rf": (10, 50)}
@@ -83,7 +82,7 @@ def measure(device: str, sizes: dict, repeats: int) -> dict:
     rows = []
     for n_s, n_t in sizes["fc"]:
         ms = _median_ms(_fc_step(n_s, n_t), repeats)
-        gflops = _fc_flops(n_s, n_t) / ms / 1e6
+        gflops = matmul_flops(n_s, n_t) / ms / 1e6
         rows.append({"support": n_s, "targets": n_t, "median_ms": ms, "gflops": round(gflops, 1),
                      "share_of_default_matmul": round(gflops / matmul["default"]["gflops"], 3),
                      "share_of_fp32_matmul": round(gflops / matmul["highest"]["gflops"], 3)})
@@ -126,24 +125,6 @@ def _matmul_rate(n: int, precision: str, repeats: int) -> dict:
     return {"n": n, "median_ms": ms, "gflops": round(2.0 * n ** 3 / ms / 1e6, 1)}
 
 
-def _fc_flops(n_s: int, n_t: int) -> float:
-    """The step's matmul FLOPs, as benchmarks/kip_step.py counts them."""
-    d = SHAPE[0] * SHAPE[1] * SHAPE[2]
-    return 4.0 * n_s * (n_s + n_t) * d + n_s ** 3 / 3 + 4.0 * n_t * n_s * CLASSES
-
-
-def _data(n_s: int, n_t: int):
-    import jax.numpy as jnp
-    import numpy as np
-
-    rng = np.random.default_rng([n_s, n_t])
-    x_s = jnp.asarray(rng.standard_normal((n_s,) + SHAPE), jnp.float32)
-    x_t = jnp.asarray(rng.standard_normal((n_t,) + SHAPE), jnp.float32)
-    y_s = jnp.asarray(np.eye(CLASSES)[np.arange(n_s) % CLASSES] - 0.1, jnp.float32)
-    y_t = jnp.asarray(np.eye(CLASSES)[np.arange(n_t) % CLASSES] - 0.1, jnp.float32)
-    return x_s, y_s, x_t, y_t
-
-
 def _fc_step(n_s: int, n_t: int):
     import jax
 
@@ -154,7 +135,7 @@ def _fc_step(n_s: int, n_t: int):
     kernel_fn, block = kernels.make(KernelConfig()), DistillConfig().kernel_block
     step = jax.jit(jax.value_and_grad(
         lambda x_s, y_s, x_t, y_t: kip.kip_loss(kernel_fn, REG, kip.Support(x_s, y_s), x_t, y_t, kernel_block=block)))
-    inputs = _data(n_s, n_t)
+    inputs = _inputs(n_s, n_t)
     return lambda: step(*inputs)
 
 
@@ -178,7 +159,7 @@ def _conv_step(n_s: int, n_t: int, sizes: dict):
     kernel = conv_features.RandomFeatureKernel(features, SHAPE, seed=0)
     step = jax.jit(jax.value_and_grad(
         lambda x_s, y_s, x_t, y_t, key: kip.kip_loss(kernel, REG, kip.Support(x_s, y_s), x_t, y_t, draw=key)))
-    inputs, key = _data(n_s, n_t), kernel.draw(0)
+    inputs, key = _inputs(n_s, n_t), kernel.draw(0)
     return lambda: step(*inputs, key)
 
 
