@@ -56,17 +56,29 @@ def test_saved_step_timings_were_taken_quiet_and_say_so():
 
 
 def test_the_gpu_benchmark_runs_on_the_cpu_with_the_core_only():
-    """benchmarks/gpu.py --device cpu --small: every row measured, and nothing beyond the core imported
-    (it must run on a bare accelerator image: no neural-tangents, TensorFlow, DVC or MLflow)."""
+    """benchmarks/gpu.py --device cpu --small --accuracy: every row measured, the time-to-accuracy run
+    takes the matrix cell's settings, and nothing beyond the core is imported (it must run on a bare
+    accelerator image: no neural-tangents, TensorFlow, DVC, MLflow or cryptography)."""
     import os
     import subprocess
 
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--small", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    import yaml
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--small", "--repeats", "1",
+                           "--accuracy"], capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["backend"] == "cpu" and report["small"] is True
-    assert report["imported"] == {"neural_tangents": False, "tensorflow": False, "dvc": False, "mlflow": False}
+    assert report["imported"] == {"neural_tangents": False, "tensorflow": False, "dvc": False, "mlflow": False,
+                                  "cryptography": False}
+    timed = report["time_to_accuracy"]
+    matrix = yaml.safe_load((ROOT / "experiments" / "paper" / "params.yaml").read_text())
+    cell = matrix["cells"]["mnist-conv_rf-10"]
+    for name in ("loss", "lr_schedule", "learning_rate", "keep"):  # the matrix's settings, small sizes aside
+        assert timed["distill"][name] == cell["kip_labels"][name]
+    assert timed["distill"]["learn_labels"] is True and timed["kernel"]["architecture"] == "conv_rf"
+    assert timed["kip_wall_seconds"] > 0 and 0 <= timed["krr_test_accuracy"] <= 1 and timed["test_images"] == 360
+    assert [h["step"] for h in timed["validation_curve"]] == [0, 2, 4] and timed["kept_step"] in (0, 2, 4)
     assert all(report["matmul"][p]["gflops"] > 0 for p in ("default", "highest"))
     assert [(r["support"], r["targets"]) for r in report["fc_step"]] == [(20, 200), (10, 400)]
     assert all(r["median_ms"] > 0 and 0 < r["share_of_fp32_matmul"] for r in report["fc_step"])
