@@ -8,7 +8,7 @@ Measured in one run, on the device named by --device:
                   inputs, at 1000 x 5000 and 100 x 20000 (support x targets); its matmul FLOPs per
                   second over the matmul rate at the same precision (benchmarks/kip_step.py's count)
   conv_rf step    the random-feature ConvNet kernel's step at the paper matrix's 100-image settings
-                  (100 support images, 500 targets, the params' rf_width / depth / rf_networks)
+                  (100 support images, 500 targets; `mnist-conv_rf-10`'s rf_width, depth, rf_networks)
 
   time to accuracy   (--accuracy) the paper matrix's MNIST 100-image ConvNet cell
                   (experiments/paper/params.yaml, `mnist-conv_rf-10`, its KIP + learned labels row,
@@ -41,6 +41,7 @@ from pathlib import Path
 from kip_step import REG, SHAPE, _inputs, matmul_flops  # the same inputs and FLOP count
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "paper"))  # paper.py: the matrix's cell settings, timed as the matrix runs them
 ACCURACY_CELL = "mnist-conv_rf-10"  # experiments/paper/params.yaml
 ACCURACY_GOAL = 0.985  # issue 38: MNIST, 100 images, ConvNet random features, KRR on the test split
 
@@ -120,10 +121,7 @@ def time_to_accuracy(small: bool) -> dict:
     the test split (the evaluation kernel's 16 networks, as the matrix scores it)."""
     import dataclasses
 
-    import yaml
-
-    sys.path.insert(0, str(ROOT / "experiments" / "paper"))
-    import paper  # the matrix's cell settings, so this times what the matrix runs
+    import paper
 
     from pipeline.data.datasets import default_cache_dir
     from pipeline.data.prepared import prepare
@@ -132,8 +130,7 @@ def time_to_accuracy(small: bool) -> dict:
     from pipeline.run import workflow
     from pipeline.run.config import DataConfig, PreprocessConfig
 
-    params = yaml.safe_load((ROOT / "experiments" / "paper" / "params.yaml").read_text())
-    cell = paper.cell_config(ACCURACY_CELL, params["shared"], params["cells"][ACCURACY_CELL], params["train"])
+    cell = _matrix_cell()  # what the matrix runs
     kernel, config = cell.kernel, dataclasses.replace(cell.kip_labels, checkpoint_every=0)
     data = DataConfig(paper.DATASETS[cell.dataset], cell.dataset, seed=cell.seed)
     if small:
@@ -205,11 +202,19 @@ def _fc_step(n_s: int, n_t: int):
     return lambda: step(*inputs)
 
 
+def _matrix_cell():
+    """The paper matrix's MNIST 100-image ConvNet cell (experiments/paper/params.yaml), as the matrix reads it."""
+    import paper
+    import yaml
+
+    params = yaml.safe_load((ROOT / "experiments" / "paper" / "params.yaml").read_text())
+    return paper.cell_config(ACCURACY_CELL, params["shared"], params["cells"][ACCURACY_CELL], params["train"])
+
+
 def _conv_settings(sizes: dict) -> dict:
     from pipeline.kernels import conv_features
-    from pipeline.run.config import KernelConfig
 
-    features = conv_features.feature_config(KernelConfig(architecture="conv_rf", kind="nngp"))
+    features = conv_features.feature_config(_matrix_cell().kernel)
     if sizes is SMALL:
         features = conv_features.ConvFeatureConfig(width=8, depth=2, networks=1)
     return {"width": features.width, "depth": features.depth, "networks": features.networks}

@@ -128,6 +128,8 @@ class MethodResult:
     nn_settings: dict[str, Any] | None = None  # label scale, optimizer, learning rate, steps (chosen on validation)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    steps: int | None = None  # a KIP row's step budget
+    kept_step: int | None = None  # the step whose support it kept (keep: best_validation)
 
     def summary(self) -> dict[str, Any]:
         def stats(values: list[float]) -> dict[str, Any]:
@@ -136,7 +138,8 @@ class MethodResult:
             return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
         return {"krr": stats(self.krr_accuracy), "krr_val": stats(self.krr_val_accuracy), "nn": stats(self.nn_accuracy),
-                "nn_label_scale": self.nn_label_scale, "nn_settings": self.nn_settings, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1)}
+                "nn_label_scale": self.nn_label_scale, "nn_settings": self.nn_settings, "cpu_seconds": round(self.cpu_seconds, 1), "wall_seconds": round(self.wall_seconds, 1),
+                **({"steps": self.steps, "kept_step": self.kept_step} if self.steps is not None else {})}
 
 
 def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
@@ -182,6 +185,8 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
             distilled = workflow.distill(prepared, cell.kernel, config, checkpoint=checkpoint, progress=progress).distilled
             score(results[name], distilled.images, distilled.labels)
             supports[name] = distilled
+        results[name].steps = config.steps
+        results[name].kept_step = distilled.metadata.get("best_step")  # None unless keep: best_validation
     return {
         "dataset": cell.dataset,
         "kernel": dataclasses.asdict(cell.kernel),
