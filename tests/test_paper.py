@@ -219,6 +219,26 @@ def test_report_checks_each_goal_on_the_row_chosen_on_validation(digits_cell):
     assert "| ConvNet-RF NNGP | 100 | KIP + labels |" in table
 
 
+def test_each_cell_reports_membership_attacks_and_distances_for_its_supports(digits_cell):
+    """The first random subset and both KIP supports, attacked on one draw of members (training images)
+    and non-members (the validation split, 140 digits): AUCs, and the KIP rows' nearest-training-image
+    distances from their metadata; the table shows them."""
+    rows = digits_cell["privacy"]
+    assert set(rows) == {"random", "kip", "kip_labels"}
+    for name, row in rows.items():
+        assert row["members"] == row["non_members"] == 140
+        assert 0.0 <= row["loss_auc"] <= 1.0 and 0.0 <= row["distance_auc"] <= 1.0
+        assert ("nearest_train_distance_median" in row) == (name != "random")
+    for name in ("kip", "kip_labels"):
+        assert rows[name]["nearest_train_distance_median"] > 0 and rows[name]["real_heldout_distance_median"] > 0
+    table = paper_report.table_markdown([digits_cell], [], paper_report.checks([digits_cell]))
+    assert "## Privacy: membership inference and distance to the training images" in table
+    row = rows["kip_labels"]
+    assert (f"| digits-fc_ntk-2 | KIP + labels | {row['loss_auc']:.3f} | {row['distance_auc']:.3f} | "
+            f"{row['nearest_train_distance_median']:.2f} / {row['real_heldout_distance_median']:.2f} |") in table
+    assert f"| digits-fc_ntk-2 | random real | {rows['random']['loss_auc']:.3f} |" in table
+
+
 def test_the_published_column_cites_anchors_for_every_entry():
     """experiments/paper/params.yaml's `paper:` entries: every one names its table and row in [C] and
     says how its conditions differ, and its number is one ../shared/ANCHORS.md lists for that row."""
@@ -293,6 +313,7 @@ def test_dvc_reruns_only_the_changed_cell(tmp_path):
     assert {d["path"] for d in lock["stages"]["cell@digits-rbf-1"]["deps"]} >= {"../../pipeline/distill/kip.py", "stage_cell.py"}
     results = paper / "results"
     for key in ("digits-fc_ntk-1", "digits-rbf-1"):  # the stage's numbers are its saved supports' scores
+        assert (results / "supports" / key / "kip_labels.png").read_bytes()[:4] == b"\x89PNG"  # beside its real start
         assert_cell_rescored_exactly(json.loads((results / "cells" / f"{key}.json").read_text()), results / "supports" / key,
                                      Path("/nonexistent"))
     assert (results / "table.md").read_text().count("| RBF | 10 |") == 4

@@ -28,7 +28,7 @@ from pipeline.artifacts.npz import DistilledSet
 from pipeline.data.prepared import Prepared
 from pipeline.distill import kip, krr
 from pipeline.errors import UserError
-from pipeline.evaluate import scoring
+from pipeline.evaluate import membership, scoring
 from pipeline.kernels import functions as kernels
 from pipeline.run.config import DistillConfig, KernelConfig, TrainConfig, from_mapping
 
@@ -167,11 +167,13 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
             if len(y):
                 scores.append(scoring.krr_scores(kernel_fn, images, labels, x, y, classes, cell.reg)["accuracy"])
 
+    compared: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the supports the membership attacks compare
     with timed(results["random"]):
         for repeat in range(cell.repeats):
             rng = np.random.default_rng([cell.seed, 2, repeat])
             idx = kip.class_balanced_indices(prepared.y_train, cell.support_per_class, classes, rng)
             score(results["random"], prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes))
+            compared.setdefault("random", (prepared.x_train[idx], krr.centered_one_hot(prepared.y_train[idx], classes)))
     with timed(results["label_solve"]):
         for repeat in range(cell.repeats):
             config = dataclasses.replace(cell.kip, method="label_solve", loss="mse", seed=cell.seed + repeat)
@@ -187,6 +189,7 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
             supports[name] = distilled
         results[name].steps = config.steps
         results[name].kept_step = distilled.metadata.get("best_step")  # None unless keep: best_validation
+        compared[name] = (distilled.images, distilled.labels)
     return {
         "dataset": cell.dataset,
         "kernel": dataclasses.asdict(cell.kernel),
@@ -198,7 +201,26 @@ def run_cell(prepared: Prepared, cell: CellConfig, progress: bool = False,
         "config": {"kip": dataclasses.asdict(cell.kip), "kip_labels": dataclasses.asdict(cell.kip_labels),
                    "repeats": cell.repeats, "reg": cell.reg},
         "validation": prepared.provenance.get("validation"),
+        "privacy": privacy_rows(prepared, kernel_fn, cell, compared, supports),
     }, supports
+
+
+def privacy_rows(prepared: Prepared, kernel_fn, cell: CellConfig, compared: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                 supports: Mapping[str, DistilledSet]) -> dict[str, Any]:
+    """Per support (the first random real subset, both KIP rows): the membership attacks' AUCs
+    (pipeline/evaluate/membership.py: training members against validation non-members, one draw
+    for all three) and, for the KIP rows, the nearest-training-image distances their metadata holds
+    beside held-out real images' (a random subset's own images are training images: distance 0)."""
+    rows: dict[str, Any] = {}
+    for name, (images, labels) in compared.items():
+        row: dict[str, Any] = membership.report(kernel_fn, images, labels, prepared.x_train, prepared.y_train,
+                                                prepared.x_val, prepared.y_val, prepared.num_classes, cell.reg, cell.seed)
+        nearest = supports[name].metadata.get("privacy") if name in supports else None
+        if nearest:
+            row["nearest_train_distance_median"] = nearest["support"]["median"]
+            row["real_heldout_distance_median"] = nearest["real_heldout_images"]["median"]
+        rows[name] = row
+    return rows
 
 
 def kernel_name(spec: KernelConfig) -> str:

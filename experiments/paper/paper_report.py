@@ -207,12 +207,15 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
                            f"| {fmt(result.get('krr_val', {}))} | {fmt(result['nn'])} | {_settings_text(result)} "
                            f"| {published.get((*key, 'krr'), '')} | {published.get((*key, 'nn'), '')} | {_minutes(result)} |")
         out.append("")
-    sources = _sources(paper)
+    sources = _sources(paper, cells)
     if sources:
         out += ["Paper columns, by source (each entry in `experiments/paper/params.yaml` names its table and row, and",
                 "how its conditions differ from the cell's):", ""]
         out += [f"- {line}" for line in sources]
         out.append("")
+    out += _privacy_section(cells)
+    out += ["Each cell's KIP + labels support beside the real images it started from: "
+            "`results/supports/<cell>/kip_labels.png`.", ""]
     out += ["Paper columns: test accuracy as published, only for the row's own kernel and only where",
             "`experiments/paper/params.yaml` names the source (paper, table, row); an empty cell means no",
             "number could be checked against a source. CPU minutes are all threads of the stage's",
@@ -258,6 +261,28 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def _privacy_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per cell that has one: each support's membership-attack AUCs and nearest-training-image distance."""
+    measured = [c for c in cells if c.get("privacy")]
+    if not measured:
+        return []
+    out = ["## Privacy: membership inference and distance to the training images", "",
+           "AUC of two threshold attacks telling training members from held-out validation images, from the support "
+           "alone (0.5: cannot tell; pipeline/evaluate/membership.py): the KRR loss on the candidate, and its distance "
+           "to the nearest support image. Beside it, the median L2 distance (preprocessed space) from each support "
+           "image to its nearest training image, and the same for held-out real images.", "",
+           "| cell | support | loss-attack AUC | distance-attack AUC | nearest-train distance, median (support / held-out real) |",
+           "|---|---|---|---|---|"]
+    for cell in sorted(measured, key=lambda c: (c["dataset"], _kernel_rank(c["kernel_name"]), c["images"])):
+        for name, row in cell["privacy"].items():
+            distance = ("0 (training images)" if name == "random" else
+                        f"{row['nearest_train_distance_median']:.2f} / {row['real_heldout_distance_median']:.2f}"
+                        if "nearest_train_distance_median" in row else "")
+            out.append(f"| {cell['key']} | {METHOD_NAMES.get(name, name)} | {row['loss_auc']:.3f} | {row['distance_auc']:.3f} "
+                       f"| {distance} |")
+    return out + [""]
 
 
 def _settings_text(result: Mapping[str, Any]) -> str:
@@ -328,10 +353,14 @@ def _published(paper: Iterable[Mapping[str, Any]]) -> dict[tuple, str]:
     return {key: ", ".join(values) for key, values in grouped.items()}
 
 
-def _sources(paper: Iterable[Mapping[str, Any]]) -> list[str]:
-    """One line per (source, kernel, method, measure, conditions), naming the numbers it gives."""
+def _sources(paper: Iterable[Mapping[str, Any]], cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (source, kernel, method, measure, conditions), naming the numbers it gives beside
+    a cell of the table (the others are shown nowhere)."""
+    shown = {(c["dataset"], c["images"], c["kernel_name"]) for c in cells}
     grouped: dict[tuple, list[str]] = defaultdict(list)
     for entry in published_entries(paper):
+        if (entry["dataset"], entry["images"], entry["kernel"]) not in shown:
+            continue
         source = entry["source"]
         key = (source["paper"], source["table"], source["row"], entry["kernel"], entry["method"],
                entry.get("measure", "krr"), entry["conditions"])

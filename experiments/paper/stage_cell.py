@@ -2,7 +2,8 @@
 paper's comparison (random, Label Solve, KIP, KIP + learned labels; KRR and finite networks).
 
 Reads params: shared.*, cells.<key>.*   Reads: the registry download cache.
-Writes: one JSON, and the support sets behind its numbers (npz + Parquet, with lineage).
+Writes: one JSON, the support sets behind its numbers (npz + Parquet, with lineage), and a picture of
+the KIP + labels support beside the real images it started from (kip_labels.png).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from _paper import load_cell, prepare_dataset
 from _stage import run_stage
 
 from pipeline.artifacts import atomic, npz as artifacts, parquet
+from pipeline.distill import kip
+from pipeline.evaluate import plots
 
 
 def main(args: argparse.Namespace) -> None:
@@ -23,6 +26,11 @@ def main(args: argparse.Namespace) -> None:
     for name, distilled in supports.items():  # every support set behind a number, re-scorable by `kip evaluate`
         artifacts.save_npz(args.supports / f"{name}.npz", distilled)
         parquet.save_parquet(args.supports / f"{name}.parquet", distilled, prepared.class_names)
+    # The KIP + labels support beside the real images it started from (kip.init_support: the same seeded draw).
+    initial, _ = kip.init_support(prepared.x_train, prepared.y_train, prepared.num_classes, cell.kip_labels)
+    learned = supports["kip_labels"]
+    plots.save_png(args.supports / "kip_labels.png", plots.support_figure(
+        initial, learned.images, learned.classes, prepared.class_names, learned.transform))
     result = {"key": args.key, **summary, "supports": {name: f"{name}.npz" for name in supports}}
     atomic.write_json(args.out, result)
     line = ", ".join(f"{name} {paper.fmt(m['krr'])}" for name, m in result["methods"].items())
