@@ -155,18 +155,13 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
                 f"({', '.join(not_run)}); their NN columns are empty and the network check counts them as missing. "
                 "`dvc repro` in experiments/paper runs them and writes the final report.", ""]
     out += ["## Checks", ""]
-    if verdict["kip_beats_baselines"]:
-        out.append(f"- KIP beats Label Solve and random real images by KRR in every cell ({verdict['cells']} cells): yes.")
-    else:
-        out.append(f"- KIP beats Label Solve and random real images in every cell: **no**, in {len(verdict['failures'])}:")
-        out += [f"  - {failure}" for failure in verdict["failures"]]
-    if verdict["networks_beat_random"]:
-        out.append(f"- Networks trained on KIP supports, fixed and learned labels alike, beat networks trained on random "
-                   f"real images in every cell ({verdict['cells']} cells): yes.")
-    else:
-        out.append(f"- Networks on KIP supports beat networks on random real images in every cell: **no**, in "
-                   f"{len(verdict['network_failures'])}:")
-        out += [f"  - {failure}" for failure in verdict["network_failures"]]
+    out += _check_lines(verdict["kip_beats_baselines"], verdict["failures"],
+                        f"- KIP beats Label Solve and random real images by KRR in every cell ({verdict['cells']} cells): yes.",
+                        "- KIP beats Label Solve and random real images in every cell: **no**")
+    out += _check_lines(verdict["networks_beat_random"], verdict["network_failures"],
+                        f"- Networks trained on KIP supports, fixed and learned labels alike, beat networks trained on random "
+                        f"real images in every cell ({verdict['cells']} cells): yes.",
+                        "- Networks on KIP supports beat networks on random real images in every cell: **no**")
     for goal, check in zip(GOALS, verdict["goals"].values()):
         what = "KRR" if goal.measure == "krr" else "finite networks"
         if check["accuracy"] is None:
@@ -178,11 +173,8 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
         out.append(f"- {DATASET_NAMES.get(goal.dataset, goal.dataset)}, {goal.kernel}, {goal.images} images, {what}: goal "
                    f"{100 * goal.accuracy:.1f} % ({goal.why}): {verdict_text}.")
     limits = ", ".join(f"{limit:.0f} at {images}" for images, limit in CPU_MINUTES_GOAL.items())
-    if verdict["cpu_within_goal"]:
-        out.append(f"- Every KIP run within its CPU minutes ({limits} images): yes.")
-    else:
-        out.append(f"- Every KIP run within its CPU minutes ({limits} images): **no**, in {len(verdict['cpu_failures'])}:")
-        out += [f"  - {failure}" for failure in verdict["cpu_failures"]]
+    within = f"- Every KIP run within its CPU minutes ({limits} images)"
+    out += _check_lines(verdict["cpu_within_goal"], verdict["cpu_failures"], f"{within}: yes.", f"{within}: **no**")
     if verdict["budget_short"]:
         out.append(f"- KIP runs whose best validation step was their last (the step budget may be too short): "
                    f"{len(verdict['budget_short'])}:")
@@ -261,6 +253,11 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def _check_lines(passed: bool, failures: Sequence[str], yes: str, no: str) -> list[str]:
+    """A check's line: `yes`, or `no` with how many failed, then one indented line per failure."""
+    return [yes] if passed else [f"{no}, in {len(failures)}:", *(f"  - {failure}" for failure in failures)]
 
 
 def _privacy_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
