@@ -14,6 +14,9 @@ beside the test number: the validation numbers here are checkable against the ma
 
     python benchmarks/select_kip_settings.py --out benchmarks/results/select_kip_settings.json
 
+The corrupted-support cell's settings (KIP from noise, 90 % of every image's pixels noise and never
+learned) come from the same selection with `--init noise --corruption 0.9` (and its own `--out`).
+
 Data come from the `registry` source, cached in $KIP_CACHE_DIR. About 30 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Mapping, Sequence
 from _report import emit
 
 from pipeline.data.prepared import Prepared, prepare
+from pipeline.errors import UserError
 from pipeline.run import workflow
 from pipeline.data.datasets import default_cache_dir
 from pipeline.run.config import DataConfig, DistillConfig, KernelConfig, PreprocessConfig
@@ -48,8 +52,12 @@ def select(curve: list[dict[str, float]]) -> dict[str, float]:
 def select_settings(prepared: Prepared, kernel: KernelConfig, spcs: Sequence[int], every: int,
                     budgets: Mapping[tuple[int, bool], int] = BUDGETS,
                     learning_rates: Sequence[float] = LEARNING_RATES,
-                    label_modes: Sequence[bool] = (False, True)) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    label_modes: Sequence[bool] = (False, True),
+                    base: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """{"spc<n>_fixed|labels": {learning_rate, steps, val_accuracy}} and every run's validation curve.
+
+    `base` holds DistillConfig fields every run shares (e.g. init: noise, corruption: 0.9 for the
+    matrix's corrupted-support cell).
 
     Reads the validation split only (through workflow.distill's monitor); tests/test_validation.py
     checks that a test split of NaN changes nothing here.
@@ -59,8 +67,8 @@ def select_settings(prepared: Prepared, kernel: KernelConfig, spcs: Sequence[int
         for learn in label_modes:
             best = None
             for lr in learning_rates:
-                config = DistillConfig(support_per_class=spc, steps=budgets[spc, learn], learning_rate=lr,
-                                       learn_labels=learn, eval_every=every, checkpoint_every=0)
+                config = DistillConfig(**(base or {}), support_per_class=spc, steps=budgets[spc, learn],
+                                       learning_rate=lr, learn_labels=learn, eval_every=every, checkpoint_every=0)
                 t0 = time.process_time()
                 history = workflow.distill(prepared, kernel, config, progress=False).history
                 curve = [{"step": h["step"], "val_accuracy": h["val_accuracy"]} for h in history if "val_accuracy" in h]
@@ -85,7 +93,17 @@ def main() -> int:
                              "checking whether a budget-bound choice keeps improving")
     parser.add_argument("--learning-rates", type=float, nargs="+", default=list(LEARNING_RATES))
     parser.add_argument("--label-modes", nargs="+", default=["fixed", "labels"], choices=["fixed", "labels"])
+    parser.add_argument("--init", default="real", choices=["real", "noise"], help="KIP's initial support")
+    parser.add_argument("--corruption", type=float, default=0.0,
+                        help="fraction of every support image's pixels that are noise and never learned, in [0, 1)")
+    parser.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"],
+                        help="KIP's loss on the targets (a constant learning rate keeps every checkpoint a candidate)")
     args = parser.parse_args()
+    base = {"init": args.init, "corruption": args.corruption, "loss": args.loss}
+    try:
+        DistillConfig(**base)  # refuses a bad value in one line before any data is loaded
+    except UserError as error:
+        parser.error(str(error))
     budgets = dict(BUDGETS)
     for entry in args.budget:
         try:
@@ -102,12 +120,12 @@ def main() -> int:
     prepared = prepare(data, PreprocessConfig(method="standardize"), cache_dir=default_cache_dir())
     started = time.perf_counter()
     chosen, runs = select_settings(prepared, kernel, args.spc, args.every, budgets, args.learning_rates,
-                                   [mode == "labels" for mode in args.label_modes])
+                                   [mode == "labels" for mode in args.label_modes], base)
     emit({
         "benchmark": "select_kip_settings",
         "rule": "max validation accuracy over learning rates and every-`every`-steps checkpoints; ties: fewer steps",
         "data": asdict(data), "kernel": asdict(kernel), "validation": prepared.provenance.get("validation"),
-        "learning_rates": args.learning_rates, "every": args.every,
+        "learning_rates": args.learning_rates, "every": args.every, "shared_settings": base,
         "budgets": {f"spc{size}_{'labels' if learn else 'fixed'}": steps for (size, learn), steps in budgets.items()},
         "chosen": chosen, "runs": runs, "total_seconds": round(time.perf_counter() - started, 1),
     }, args.out)

@@ -219,6 +219,44 @@ def test_report_checks_each_goal_on_the_row_chosen_on_validation(digits_cell):
     assert "| ConvNet-RF NNGP | 100 | KIP + labels |" in table
 
 
+def test_a_corrupted_cell_is_judged_against_its_clean_cell_and_kept_out_of_the_table(digits_cell):
+    """The privacy row: a cell whose KIP runs froze 90 % of every pixel as noise is compared with the
+    clean cell of the same dataset, kernel and size (each on its row chosen on validation), within 2
+    points; it never stands in for the clean cell in the goals, the table's rows or the figure."""
+    clean = copy.deepcopy(digits_cell)
+    clean.update(key="mnist-fc_ntk-10", dataset="mnist", kernel_name="FC NTK", images=100, support_per_class=10)
+    corrupted = copy.deepcopy(clean)
+    corrupted["key"] = "mnist-fc_ntk-10-corrupt90"
+    for name in ("kip", "kip_labels"):
+        corrupted["config"][name].update(corruption=0.9, init="noise")
+    clean_methods, methods = clean["methods"], corrupted["methods"]
+    clean_methods["kip"]["krr"]["mean"], clean_methods["kip_labels"]["krr"]["mean"] = 0.960, 0.968
+    clean_methods["kip"]["krr_val"]["mean"], clean_methods["kip_labels"]["krr_val"]["mean"] = 0.95, 0.96
+    methods["kip"]["krr"]["mean"], methods["kip_labels"]["krr"]["mean"] = 0.99, 0.941  # kip better on test...
+    methods["kip"]["krr_val"]["mean"], methods["kip_labels"]["krr_val"]["mean"] = 0.93, 0.94  # ...kip_labels on val
+    verdict = paper_report.checks([clean, corrupted])
+    assert verdict["corruption"] == {"cell": "mnist-fc_ntk-10-corrupt90", "clean_cell": "mnist-fc_ntk-10", "allowed_gap": 0.02,
+                                     "row": "kip_labels", "accuracy": 0.941, "clean_row": "kip_labels",
+                                     "clean_accuracy": 0.968, "gap": 0.027, "met": False}
+    assert verdict["goals"]["mnist_fc_ntk_100_krr"]["accuracy"] == 0.968  # the clean cell's, not the corrupted one's
+    assert verdict["cells"] == 1 and verdict["corrupted_cells"] == 1
+    table = paper_report.table_markdown([clean, corrupted], [], verdict)
+    assert ("- MNIST, FC NTK, 100 images, KIP from noise with 90 % of every image's pixels noise and never learned, within 2 "
+            "points of clean KIP by KRR (each cell's row chosen on validation): 94.10 % (KIP + labels) against 96.80 % "
+            "(KIP + labels), 2.70 points apart: **not met** by 0.70 points.") in table
+    assert "| mnist-fc_ntk-10-corrupt90 | 90 % | KIP + labels | 94.10 |" in table
+    assert table.count("| FC NTK | 100 | KIP + labels |") == 1  # one row per clean cell
+    flat = paper_report.summary([clean, corrupted])
+    assert flat["mnist.fc_ntk.100.corrupted90.kip_labels.krr"] == 0.941 and flat["mnist.fc_ntk.100.kip_labels.krr"] == 0.968
+    ax = paper_report.figure([clean, corrupted], []).axes[0]
+    assert [list(line.get_ydata()) for line in ax.get_lines()][2] == [96.0]  # KIP's line: the clean cell only
+    methods["kip_labels"]["krr"]["mean"] = 0.95
+    assert paper_report.checks([clean, corrupted])["corruption"]["met"]
+    missing = paper_report.checks([clean])["corruption"]
+    assert missing == {"cell": None, "clean_cell": "mnist-fc_ntk-10", "allowed_gap": 0.02, "met": False}
+    assert "missing (needs a clean and a corrupted cell): **not met**." in paper_report.table_markdown([clean], [], paper_report.checks([clean]))
+
+
 def test_each_cell_reports_membership_attacks_and_distances_for_its_supports(digits_cell):
     """The first random subset and both KIP supports, attacked on one draw of members (training images)
     and non-members (the validation split, 140 digits): AUCs, and the KIP rows' nearest-training-image
@@ -380,15 +418,26 @@ def test_the_committed_matrix_ran_the_settings_chosen_on_validation():
     MNIST FC NTK cell's KIP support scores on the validation split exactly what the selection saw at
     the chosen step: the matrix ran the selected runs, and its validation numbers are re-checkable."""
     root = Path(__file__).resolve().parents[1]
-    selection = json.loads((root / "benchmarks" / "results" / "select_kip_settings.json").read_text())
+    selections = [json.loads((root / "benchmarks" / "results" / name).read_text())
+                  for name in ("select_kip_settings.json", "select_kip_settings_cross_entropy.json")]
+    assert all(s["validation"] == selections[0]["validation"] for s in selections)  # one split judges them all
+    selection = selections[0]
     params = yaml.safe_load((root / "experiments" / "paper" / "params.yaml").read_text())
     for spc in (1, 10, 50):
         for name, mode in (("kip", "fixed"), ("kip_labels", "labels")):
-            chosen = selection["chosen"][f"spc{spc}_{mode}"]
-            assert params["sizes"][f"spc{spc}"][name] == {"steps": chosen["steps"], "learning_rate": chosen["learning_rate"]}
+            # the best validation accuracy over every selection that tried this size and mode (ties:
+            # fewer steps), with the loss that selection ran
+            candidates = [{**s["chosen"][f"spc{spc}_{mode}"], "loss": s.get("shared_settings", {}).get("loss", "mse")}
+                          for s in selections if f"spc{spc}_{mode}" in s["chosen"]]
+            chosen = max(candidates, key=lambda c: (c["val_accuracy"], -c["steps"]))
+            expected = {"steps": chosen["steps"], "learning_rate": chosen["learning_rate"]}
+            if chosen["loss"] != "mse":
+                expected["loss"] = chosen["loss"]
+            assert params["sizes"][f"spc{spc}"][name] == expected
             cell = json.loads((root / "experiments" / "paper" / "results" / "cells" / f"mnist-fc_ntk-{spc}.json").read_text())
             assert cell["config"][name]["steps"] == chosen["steps"]
             assert cell["config"][name]["learning_rate"] == chosen["learning_rate"]
+            assert cell["config"][name]["loss"] == chosen["loss"]
             assert cell["validation"] == selection["validation"]
             # The same run reproduces the selection's validation score up to float32 nondeterminism
             # across processes: KIP's reductions may be ordered differently in a process that compiled

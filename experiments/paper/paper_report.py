@@ -53,6 +53,19 @@ GOALS: tuple[Goal, ...] = (
 A missing cell counts as not met."""
 CPU_MINUTES_GOAL = {10: 60.0, 100: 60.0, 500: 180.0}
 """CPU minutes allowed per KIP run (either row), by support size."""
+CORRUPTION_GOAL = Goal("mnist", "FC NTK", 100, "krr", 0.02,
+                       "KIP from 90 %-corrupted images within 2 points of clean KIP (issue 37's privacy row)")
+"""The corrupted-support goal: `accuracy` is the largest gap allowed, as a fraction, between the
+corrupted cell's chosen row and the clean cell's (same dataset, kernel and size)."""
+CORRUPTION_GOAL_FRACTION = 0.9
+
+
+def corruption(cell: Mapping[str, Any]) -> float:
+    """The fraction of every support image's pixels a cell's KIP runs froze as noise (0: a clean cell).
+    Such a cell is the privacy row's variant of the clean cell of the same dataset, kernel and size:
+    it is kept out of the main table, the figure and the clean cells' checks."""
+    config = cell.get("config") or {}
+    return max(float((config.get(name) or {}).get("corruption", 0.0)) for name in KIP_ROWS)
 
 
 def chosen_row(cell: Mapping[str, Any]) -> str:
@@ -70,7 +83,8 @@ def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     goal of GOALS and CPU_MINUTES_GOAL, met or missed, with its number; and which KIP runs kept their
     last step (the best validation step being the last one says the step budget was too short)."""
     failures, network_failures = [], []
-    for cell in cells:
+    clean = [cell for cell in cells if not corruption(cell)]
+    for cell in clean:
         methods = cell["methods"]
         kip_best = max(methods["kip"]["krr"]["mean"], methods["kip_labels"]["krr"]["mean"])
         for rival in ("label_solve", "random"):
@@ -84,7 +98,7 @@ def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 network_failures.append(f"{cell['key']}: {METHOD_NAMES[name]} networks {shown[0]} <= random real {shown[1]}")
     goals = {}
     for goal in GOALS:
-        cell = _find(cells, goal.dataset, goal.kernel, goal.images)
+        cell = _find(clean, goal.dataset, goal.kernel, goal.images)
         row = value = None
         if cell is not None:
             row = chosen_row(cell)
@@ -105,7 +119,28 @@ def checks(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
              and cell["methods"][name]["kept_step"] == cell["methods"][name].get("steps")]
     return {"kip_beats_baselines": not failures, "failures": failures,
             "networks_beat_random": not network_failures, "network_failures": network_failures,
-            "goals": goals, "cpu_within_goal": not cpu, "cpu_failures": cpu, "budget_short": short, "cells": len(cells)}
+            "goals": goals, "corruption": corruption_check(cells), "cpu_within_goal": not cpu, "cpu_failures": cpu,
+            "budget_short": short, "cells": len(clean), "corrupted_cells": len(cells) - len(clean)}
+
+
+def corruption_check(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """CORRUPTION_GOAL: the corrupted cell's KIP row chosen on validation against the clean cell's,
+    by KRR on the test split; a missing cell counts as not met."""
+    goal = CORRUPTION_GOAL
+    found = [c for c in cells if c["dataset"] == goal.dataset and c["kernel_name"] == goal.kernel
+             and c["images"] == goal.images]
+    clean = next((c for c in found if not corruption(c)), None)
+    corrupted = next((c for c in found if corruption(c) == CORRUPTION_GOAL_FRACTION), None)
+    check: dict[str, Any] = {"cell": None if corrupted is None else corrupted["key"],
+                             "clean_cell": None if clean is None else clean["key"], "allowed_gap": goal.accuracy,
+                             "met": False}
+    if clean is None or corrupted is None:
+        return check
+    ours, theirs = chosen_row(corrupted), chosen_row(clean)
+    accuracy, clean_accuracy = (c["methods"][row]["krr"]["mean"] for c, row in ((corrupted, ours), (clean, theirs)))
+    gap = round(clean_accuracy - accuracy, 4)
+    return {**check, "row": ours, "accuracy": accuracy, "clean_row": theirs, "clean_accuracy": clean_accuracy,
+            "gap": gap, "met": gap <= goal.accuracy}
 
 
 def published_entries(paper: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -131,6 +166,8 @@ def summary(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for cell in cells:
         prefix = f"{cell['dataset']}.{_slug(cell['kernel_name'])}.{cell['images']}"
+        if corruption(cell):
+            prefix += f".corrupted{round(100 * corruption(cell))}"
         for method, result in cell["methods"].items():
             flat[f"{prefix}.{method}.krr"] = result["krr"]["mean"]
             if result["nn"]["mean"] is not None:
@@ -151,7 +188,7 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
            "KIP runs one seed per cell; random subsets and Label Solve are mean ± std over their seeds.", ""]
     not_run = verdict.get("networks_not_run") or []
     if not_run:
-        out += [f"**Interim report:** the network stages of {len(not_run)} of {verdict['cells']} cells have not run yet "
+        out += [f"**Interim report:** the network stages of {len(not_run)} of {verdict['cells'] + verdict.get('corrupted_cells', 0)} cells have not run yet "
                 f"({', '.join(not_run)}); their NN columns are empty and the network check counts them as missing. "
                 "`dvc repro` in experiments/paper runs them and writes the final report.", ""]
     out += ["## Checks", ""]
@@ -182,8 +219,9 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
     total_cpu, total_wall = _total(cells, "cpu") / 60, _total(cells, "wall") / 60
     out += [f"- Compute: {total_cpu:.0f} CPU minutes, {total_wall:.0f} minutes of wall time inside the stages "
             "(KIP and KRR per cell, networks per support, random-subset networks once per dataset and size).", ""]
+    out += _corruption_line(verdict["corruption"])
     for dataset in _datasets(cells):
-        rows = sorted((c for c in cells if c["dataset"] == dataset),
+        rows = sorted((c for c in cells if c["dataset"] == dataset and not corruption(c)),
                       key=lambda c: (_kernel_rank(c["kernel_name"]), c["images"]))
         if not rows:
             continue
@@ -205,6 +243,7 @@ def table_markdown(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[s
                 "how its conditions differ from the cell's):", ""]
         out += [f"- {line}" for line in sources]
         out.append("")
+    out += _corruption_section(cells)
     out += _privacy_section(cells)
     out += ["Each cell's KIP + labels support beside the real images it started from: "
             "`results/supports/<cell>/kip_labels.png`.", ""]
@@ -227,7 +266,8 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
     for row, dataset in enumerate(datasets):
         for col, kernel in enumerate(kernels):
             ax = axes[row][col]
-            chosen = sorted((c for c in cells if c["dataset"] == dataset and c["kernel_name"] == kernel),
+            chosen = sorted((c for c in cells if c["dataset"] == dataset and c["kernel_name"] == kernel
+                             and not corruption(c)),
                             key=lambda c: c["images"])
             for method in METHODS:
                 xs = [c["images"] for c in chosen]
@@ -258,6 +298,41 @@ def figure(cells: Sequence[Mapping[str, Any]], paper: Iterable[Mapping[str, Any]
 def _check_lines(passed: bool, failures: Sequence[str], yes: str, no: str) -> list[str]:
     """A check's line: `yes`, or `no` with how many failed, then one indented line per failure."""
     return [yes] if passed else [f"{no}, in {len(failures)}:", *(f"  - {failure}" for failure in failures)]
+
+
+def _corruption_line(check: Mapping[str, Any]) -> list[str]:
+    goal = CORRUPTION_GOAL
+    what = (f"- {DATASET_NAMES.get(goal.dataset, goal.dataset)}, {goal.kernel}, {goal.images} images, KIP from noise with "
+            f"{100 * CORRUPTION_GOAL_FRACTION:.0f} % of every image's pixels noise and never learned, within "
+            f"{100 * goal.accuracy:.0f} points of clean KIP by KRR (each cell's row chosen on validation)")
+    if "gap" not in check:
+        return [f"{what}: missing (needs a clean and a corrupted cell): **not met**."]
+    verdict = "met" if check["met"] else f"**not met** by {100 * (check['gap'] - goal.accuracy):.2f} points"
+    return [f"{what}: {100 * check['accuracy']:.2f} % ({METHOD_NAMES[check['row']]}) against {100 * check['clean_accuracy']:.2f} % "
+            f"({METHOD_NAMES[check['clean_row']]}), {100 * check['gap']:.2f} points apart: {verdict}."]
+
+
+def _corruption_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The corrupted cells' KIP rows beside their clean cell's (same dataset, kernel and size)."""
+    corrupted = [c for c in cells if corruption(c)]
+    if not corrupted:
+        return []
+    out = ["## Corrupted supports (the KIP paper's privacy experiment)", "",
+           "KIP started from noise images of which a fixed fraction of every image's pixels stays noise, never learned "
+           "(`distill.init: noise`, `distill.corruption`); beside it the clean cell (real-image start, nothing frozen).", "",
+           "| cell | corrupted pixels | method | KRR test accuracy (%) | KRR val (%) | NN test accuracy (%) | steps "
+           "| CPU min (method + NN) |", "|---|---|---|---|---|---|---|---|"]
+    for cell in sorted(corrupted, key=lambda c: (c["dataset"], _kernel_rank(c["kernel_name"]), c["images"], c["key"])):
+        clean = _find([c for c in cells if not corruption(c)], cell["dataset"], cell["kernel_name"], cell["images"])
+        for source, share in ((cell, f"{100 * corruption(cell):.0f} %"), (clean, "0 (clean)")):
+            if source is None:
+                continue
+            for name in KIP_ROWS:
+                result = source["methods"][name]
+                steps = result.get("kept_step") or result.get("steps") or ""
+                out.append(f"| {source['key']} | {share} | {METHOD_NAMES[name]} | {fmt(result['krr'])} "
+                           f"| {fmt(result.get('krr_val', {}))} | {fmt(result['nn'])} | {steps} | {_minutes(result)} |")
+    return out + [""]
 
 
 def _privacy_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
