@@ -471,6 +471,30 @@ def test_the_convnet_cells_of_100_images_run_the_loss_and_schedule_chosen_on_val
             assert dataclasses.asdict(getattr(cell, name)) == expected
 
 
+def test_the_corrupted_cell_runs_the_settings_chosen_on_validation_for_it():
+    """The privacy row's cell (KIP from noise, 90 % of every image's pixels frozen) runs, per KIP row,
+    the best validation point over its own selections (squared error and cross-entropy, same split as
+    the clean cells'), and is the clean MNIST FC NTK 100-image cell in everything else."""
+    root = Path(__file__).resolve().parents[1]
+    selections = [json.loads((root / "benchmarks" / "results" / f"select_kip_settings_corrupted_{loss}.json").read_text())
+                  for loss in ("mse", "cross_entropy")]
+    clean_selection = json.loads((root / "benchmarks" / "results" / "select_kip_settings.json").read_text())
+    params = yaml.safe_load((root / "experiments" / "paper" / "params.yaml").read_text())
+    corrupted = paper.cell_config("mnist-fc_ntk-10-corrupt90", params["shared"], params["cells"]["mnist-fc_ntk-10-corrupt90"],
+                                  params["train"])
+    clean = paper.cell_config("mnist-fc_ntk-10", params["shared"], params["cells"]["mnist-fc_ntk-10"], params["train"])
+    for selection in selections:
+        assert selection["validation"] == clean_selection["validation"]
+        assert {k: selection["shared_settings"][k] for k in ("init", "corruption")} == {"init": "noise", "corruption": 0.9}
+    for name, mode in (("kip", "fixed"), ("kip_labels", "labels")):
+        candidates = [{**s["chosen"][f"spc10_{mode}"], "loss": s["shared_settings"]["loss"]} for s in selections]
+        chosen = max(candidates, key=lambda c: (c["val_accuracy"], -c["steps"]))
+        expected = dataclasses.replace(getattr(clean, name), init="noise", corruption=0.9, loss=chosen["loss"],
+                                       learning_rate=chosen["learning_rate"], steps=chosen["steps"])
+        assert getattr(corrupted, name) == expected
+    assert (corrupted.dataset, corrupted.kernel, corrupted.train) == (clean.dataset, clean.kernel, clean.train)
+
+
 def test_the_root_projects_exp_show_lists_the_main_pipeline_only(tmp_path):
     """`dvc exp show` in this repository: params.yaml and the main metrics, none of the matrix's columns."""
     result = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=REPO, env=_env(tmp_path),
