@@ -14,8 +14,10 @@ beside the test number: the validation numbers here are checkable against the ma
 
     python benchmarks/select_kip_settings.py --out benchmarks/results/select_kip_settings.json
 
-The corrupted-support cell's settings (KIP from noise, 90 % of every image's pixels noise and never
-learned) come from the same selection with `--init noise --corruption 0.9` (and its own `--out`).
+`--loss cross_entropy` tries the Platt cross-entropy instead of the squared error (the matrix takes,
+per size and label mode, the best validation point over both losses' files). The corrupted-support
+cell's settings (KIP from noise, 90 % of every image's pixels noise and never learned) come from the
+same selection with `--init noise --corruption 0.9`, each with its own `--out`.
 
 Data come from the `registry` source, cached in $KIP_CACHE_DIR. About 30 minutes on 2 cores.
 """
