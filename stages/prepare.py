@@ -30,7 +30,15 @@ def main(args: argparse.Namespace) -> None:
         tracker.log_input(f"{dataset['source']}:{dataset['name']}", dataset, dataset["fingerprint"], "source")
         tracker.log_metrics({"train_size": len(prepared.y_train), "validation_size": len(prepared.y_val),
                              "test_size": dataset["test_size"]})
+        decoded = dataset.get("decode")  # imagefolder / parquet: what decoding read, skipped and resized
+        if decoded:
+            tracker.log_metrics({f"images_{key}": decoded[key] for key in ("read", "skipped", "resized", "converted", "ignored")})
         tracker.tag_files(wrote=[args.out])
+    if decoded:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in decoded["skipped_by_reason"].items())
+        print(f"prepare: images read {decoded['read']}, skipped {decoded['skipped']}" + (f" ({reasons})" if reasons else "")
+              + f", resized {decoded['resized']} to {decoded['image_size']}x{decoded['image_size']}, converted "
+              f"{decoded['converted']} to {decoded['channels']} channel(s), ignored {decoded['ignored']} (not images)")
     print(f"prepare: {dataset['name']} ({len(prepared.y_train)} train / {len(prepared.y_val)} validation / "
           f"{dataset['test_size']} test) -> {args.out}")
 

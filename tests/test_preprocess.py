@@ -78,31 +78,56 @@ def test_fit_uses_only_the_images_it_is_given(colour_images):
 
 
 def test_zca_maps_new_images_through_the_train_fit(colour_images):
-    """Test images meet ZCA as the training images did: each is centred and scaled to unit norm on
-    its own, then multiplied by the matrix fitted on the training split (never refitted).
-    Reference: that recipe written out in float64 NumPy with the fitted matrix (which the whitening
-    test checks). The transform does the same float64 arithmetic and rounds the result to float32,
-    <= 2^-24 relative: rtol 2^-23 is 2x that, and atol 1e-11 allows a reordered float64
-    normalisation (~d eps sum|M| = 4.5e-13 absolute; d = 48). Measured: within 2^-24."""
+    """Test images meet ZCA as the training images did: colour images are standardised per channel
+    with the training split's mean and std, then each is centred and scaled to unit norm on its own,
+    then multiplied by the matrix fitted on the training split (never refitted).
+    Reference: that recipe written out in float64 NumPy with the fitted values (which the
+    standardisation and whitening tests check). The transform standardises in float32 (one rounding,
+    <= 2^-24 relative per pixel), then does the same float64 arithmetic and rounds to float32
+    (<= 2^-24 relative): rtol 2^-23 covers the last rounding twice over. The first rounding moves the
+    unit-norm vector by at most 2^-24 |s| / |s - mean(s)| (s: the standardised image), and the matrix
+    multiplies that by at most its largest singular value: atol is that bound per image. Measured:
+    within it by a factor of ~10."""
     train, new = colour_images[:300], colour_images[300:] * 2.0 + 0.5
     transform = preprocess.fit(PreprocessConfig("zca"), train)
-    flat = new.reshape(len(new), -1).astype(np.float64)
+    pixels = train.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(transform.channel_mean, pixels.mean(axis=0), rtol=2.0 ** -23)
+    np.testing.assert_allclose(transform.channel_std, pixels.std(axis=0), rtol=2.0 ** -23)
+    standardised = (new.astype(np.float64) - transform.channel_mean) / transform.channel_std
+    flat = standardised.reshape(len(new), -1)
     centred = flat - flat.mean(axis=1, keepdims=True)
     expected = (centred / np.linalg.norm(centred, axis=1, keepdims=True)) @ transform.zca_matrix
-    np.testing.assert_allclose(transform.apply(new).reshape(len(new), -1), expected, rtol=2.0 ** -23, atol=1e-11)
+    ratio = np.linalg.norm(flat, axis=1) / np.linalg.norm(centred, axis=1)
+    atol = 2.0 ** -24 * ratio.max() * np.linalg.norm(transform.zca_matrix, 2)
+    np.testing.assert_allclose(transform.apply(new).reshape(len(new), -1), expected, rtol=2.0 ** -23, atol=atol)
     refitted = preprocess.fit(PreprocessConfig("zca"), new)
     assert not np.allclose(refitted.apply(new), transform.apply(new), atol=1e-3)
 
 
 def test_zca_ignores_each_images_brightness_and_contrast(colour_images):
-    """The per-image normalisation makes ZCA blind to x -> a x + b per image (a > 0), so a
-    support, a random subset and the test images land in one space whatever their pixel scale.
-    Invariance check (no reference): ours against ours on the original images. Only the float32
-    rounding of a x + b differs, <= u |a x + b| per pixel, i.e. <= 1.4 u of the image's centred
-    norm (|a x + b| / |centred| <= 1.4 here), which normalising at most doubles and the matrix
-    amplifies by at most |M|_2 = 22 (1 / sqrt(ridge)): <= 3.7e-6, plus the outputs' float32
-    rounding. atol 1e-4 is 27x that (measured 5.4e-7)."""
+    """The per-image normalisation makes one-channel ZCA blind to x -> a x + b per image (a > 0),
+    so a support, a random subset and the test images land in one space whatever their pixel
+    scale. (Colour images are standardised per channel first, which a per-image shift does not
+    commute with.) Invariance check (no reference): ours against ours on the original images. Only
+    the float32 rounding of a x + b differs, <= u |a x + b| per pixel, i.e. <= 1.4 u of the image's
+    centred norm (|a x + b| / |centred| <= 1.4 here), which normalising at most doubles and the
+    matrix amplifies by at most |M|_2 = 1 / sqrt(ridge) = 12.6 (d = 16): <= 2.1e-6, plus the outputs'
+    float32 rounding. atol 1e-4 is 47x that."""
+    colour_images = np.ascontiguousarray(colour_images[..., :1])
     transform = preprocess.fit(PreprocessConfig("zca"), colour_images)
     scale = np.linspace(0.5, 3.0, len(colour_images), dtype=np.float32)[:, None, None, None]
     shift = np.linspace(-1.0, 1.0, len(colour_images), dtype=np.float32)[:, None, None, None]
     np.testing.assert_allclose(transform.apply(colour_images * scale + shift), transform.apply(colour_images), atol=1e-4)
+
+
+def test_one_channel_zca_skips_the_channel_standardisation_exactly(rng):
+    """For one channel the per-image centring and unit norm already remove a global shift and scale,
+    so ZCA stores mean 0 and std 1, whose application is exact in float32: the output is the recipe
+    without that step, bit for bit (MNIST's prepared data do not change with colour support)."""
+    gray = rng.uniform(0, 1, size=(200, 6, 6, 1)).astype(np.float32)
+    transform = preprocess.fit(PreprocessConfig("zca"), gray)
+    assert transform.channel_mean.tolist() == [0.0] and transform.channel_std.tolist() == [1.0]
+    flat = gray.reshape(len(gray), -1).astype(np.float64)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    expected = ((centred / np.linalg.norm(centred, axis=1, keepdims=True)) @ transform.zca_matrix).astype(np.float32)
+    np.testing.assert_array_equal(transform.apply(gray).reshape(len(gray), -1), expected)

@@ -317,7 +317,7 @@ def check_transform(path: Path, transform: Transform, image_shape: tuple[int, ..
         value = getattr(transform, name)
         if value.shape != (channels,) or not np.isfinite(value).all():
             raise UserError(f"{path}: transform {name} has shape {value.shape}; expected {channels} finite values (one per channel)")
-    if transform.method == "standardize" and not (transform.channel_std > 0).all():
+    if transform.method in ("standardize", "zca") and not (transform.channel_std > 0).all():
         raise UserError(f"{path}: transform channel_std has values <= 0; expected positive standard deviations")
     if not (np.isfinite(transform.zca_reg) and transform.zca_reg >= 0):
         raise UserError(f"{path}: transform zca_reg={transform.zca_reg!r}; expected a finite number >= 0")

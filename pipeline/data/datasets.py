@@ -10,6 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class Dataset:
     class_names: tuple[str, ...]
     origin: str
     fingerprint: str = field(default="")
+    details: dict[str, Any] | None = None  # image sources: decode report and test split (RawSplits.details)
 
     @property
     def num_classes(self) -> int:
@@ -44,7 +46,8 @@ class Dataset:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
     def describe(self) -> dict[str, object]:
-        return {
+        details = {} if self.details is None else dict(self.details)
+        return {**details,
             "name": self.name,
             "source": self.source,
             "origin": self.origin,
@@ -58,7 +61,8 @@ class Dataset:
 
 
 def load_dataset(config: DataConfig, cache_dir: Path) -> Dataset:
-    """Load `config.name` from `config.source`; downloads (registry only) are cached in cache_dir."""
+    """Load `config.name` from `config.source`; downloads (registry) and decoded images (imagefolder,
+    parquet) are cached in cache_dir."""
     if config.source == "embedded":
         from pipeline.data.sources import embedded
 
@@ -71,6 +75,14 @@ def load_dataset(config: DataConfig, cache_dir: Path) -> Dataset:
         from pipeline.data.sources import tfds_source
 
         raw = tfds_source.load(config.name, config.data_dir)
+    elif config.source == "imagefolder":
+        from pipeline.data.sources import imagefolder
+
+        raw = imagefolder.load(config, Path(cache_dir))
+    elif config.source == "parquet":
+        from pipeline.data.sources import parquet_images
+
+        raw = parquet_images.load(config, Path(cache_dir))
     else:
         from pipeline.data.sources import files
 
@@ -98,6 +110,7 @@ def _finish(config: DataConfig, raw: RawSplits) -> Dataset:
         class_names=raw.class_names,
         origin=raw.origin,
         fingerprint=digest.hexdigest(),
+        details=raw.details,
     )
 
 

@@ -5,7 +5,10 @@ distilled set lives in the transformed space, and test images must go through th
 before a kernel compares them (forgetting this costs ~10 points of accuracy with released sets).
 
 ZCA follows the KIP follow-up code (Nguyen et al. 2021): each image is centred and scaled to unit
-norm, then whitened with (C + zca_reg * tr(C)/d * I)^(-1/2), C = X^T X / n.
+norm, then whitened with (C + zca_reg * tr(C)/d * I)^(-1/2), C = X^T X / n. Colour images are first
+standardised per channel on the training split, as the papers do for RGB data, so that one bright
+channel does not dominate the per-image norm. For one channel that step is skipped (mean 0, std 1,
+applied exactly): per-image centring and unit norm remove a global shift and scale anyway.
 
 The follow-up paper used ZCA with ConvNet kernels. FC and RBF kernels see images only through dot
 products, and zca_reg=0.1 weights ~300 directions about equally (the top 20 principal components
@@ -41,9 +44,10 @@ class Transform:
         images = np.asarray(images, dtype=np.float32)
         if self.method == "none":
             return images
+        standardised = ((images - self.channel_mean) / self.channel_std).astype(np.float32)
         if self.method == "standardize":
-            return ((images - self.channel_mean) / self.channel_std).astype(np.float32)
-        flat = _normalise_images(images.reshape(len(images), -1).astype(np.float64))
+            return standardised
+        flat = _normalise_images(standardised.reshape(len(images), -1).astype(np.float64))
         return (flat @ self.zca_matrix).astype(np.float32).reshape(images.shape)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -81,12 +85,13 @@ def fit(config: PreprocessConfig, train_images: np.ndarray) -> Transform:
     mean = np.zeros(channels, np.float32)
     std = np.ones(channels, np.float32)
     zca = np.zeros((0, 0), np.float64)
-    if config.method == "standardize":
+    if config.method == "standardize" or (config.method == "zca" and channels > 1):
         pixels = train_images.reshape(-1, channels).astype(np.float64)
         mean = pixels.mean(axis=0).astype(np.float32)
         std = np.maximum(pixels.std(axis=0), _EPS).astype(np.float32)
-    elif config.method == "zca":
-        zca = _fit_zca(train_images.reshape(len(train_images), -1).astype(np.float64), config.zca_reg)
+    if config.method == "zca":
+        standardised = ((np.asarray(train_images, np.float32) - mean) / std).astype(np.float32)
+        zca = _fit_zca(standardised.reshape(len(train_images), -1).astype(np.float64), config.zca_reg)
     return Transform(config.method, mean, std, zca, float(config.zca_reg))
 
 

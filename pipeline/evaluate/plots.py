@@ -29,6 +29,7 @@ def viewable(images: np.ndarray, transform: Transform) -> np.ndarray:
     elif transform.method == "zca":
         flat = x.reshape(len(x), -1)
         x = np.linalg.solve(transform.zca_matrix, flat.T).T.reshape(x.shape)
+        x = x * transform.channel_std + transform.channel_mean  # colour: the per-channel standardisation
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     hi = x.max(axis=(1, 2, 3), keepdims=True)
     return (x - lo) / np.maximum(hi - lo, 1e-12)

@@ -287,7 +287,17 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--source", dest="data.source", default="registry", help="|".join(cfg.SOURCES))
     group.add_argument("--dataset", dest="data.name", default="mnist",
                        help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
-    group.add_argument("--data-dir", dest="data.data_dir", default=None, help="TFDS data_dir, or the folder of IDX/.npz files")
+    group.add_argument("--data-dir", dest="data.data_dir", default=None,
+                       help="TFDS data_dir; the folder of IDX/.npz files; the image folder; the Parquet file or folder")
+    group.add_argument("--channels", dest="data.channels", type=int, default=None,
+                       help="imagefolder/parquet: 1 (grayscale) or 3 (RGB)")
+    group.add_argument("--image-size", dest="data.image_size", type=int, default=None,
+                       help="imagefolder/parquet: images are resized to this many pixels square")
+    group.add_argument("--test-fraction", dest="data.test_fraction", type=float, default=0.2,
+                       help="imagefolder/parquet without a test split: the share carved off (class-balanced, by seed)")
+    group.add_argument("--on-unreadable", dest="data.on_unreadable", default="stop", help="|".join(cfg.ON_UNREADABLE))
+    group.add_argument("--image-column", dest="data.image_column", default="image", help="parquet: the encoded images")
+    group.add_argument("--label-column", dest="data.label_column", default="label", help="parquet: the labels")
     group.add_argument("--validation-fraction", dest="data.validation_fraction", type=float, default=0.1,
                        help="share of the training split held out for validation (monitoring, never KIP targets)")
     group.add_argument("--cache-dir", type=Path, default=None, help="download cache [$KIP_CACHE_DIR, else ~/.cache/kip-pipeline]")

