@@ -368,3 +368,57 @@ def test_a_label_column_with_more_than_1000_classes_is_refused(tmp_path, limits)
                           "at most 1000 classes")
     pq.write_table(pa.table({"image": [blob] * 2, "label": [0, 5000]}), path)
     assert_one_line_error(run_kip(data_args("parquet", path), limits["parquet"]), path, "label 5000")
+
+
+# --- colour end to end ----------------------------------------------------------------------------
+
+# Three hues of (almost) equal luma: ITU-R 601-2 luma 127.1, 126.9 and 127.4 of 255. Textured by one
+# random gray pattern per image, the classes differ only in colour: grayscale decoding keeps no
+# signal (KRR near chance, 1/3), while colour that survives decoding, ZCA and the kernel separates them.
+EQUAL_LUMA = {"red": (230, 80, 100), "green": (60, 175, 55), "blue": (62, 136, 255)}
+
+
+def write_hue_folder(root: Path, per_class: int, size: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, rgb in EQUAL_LUMA.items():
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pattern = rng.uniform(0.3, 1.0, size=(size, size, 1))
+            pixels = np.round(pattern * np.array(rgb)).astype(np.uint8)
+            (folder / f"{i:03d}.png").write_bytes(encoded(Image.fromarray(pixels, "RGB")))
+    return root
+
+
+@pytest.mark.parametrize("architecture", ["fc", "rbf", "conv_rf"])
+def test_colour_goes_through_decoding_zca_kip_and_the_figure(tmp_path, architecture):
+    from matplotlib.image import imread
+
+    from pipeline.data import prepared as prep_io
+    from pipeline.evaluate import plots, scoring
+    from pipeline.kernels import functions as kernels
+    from pipeline.run import workflow
+    from pipeline.run.config import DistillConfig, KernelConfig, PreprocessConfig
+
+    root = write_hue_folder(tmp_path / "hues", per_class=40, size=8)
+    kernel = KernelConfig(architecture=architecture, kind="nngp" if architecture == "conv_rf" else "ntk",
+                          depth=3 if architecture == "conv_rf" else 1)
+    config = DistillConfig(support_per_class=10, steps=10, learning_rate=0.01, target_batch=60, checkpoint_every=0)
+    accuracy = {}
+    for channels in (1, 3):
+        data = DataConfig(source="imagefolder", name="hues", data_dir=str(root), channels=channels, image_size=8,
+                          test_fraction=0.25)
+        prepared = prep_io.prepare(data, PreprocessConfig("zca"), cache_dir=tmp_path / "cache")
+        run = workflow.distill(prepared, kernel, config, progress=False)
+        support = run.distilled
+        assert support.images.shape == (30, 8, 8, channels) and np.isfinite(support.images).all()
+        accuracy[channels] = scoring.krr_scores(kernels.make(kernel), support.images, support.labels, prepared.x_test,
+                                                prepared.y_test, 3, 1e-6)["accuracy"]
+        if channels == 3:
+            path = tmp_path / "support.png"
+            plots.save_png(path, plots.support_figure(run.initial_images, support.images, support.classes,
+                                                      prepared.class_names, support.transform))
+            picture = imread(path)[..., :3]
+            assert (np.abs(picture[..., 0] - picture[..., 1]) > 0.2).any()  # the figure is in colour
+    # 30 test images: chance is 10 +- 2.6 right; colour must separate (nearly) all of them
+    assert accuracy[3] >= 0.9 and accuracy[1] <= 0.6, accuracy
