@@ -76,6 +76,7 @@ def make_project(root: Path, env: dict[str, str], overrides: dict[str, dict]) ->
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "data" / "own", root / "data" / "own", ignore=shutil.ignore_patterns(".gitignore", "*.dvc"))
     write_params(root, overrides, yaml.safe_load((REPO / "params.yaml").read_text()))
     run(root, env, "git", "init", "-q", "-b", "main")
     dvc(root, env, "init", "-q")
