@@ -461,3 +461,17 @@ def test_the_own_data_guide_runs_as_written(tmp_path):
     assert "privacy_learned_nn_distance_median" in corrupted
     shared = run_as_written(as_written(guide, "own-share"), root, env, {})
     assert "kip verify: artifacts/distilled.parquet" in shared and "'class_name': 'apple'" in shared
+
+
+def test_the_readme_data_sources_table_names_every_source():
+    import re
+
+    from projects import REPO
+
+    from pipeline.run.config import SOURCES
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| `data.source` | reads |"):]
+    table = table[:table.index("\n\n")]
+    named = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert named == set(SOURCES)
