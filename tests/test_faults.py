@@ -97,6 +97,7 @@ _NOT_A_NUMBER = (None, "", "x", "nan", "inf", "-inf", "1e400", HUGE, True, False
 POSITIVE = Kind(_NOT_A_NUMBER + (0, 0.0, -0.0, -1, -1e-9, "-1e-3"), (1e-9, 0.5, 1, 2.5, 10**12, "1e-3"), floating=True)
 NON_NEGATIVE = Kind(_NOT_A_NUMBER + (-1, -1e-9, "-1e-3"), (0, 0.0, 1e-9, 0.5, 1, 10**12, "1e-6"), floating=True)
 FRACTION = Kind(_NOT_A_NUMBER + (-1, -1e-9, 1, 1.0, 1.5, 10**12), (0, 0.0, 0.1, 0.5, 0.999, "0.25"), floating=True)
+OPEN_FRACTION = Kind(_NOT_A_NUMBER + (0, 0.0, -1e-9, 1, 1.0, 1.5, 10**12), (1e-9, 0.1, 0.5, 0.999, "0.25"), floating=True)
 COUNT = Kind((None, "", "x", "1", True, False, [1], {"a": 1}, NAN, INF, 0, -1, 0.5, 1.0, 1e12), (1, 7, 10**12))
 INDEX = Kind((None, "", "x", "0", True, False, [1], {"a": 1}, NAN, INF, -1, 0.5, 0.0, 1.0), (0, 1, 10**12))
 SWITCH = Kind((None, "", "true", "false", "yes", 0, 1, 1.0, [True], {"a": 1}, NAN), (True, False), names="true|false")
@@ -115,6 +116,11 @@ KEYS = {
     "data": {
         "source": choice(cfg.SOURCES), "name": choice(cfg.REGISTRY_NAMES),  # the default source, registry; others below
         "data_dir": text((), (None, "d", "/tmp/a b")), "validation_fraction": FRACTION, "seed": INDEX,
+        # the image sources' keys (accepted values need source: imagefolder beside them, see NEEDS)
+        "channels": Kind(("", "x", "1", 0, 2, 4, True, False, 1.0, [1], {"a": 1}, NAN), (1, 3)),
+        "image_size": Kind(("", "x", "16", 0, 7, 129, 16.0, True, False, [16], {"a": 1}, NAN, INF), (8, 32, 128)),
+        "test_fraction": OPEN_FRACTION, "on_unreadable": choice(cfg.ON_UNREADABLE),
+        "image_column": text(("",), ("image", "img")), "label_column": text(("",), ("label", "kind")),
     },
     "preprocess": {"method": choice(cfg.PREPROCESS_METHODS), "zca_reg": NON_NEGATIVE},
     "kernel": {
@@ -151,6 +157,9 @@ KEYS = {
 NEEDS = {  # accepted values that are valid only beside other keys: those keys
     ("data", "source", "embedded"): {"name": "digits"},
     ("data", "source", "files"): {"data_dir": "d"},
+    **{("data", "source", source): {"data_dir": "d", "channels": 3, "image_size": 32} for source in cfg.IMAGE_SOURCES},
+    **{("data", "channels", value): {"source": "imagefolder", "data_dir": "d", "image_size": 32} for value in cfg.CHANNELS},
+    **{("data", "image_size", value): {"source": "parquet", "data_dir": "d", "channels": 1} for value in (8, 32, 128)},
     ("kernel", "architecture", "conv_rf"): {"kind": "nngp"},
 }
 RECORDS = {

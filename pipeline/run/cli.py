@@ -286,7 +286,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--source", dest="data.source", default="registry", help="|".join(cfg.SOURCES))
     group.add_argument("--dataset", dest="data.name", default="mnist",
-                       help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files: a label")
+                       help=f"registry: {'|'.join(cfg.REGISTRY_NAMES)}; embedded: digits; tfds: any TFDS name; files, imagefolder, parquet: a label")
     group.add_argument("--data-dir", dest="data.data_dir", default=None,
                        help="TFDS data_dir; the folder of IDX/.npz files; the image folder; the Parquet file or folder")
     group.add_argument("--channels", dest="data.channels", type=int, default=None,

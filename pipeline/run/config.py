@@ -111,21 +111,14 @@ class DataConfig:
         self._check_image_options()
 
     def _check_image_options(self) -> None:
-        if self.source not in IMAGE_SOURCES:
-            for key in ("channels", "image_size"):
-                if getattr(self, key) is not None:
-                    raise UserError(f"data.{key}={getattr(self, key)!r} applies only to data.source "
-                                    f"{' or '.join(IMAGE_SOURCES)}; expected null for data.source={self.source}")
-            return
-        if self.channels is None:
-            raise UserError(f"data.channels is required when data.source={self.source}; expected one of: 1|3")
-        if type(self.channels) is not int:  # noqa: E721 (True == 1 must not pass as one channel)
-            raise UserError(f"data.channels={self.channels!r} is not allowed; expected one of: 1|3")
-        check_choice("data.channels", self.channels, CHANNELS)
+        """The image sources' keys: each value checked whatever the source (a wrong value is wrong
+        anyway); channels and image_size required by those sources and refused by the others."""
         low, high = IMAGE_SIZE_RANGE
-        if self.image_size is None:
-            raise UserError(f"data.image_size is required when data.source={self.source}; expected an integer in {low}..{high}")
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not low <= self.image_size <= high:
+        if self.channels is not None:
+            if type(self.channels) is not int:  # noqa: E721 (True == 1 must not pass as one channel)
+                raise UserError(f"data.channels={self.channels!r} is not allowed; expected one of: 1|3")
+            check_choice("data.channels", self.channels, CHANNELS)
+        if self.image_size is not None and (type(self.image_size) is not int or not low <= self.image_size <= high):  # noqa: E721
             raise UserError(f"data.image_size={self.image_size!r} is not allowed; expected an integer in {low}..{high}")
         if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
                 or not 0 < self.test_fraction < 1:
@@ -135,6 +128,13 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not value or len(value) > 200:
                 raise UserError(f"data.{key}={value!r} is not allowed; expected a Parquet column name")
+        for key, expected in (("channels", "one of: 1|3"), ("image_size", f"an integer in {low}..{high}")):
+            value = getattr(self, key)
+            if self.source in IMAGE_SOURCES and value is None:
+                raise UserError(f"data.{key} is required when data.source={self.source}; expected {expected}")
+            if self.source not in IMAGE_SOURCES and value is not None:
+                raise UserError(f"data.{key}={value!r} applies only to data.source {' or '.join(IMAGE_SOURCES)}; "
+                                f"expected null for data.source={self.source}")
 
 
 @dataclass(frozen=True)
