@@ -368,6 +368,11 @@ def test_a_label_column_with_more_than_1000_classes_is_refused(tmp_path, limits)
                           "at most 1000 classes")
     pq.write_table(pa.table({"image": [blob] * 2, "label": [0, 5000]}), path)
     assert_one_line_error(run_kip(data_args("parquet", path), limits["parquet"]), path, "label 5000")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image": [blob] * 2, "label": [0, 1]}), shards / "a.parquet")
+    pq.write_table(pa.table({"image": [blob] * 2, "label": ["x", "y"]}), shards / "b.parquet")
+    assert_one_line_error(run_kip(data_args("parquet", shards), limits["parquet"]), shards, "integers in some shards")
 
 
 # --- colour end to end ----------------------------------------------------------------------------

@@ -56,13 +56,6 @@ class DecodeReport:
                 "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(sorted(self.skipped.items())),
                 "skipped_examples": list(self.skipped_examples), "ignored": self.ignored}
 
-    def summary(self) -> str:
-        """One line for the console: 'read 1200, skipped 2 (truncated or corrupt: 2), resized 40, ...'."""
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
-        skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
-        return (f"read {self.read}, {skipped}, resized {self.resized}, converted {self.converted}, "
-                f"ignored {self.ignored} (not an image extension, or hidden)")
-
 
 def decode(data: bytes, channels: int, size: int, report: DecodeReport) -> np.ndarray:
     """`data` as a (size, size, channels) uint8 array; raises Unreadable with the reason."""

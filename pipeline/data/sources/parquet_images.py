@@ -172,6 +172,9 @@ def _hf_names(handle, label_column: str) -> list[str] | None:
 
 
 def _classes(raw: list[Any], hint: list[str] | None, root: Path, column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    if len({isinstance(label, str) for label in raw}) > 1:
+        raise UserError(f"{shown(root)}: column {column!r} holds integers in some shards and strings in others; "
+                        "expected one kind of label throughout")
     if isinstance(raw[0], str):
         names = sorted(set(raw), key=lambda n: n.encode("utf-8", "surrogateescape"))
         if len(names) > MAX_CLASSES:
