@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.artifacts.safe_read import one_line
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 MODES = {1: "L", 3: "RGB"}
@@ -74,7 +76,7 @@ def decode(data: bytes, channels: int, size: int, report: DecodeReport) -> np.nd
     except UnidentifiedImageError:
         raise Unreadable(f"not an image ({'/'.join(FORMATS)} expected)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # Pillow's truncated / corrupt data
-        raise Unreadable(f"truncated or corrupt ({_first_line(err)})") from None
+        raise Unreadable(f"truncated or corrupt ({one_line(err, 120)})") from None
     mode = MODES[channels]
     if image.mode != mode:
         report.converted += 1
@@ -88,7 +90,3 @@ def decode(data: bytes, channels: int, size: int, report: DecodeReport) -> np.nd
     report.read += 1
     return pixels.reshape(size, size, channels)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:120]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts.safe_read import one_line
 from pipeline.data.sources import RawSplits
 from pipeline.data.sources.encoded import Decoded, cache_key, cached, check_capacity, to_splits
 from pipeline.data.sources.files import MAX_CLASSES
@@ -46,7 +47,7 @@ def load(config: DataConfig, cache_dir: Path) -> RawSplits:
         try:
             opened.append((rel, path, pq.ParquetFile(path)))
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-            raise UserError(f"{shown(path)} is not a readable Parquet file ({_one_line(err)})") from None
+            raise UserError(f"{shown(path)} is not a readable Parquet file ({one_line(err, 160)})") from None
     has_split_column = all(SPLIT_COLUMN in f.schema_arrow.names for _, _, f in opened)
     roles = {rel: _role(rel) for rel, _, _ in opened}
     by_name = not has_split_column and any(roles.values())
@@ -157,7 +158,7 @@ def _column(path: Path, handle, name: str) -> list[Any]:
     try:
         return handle.read(columns=[name]).column(0).to_pylist()
     except Exception as err:
-        raise UserError(f"{shown(path)}: column {name!r} cannot be read ({_one_line(err)})") from None
+        raise UserError(f"{shown(path)}: column {name!r} cannot be read ({one_line(err, 160)})") from None
 
 
 def _hf_names(handle, label_column: str) -> list[str] | None:
@@ -218,7 +219,7 @@ def _decode_all(opened, rows, labels, class_names, has_test, config: DataConfig,
                 try:
                     column = handle.read_row_group(group, columns=[config.image_column]).column(0)
                 except Exception as err:
-                    raise UserError(f"{shown(path)}: row group {group} cannot be read ({_one_line(err)})") from None
+                    raise UserError(f"{shown(path)}: row group {group} cannot be read ({one_line(err, 160)})") from None
                 for offset in range(count):
                     position = positions.get(first + offset)
                     if position is None:
@@ -250,7 +251,3 @@ def _image_bytes(value: Any) -> bytes:
         raise Unreadable("null image")
     return value
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]
